@@ -1,0 +1,191 @@
+"""Typed messages, one per hop of the data plane (see docs/architecture.md).
+
+    trainer --PromptTask--> rollout --RolloutGroup--> verifier --VerifiedGroup-->
+        teacher --ScoredGroup--> trainer;   trainer --WeightUpdate--> services (HTTP)
+
+Each later message *extends* the one before it, so a worker adds its part and passes the
+rest on untouched. Every message carries `schema_version`, its own `msg_id` (the idempotency
+key on the bus), the `run_id` and timestamps. Unknown fields from a newer schema are ignored,
+missing or wrongly typed ones fail with pydantic's error naming the field.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from protocol.arrays import Float32Array, Int32Array
+
+SCHEMA_VERSION = 1
+
+FinishReason = Literal["stop", "length", "abort"]
+VerifyStatus = Literal["ok", "timeout", "parse_error", "error"]
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def derive_id(parent_id: str, stage: str) -> str:
+    """Deterministic child id: a redelivered input yields the same output id, so the bus's
+    publish-once guard drops the duplicate instead of sending it downstream twice."""
+    return uuid.uuid5(uuid.NAMESPACE_OID, f"{parent_id}/{stage}").hex
+
+
+class Message(BaseModel):
+    """Envelope fields every message has."""
+
+    model_config = ConfigDict(extra="ignore", arbitrary_types_allowed=True)
+
+    schema_version: int = SCHEMA_VERSION
+    msg_id: str = Field(default_factory=new_id, description="idempotency key on the bus")
+    run_id: str
+    created_at: float = Field(default_factory=time.time, description="unix seconds")
+
+
+class SamplingParams(BaseModel):
+    """What the rollout engine samples with. Mirrors the subset SGLang and vLLM both accept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(256, ge=1, description="response length cap (tokens)")
+    temperature: float = Field(1.0, ge=0.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1, description="-1 = off")
+    stop_token_ids: list[int] = Field(default_factory=list, description="besides EOS")
+    seed: int | None = Field(None, description="per-request seed (reproducible sampling)")
+
+
+class TeacherRequest(BaseModel):
+    """What the teacher service must do for this prompt's group: set by the trainer from the
+    preset, so the teacher service needs no algorithm config of its own."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    scope: Literal["none", "correct_mixed", "nonzero_adv", "all"] = "none"
+    context_mode: Literal["sibling", "reference_solution", "reference_answer"] = "sibling"
+    fallback_to_solution: bool = True
+    strip_think: bool = True
+    template: str | None = Field(None, description="None = the default template of the spec")
+    seed: int = 0
+
+
+class PromptTask(Message):
+    """One prompt to be sampled G times (trainer -> rollout)."""
+
+    prompt_id: str
+    group_id: str = Field(default_factory=new_id, description="one id per sampled group")
+    prompt_text: str = Field(description="the user-visible question (before the chat template)")
+    prompt_ids: Int32Array = Field(description="chat-templated prompt token ids")
+    answer: str = Field(description="reference final answer, as the verifier expects it")
+    solution: str | None = Field(None, description="optional reference solution (teacher context)")
+    task: str = Field("math", description="verifier task name: 'math' or a synthetic task")
+    group_size: int = Field(8, ge=1)
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    policy_version: int = Field(0, ge=0, description="trainer version when the task was admitted")
+    teacher: TeacherRequest = Field(default_factory=TeacherRequest)
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class Response(BaseModel):
+    """One sampled response with the engine's per-token log-probs of the sampled tokens."""
+
+    model_config = ConfigDict(extra="ignore", arbitrary_types_allowed=True)
+
+    token_ids: Int32Array
+    logprobs: Float32Array = Field(description="engine's sampling log-prob per token")
+    finish_reason: FinishReason
+    text: str = ""
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Response:
+        if len(self.token_ids) != len(self.logprobs):
+            raise ValueError(
+                f"token_ids ({len(self.token_ids)}) and logprobs ({len(self.logprobs)}) differ in length"
+            )
+        return self
+
+
+class RolloutGroup(Message):
+    """G responses to one PromptTask (rollout -> verifier)."""
+
+    task: PromptTask
+    responses: list[Response]
+    engine_version: int = Field(ge=0, description="policy version of the weights that sampled")
+    parent_id: str | None = Field(None, description="msg_id of the PromptTask")
+
+
+class Verification(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    reward: float
+    correct: bool
+    status: VerifyStatus = "ok"
+    detail: str = ""
+
+
+class VerifiedGroup(RolloutGroup):
+    """A RolloutGroup with one verdict per response (verifier -> teacher)."""
+
+    verifications: list[Verification]
+
+    @model_validator(mode="after")
+    def _one_per_response(self) -> VerifiedGroup:
+        if len(self.verifications) != len(self.responses):
+            raise ValueError(
+                f"{len(self.verifications)} verifications for {len(self.responses)} responses"
+            )
+        return self
+
+    @property
+    def rewards(self) -> list[float]:
+        return [v.reward for v in self.verifications]
+
+
+class TeacherScores(BaseModel):
+    """Teacher log-prob q_t of each response token of one response, under context c."""
+
+    model_config = ConfigDict(extra="ignore", arbitrary_types_allowed=True)
+
+    logprobs: Float32Array
+    context_mode: Literal["sibling", "reference_solution", "reference_answer"]
+    demo_index: int | None = Field(None, description="which sibling was the demonstration")
+
+
+class ScoredGroup(VerifiedGroup):
+    """A VerifiedGroup with teacher scores where the preset needs them (teacher -> trainer)."""
+
+    teacher: list[TeacherScores | None] = Field(description="None where not scored")
+    teacher_version: int | None = Field(None, description="policy version of the teacher weights")
+    scored_tokens: int = 0
+    skipped_tokens: int = 0
+
+    @model_validator(mode="after")
+    def _aligned_teacher(self) -> ScoredGroup:
+        if len(self.teacher) != len(self.responses):
+            raise ValueError(f"{len(self.teacher)} teacher entries for {len(self.responses)} responses")
+        for i, (t, r) in enumerate(zip(self.teacher, self.responses)):
+            if t is not None and len(t.logprobs) != len(r.token_ids):
+                raise ValueError(f"teacher[{i}] has {len(t.logprobs)} log-probs for {len(r.token_ids)} tokens")
+        return self
+
+
+class WeightUpdate(Message):
+    """Control-plane body of POST /v1/weights (trainer -> rollout/teacher services)."""
+
+    version: int = Field(ge=0)
+    format: Literal["safetensors_dir", "nccl"] = "safetensors_dir"
+    location: str = Field(description="directory (safetensors_dir) or host:port rendezvous (nccl)")
+    sha256: str | None = Field(
+        None, description="hex digest over the directory's manifest (see protocol.weights)"
+    )
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+def as_array(values: Any, dtype: str = "float32") -> np.ndarray:
+    """Helper for producers: a flat numpy array of the given dtype."""
+    return np.asarray(values, dtype=dtype).reshape(-1)
