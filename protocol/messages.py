@@ -168,7 +168,7 @@ class ScoredGroup(VerifiedGroup):
     def _aligned_teacher(self) -> ScoredGroup:
         if len(self.teacher) != len(self.responses):
             raise ValueError(f"{len(self.teacher)} teacher entries for {len(self.responses)} responses")
-        for i, (t, r) in enumerate(zip(self.teacher, self.responses)):
+        for i, (t, r) in enumerate(zip(self.teacher, self.responses, strict=True)):
             if t is not None and len(t.logprobs) != len(r.token_ids):
                 raise ValueError(f"teacher[{i}] has {len(t.logprobs)} log-probs for {len(r.token_ids)} tokens")
         return self

@@ -1,0 +1,301 @@
+"""A reliable work queue on Redis Streams (redis.asyncio), works on Redis >= 6.2.
+
+Guarantees, and how:
+- **At-least-once delivery, exactly-once effect downstream.** A consumer acks an entry only
+  after its handler returned, i.e. after the handler's outputs were published. A consumer
+  killed mid-handler leaves the entry pending; any live consumer reclaims it once it has been
+  idle for `claim_idle_ms` (XAUTOCLAIM) and runs the handler again. Outputs carry
+  deterministic ids (`messages.derive_id`) and `publish` is guarded by `SET NX` on the
+  msg_id, so the rerun's outputs are dropped instead of sent twice.
+- **Poison messages.** An entry that cannot be decoded, or whose handler raised on
+  `max_deliveries` attempts (counted by Redis' own delivery counter, so crashes count too),
+  goes to `<stream>:dead` with the error text and is acked; the consumer keeps serving.
+- **Bounded streams without losing work.** Acked entries are deleted (XACK+XDEL in one
+  transaction), so a stream holds only unfinished work and XLEN is the backlog. `publish`
+  refuses (atomically, in a Lua script) to add to a stream at `max_backlog` and waits, then
+  fails with `BackpressureTimeout`. We never pass MAXLEN: exact or approximate trimming
+  can delete entries that are still pending (engine-apis.md §5).
+- **Big payloads by claim-check.** A payload above `blob_threshold_bytes` is stored under a
+  TTL'd key; the entry carries the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from prometheus_client import Counter, Histogram
+from pydantic import BaseModel, ValidationError
+from redis.exceptions import ResponseError
+
+from protocol.codec import decode, encode
+from protocol.config import BusSettings
+
+log = logging.getLogger("rlrt.bus")
+M = TypeVar("M", bound=BaseModel)
+Handler = Callable[[Any], Awaitable[None]]
+
+PUBLISHED = Counter("rlrt_bus_published_total", "messages published", ["stream"])
+DUPLICATES = Counter("rlrt_bus_duplicates_total", "publishes dropped as duplicates", ["stream"])
+HANDLED = Counter("rlrt_bus_handled_total", "messages handled and acked", ["stream"])
+FAILURES = Counter("rlrt_bus_handler_failures_total", "handler exceptions", ["stream"])
+DEAD = Counter("rlrt_bus_dead_lettered_total", "messages sent to dead-letter", ["stream"])
+RECLAIMED = Counter("rlrt_bus_reclaimed_total", "entries reclaimed from idle consumers", ["stream"])
+WAITS = Counter("rlrt_bus_backpressure_waits_total", "publishes that waited on a full stream", ["stream"])
+HANDLE_SECONDS = Histogram("rlrt_bus_handle_seconds", "handler time", ["stream"])
+
+
+class BusError(RuntimeError):
+    pass
+
+
+class BackpressureTimeout(BusError):
+    """The stream stayed at its bound for longer than the publish timeout."""
+
+
+# KEYS: stream, dedup key, [blob key]; ARGV: max_backlog, dedup ttl, msg_id, type, payload|"",
+# blob ttl. Returns the entry id, 0 for a duplicate, -1 for a full stream.
+_PUBLISH_LUA = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return -1 end
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[2])) then return 0 end
+if #KEYS >= 3 then
+  redis.call('SET', KEYS[3], ARGV[5], 'EX', tonumber(ARGV[6]))
+  return redis.call('XADD', KEYS[1], '*', 'id', ARGV[3], 't', ARGV[4], 'ref', KEYS[3])
+end
+return redis.call('XADD', KEYS[1], '*', 'id', ARGV[3], 't', ARGV[4], 'd', ARGV[5])
+"""
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class Bus:
+    """Publish and consume typed messages. One consumer group per stream (a work queue)."""
+
+    def __init__(self, client: aioredis.Redis, settings: BusSettings | None = None) -> None:
+        self.r = client
+        self.cfg = settings or BusSettings()
+        self._publish_script = self.r.register_script(_PUBLISH_LUA)
+
+    @classmethod
+    def from_url(cls, url: str | None = None, settings: BusSettings | None = None) -> Bus:
+        settings = settings or BusSettings()
+        url = url or settings.redis_url
+        if not url:
+            raise BusError("no Redis URL: set bus.redis_url or REDIS_URL")
+        client = aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
+        return cls(client, settings)
+
+    async def close(self) -> None:
+        await self.r.aclose()
+
+    # ---------------------------------------------------------------- publish
+    async def publish(self, stream: str, msg: BaseModel, *, timeout_s: float | None = None,
+                      max_backlog: int | None = None) -> str | None:
+        """Append `msg` to `stream` once. Returns the entry id, or None if this msg_id was
+        already published (a redelivered handler re-publishing its output)."""
+        msg_id = getattr(msg, "msg_id", None)
+        if not msg_id:
+            raise BusError(f"{type(msg).__name__} has no msg_id")
+        payload = encode(msg)
+        keys = [stream, f"{self.cfg.prefix}:pub:{stream}:{msg_id}"]
+        if len(payload) > self.cfg.blob_threshold_bytes:
+            keys.append(f"{self.cfg.prefix}:blob:{msg_id}")
+        args = [max_backlog or self.cfg.max_backlog, self.cfg.dedup_ttl_s, msg_id,
+                type(msg).__name__, payload, self.cfg.blob_ttl_s]
+        timeout_s = self.cfg.publish_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        delay = 0.005
+        while True:
+            res = await self._publish_script(keys=keys, args=args)
+            if res == 0:
+                DUPLICATES.labels(stream).inc()
+                return None
+            if res != -1:
+                PUBLISHED.labels(stream).inc()
+                return _s(res)
+            WAITS.labels(stream).inc()
+            if time.monotonic() >= deadline:
+                raise BackpressureTimeout(
+                    f"stream {stream} stayed at its bound of {args[0]} entries for {timeout_s:.1f}s; "
+                    "consumers are not keeping up (or none is running)"
+                )
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.5)
+
+    # ---------------------------------------------------------------- consume
+    async def ensure_group(self, stream: str, group: str) -> None:
+        try:
+            await self.r.xgroup_create(stream, group, id="0", mkstream=True)
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    async def consume(self, stream: str, group: str, consumer: str, handler: Handler,
+                      msg_type: type[M], stop: asyncio.Event, *, concurrency: int = 1,
+                      max_messages: int | None = None) -> int:
+        """Run `handler(msg)` for each message until `stop` is set (or `max_messages` handled).
+
+        On stop, no new entries are taken and in-flight handlers finish. Returns the count of
+        entries finished (acked or dead-lettered)."""
+        await self.ensure_group(stream, group)
+        sem = asyncio.Semaphore(concurrency)
+        tasks: set[asyncio.Task] = set()
+        done = 0
+        # Our own pending entries first (we restarted under the same name).
+        backlog = await self._read(stream, group, consumer, "0", concurrency)
+        next_claim = 0.0
+
+        async def run_one(entry_id: str, fields: dict) -> None:
+            nonlocal done
+            try:
+                await self._handle(stream, group, consumer, entry_id, fields, handler, msg_type, stop)
+                done += 1
+            finally:
+                sem.release()
+
+        while not stop.is_set() and (max_messages is None or done + len(tasks) < max_messages):
+            if not backlog and time.monotonic() >= next_claim:
+                backlog = await self._reclaim(stream, group, consumer, concurrency)
+                next_claim = time.monotonic() + self.cfg.claim_idle_ms / 2000
+            if not backlog:
+                backlog = await self._read(stream, group, consumer, ">", concurrency,
+                                           block_ms=self.cfg.block_ms)
+            while backlog and not stop.is_set():
+                await sem.acquire()
+                entry_id, fields = backlog.pop(0)
+                t = asyncio.create_task(run_one(entry_id, fields))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+                if max_messages is not None and done + len(tasks) >= max_messages:
+                    break
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return done
+
+    async def _read(self, stream: str, group: str, consumer: str, start: str, count: int,
+                    block_ms: int | None = None) -> list[tuple[str, dict]]:
+        res = await self.r.xreadgroup(group, consumer, {stream: start}, count=count, block=block_ms)
+        out = []
+        for _name, entries in res or []:
+            for entry_id, fields in entries:
+                if fields:  # entries deleted while pending come back with no fields
+                    out.append((_s(entry_id), fields))
+                else:
+                    await self.r.xack(stream, group, entry_id)
+        return out
+
+    async def _reclaim(self, stream: str, group: str, consumer: str, count: int) -> list:
+        """Take over entries idle for longer than claim_idle_ms (their consumer is dead)."""
+        out: list[tuple[str, dict]] = []
+        cursor = "0-0"
+        while True:
+            res = await self.r.xautoclaim(stream, group, consumer, self.cfg.claim_idle_ms,
+                                          start_id=cursor, count=max(count, 10))
+            cursor = _s(res[0])
+            for entry_id, fields in res[1]:
+                if fields:
+                    out.append((_s(entry_id), fields))
+            if cursor == "0-0" or len(out) >= count:
+                break
+        if out:
+            RECLAIMED.labels(stream).inc(len(out))
+            log.warning("reclaimed %d idle entries on %s", len(out), stream)
+        return out
+
+    async def _deliveries(self, stream: str, group: str, entry_id: str) -> int:
+        info = await self.r.xpending_range(stream, group, min=entry_id, max=entry_id, count=1)
+        return int(info[0]["times_delivered"]) if info else 1
+
+    async def _payload(self, fields: dict) -> bytes:
+        if b"d" in fields:
+            return fields[b"d"]
+        ref = fields.get(b"ref")
+        if ref is None:
+            raise ValueError("entry has neither 'd' nor 'ref'")
+        data = await self.r.get(ref)
+        if data is None:
+            raise ValueError(f"claim-check blob {_s(ref)} is missing (expired?)")
+        return data
+
+    async def _handle(self, stream: str, group: str, consumer: str, entry_id: str, fields: dict,
+                      handler: Handler, msg_type: type[M], stop: asyncio.Event) -> None:
+        attempt = await self._deliveries(stream, group, entry_id)
+        if attempt > self.cfg.max_deliveries:
+            await self._dead_letter(stream, group, consumer, entry_id, fields, attempt - 1,
+                                    "delivered too often without success (consumer crashed?)")
+            return
+        try:
+            msg = decode(await self._payload(fields), msg_type)
+        except (ValueError, ValidationError) as e:
+            await self._dead_letter(stream, group, consumer, entry_id, fields, attempt,
+                                    f"undecodable {msg_type.__name__}: {e}")
+            return
+        delay = self.cfg.retry_backoff_s
+        while True:
+            try:
+                with HANDLE_SECONDS.labels(stream).time():
+                    await handler(msg)
+                break
+            except Exception as e:  # a handler bug or a bad message: retry, then dead-letter
+                FAILURES.labels(stream).inc()
+                error = f"{type(e).__name__}: {e}"
+                log.warning("handler failed on %s %s (attempt %d/%d): %s", stream, entry_id,
+                            attempt, self.cfg.max_deliveries, error)
+                if attempt >= self.cfg.max_deliveries or stop.is_set():
+                    if attempt >= self.cfg.max_deliveries:
+                        await self._dead_letter(stream, group, consumer, entry_id, fields,
+                                                attempt, error)
+                    return  # on stop: leave it pending for another consumer
+                # XCLAIM bumps Redis' delivery counter, so a crash during the retry still counts.
+                await self.r.xclaim(stream, group, consumer, 0, [entry_id])
+                attempt += 1
+                await asyncio.sleep(delay)
+                delay *= 2
+        await self._ack(stream, group, entry_id, fields)
+        HANDLED.labels(stream).inc()
+
+    async def _ack(self, stream: str, group: str, entry_id: str, fields: dict) -> None:
+        async with self.r.pipeline(transaction=True) as p:
+            p.xack(stream, group, entry_id)
+            p.xdel(stream, entry_id)
+            if b"ref" in fields:
+                p.delete(fields[b"ref"])
+            await p.execute()
+
+    async def _dead_letter(self, stream: str, group: str, consumer: str, entry_id: str,
+                           fields: dict, attempts: int, error: str) -> None:
+        DEAD.labels(stream).inc()
+        log.error("dead-lettering %s %s after %d attempts: %s", stream, entry_id, attempts, error)
+        record = {
+            "stream": stream, "group": group, "consumer": consumer, "entry_id": entry_id,
+            "attempts": str(attempts), "error": error[:4000], "at": str(time.time()),
+        }
+        for k in (b"id", b"t", b"d", b"ref"):
+            if k in fields:
+                record[k.decode()] = fields[k]
+        async with self.r.pipeline(transaction=True) as p:
+            p.xadd(f"{stream}:dead", record, maxlen=self.cfg.dead_letter_maxlen, approximate=True)
+            p.xack(stream, group, entry_id)
+            p.xdel(stream, entry_id)
+            await p.execute()
+
+    # ---------------------------------------------------------------- inspection
+    async def dead_letters(self, stream: str, count: int = 100) -> list[dict[str, Any]]:
+        entries = await self.r.xrange(f"{stream}:dead", count=count)
+        return [{_s(k): (v if k in (b"d",) else _s(v)) for k, v in f.items()} for _, f in entries]
+
+    async def backlog(self, stream: str) -> int:
+        return int(await self.r.xlen(stream))
+
+    async def pending(self, stream: str, group: str) -> int:
+        try:
+            info = await self.r.xpending(stream, group)
+        except ResponseError:
+            return 0
+        return int(info["pending"])
