@@ -1,0 +1,260 @@
+"""Weight directories: the one on-disk format the trainer writes and the services load.
+
+A weight directory holds `model*.safetensors` (sharded when large), optional extra files
+(config.json, tokenizer files, ...) and `manifest.json`, which lists every other file with its
+sha256 and every tensor with its shape and dtype. The digest of a directory is the sha256 of
+its manifest.json bytes: it pins every file's hash, so checking the manifest digest plus each
+file against the manifest checks everything.
+
+Writes are atomic: the directory is built under a temporary name beside the target and renamed
+into place, so a reader sees the complete old directory, the complete new one, or (for an
+instant while an existing directory is replaced) none at all -- never a half-written one.
+
+Only safetensors is ever read: no pickle, so a weight directory cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "rlrt-weights/1"
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+_CHUNK = 1 << 20
+
+
+class WeightsError(Exception):
+    """A weight directory is unusable (the message says why)."""
+
+
+class WeightsMissing(WeightsError):
+    """The directory, its manifest or a file the manifest lists is not there."""
+
+
+class WeightsHashMismatch(WeightsError):
+    """The manifest digest or a file's content differs from what was expected."""
+
+
+class WeightsCorrupt(WeightsError):
+    """The files are there and hash correctly but do not hold what the manifest says."""
+
+
+class FileEntry(BaseModel):
+    sha256: str
+    bytes: int = Field(ge=0)
+
+
+class TensorEntry(BaseModel):
+    file: str
+    shape: list[int]
+    dtype: str = Field(description="torch dtype name without the 'torch.' prefix")
+
+
+class Manifest(BaseModel):
+    format: str = FORMAT
+    version: int = Field(ge=0)
+    created_at: float
+    files: dict[str, FileEntry]
+    tensors: dict[str, TensorEntry]
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _plan_shards(
+    state_dict: dict[str, torch.Tensor], max_shard_bytes: int
+) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state_dict.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def _detach_for_save(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, and no two tensors sharing memory: safetensors refuses shared storage
+    (tied embeddings are the usual case), so later aliases are cloned."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state_dict[{name!r}] is a {type(t).__name__}, not a tensor")
+        t = t.detach().to("cpu").contiguous()
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key in seen and t.numel():
+            t = t.clone()
+        seen.add(key)
+        out[name] = t
+    return out
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_weights_dir(
+    state_dict: dict[str, torch.Tensor],
+    out_dir: str | os.PathLike,
+    *,
+    version: int,
+    extra_files: dict[str, bytes | str] | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> str:
+    """Write `state_dict` (+ `extra_files`, name -> content) as a weight directory at `out_dir`,
+    atomically replacing any existing one. Returns the directory digest (manifest sha256, hex)."""
+    if not state_dict:
+        raise ValueError("refusing to save an empty state_dict")
+    out = Path(out_dir)
+    extra_files = dict(extra_files or {})
+    for name in extra_files:
+        if name == MANIFEST_NAME or "/" in name or name.startswith(".") or name.endswith(".safetensors"):
+            raise ValueError(f"extra file name {name!r} is reserved or not a plain file name")
+    tensors = _detach_for_save(state_dict)
+    shards = _plan_shards(tensors, max_shard_bytes)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        files: dict[str, FileEntry] = {}
+        entries: dict[str, TensorEntry] = {}
+        for i, shard in enumerate(shards):
+            fname = (
+                "model.safetensors"
+                if len(shards) == 1
+                else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            )
+            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+            for name, t in shard.items():
+                entries[name] = TensorEntry(file=fname, shape=list(t.shape), dtype=_dtype_name(t.dtype))
+        for name, content in extra_files.items():
+            _write_bytes(tmp / name, content.encode() if isinstance(content, str) else content)
+        for p in sorted(tmp.iterdir()):
+            files[p.name] = FileEntry(sha256=sha256_file(p), bytes=p.stat().st_size)
+        manifest = Manifest(version=version, created_at=time.time(), files=files, tensors=entries)
+        raw = json.dumps(manifest.model_dump(), indent=1, sort_keys=True).encode()
+        _write_bytes(tmp / MANIFEST_NAME, raw)
+        _atomic_replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _atomic_replace_dir(src: Path, dst: Path) -> None:
+    # rename(2) cannot replace a non-empty directory, so an existing one is first moved aside
+    # (a reader then briefly sees no directory -- a clear "missing" error, never a mix).
+    old = None
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(dst, old)
+    os.replace(src, dst)
+    dir_fd = os.open(dst.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(weights_dir: str | os.PathLike, sha256: str | None = None) -> Manifest:
+    """Parse manifest.json, checking its digest first when `sha256` is given."""
+    d = Path(weights_dir)
+    path = d / MANIFEST_NAME
+    if not d.is_dir():
+        raise WeightsMissing(f"weight directory {d} does not exist")
+    if not path.is_file():
+        raise WeightsMissing(f"{path} is missing: not a weight directory written by save_weights_dir")
+    raw = path.read_bytes()
+    if sha256 is not None:
+        got = hashlib.sha256(raw).hexdigest()
+        if got != sha256.lower():
+            raise WeightsHashMismatch(f"{path}: digest {got} != expected {sha256}")
+    try:
+        return Manifest.model_validate_json(raw)
+    except ValueError as e:
+        raise WeightsCorrupt(f"{path} is not a valid manifest: {e}") from e
+
+
+def verify_weights_dir(weights_dir: str | os.PathLike, sha256: str | None) -> Manifest:
+    """Check the manifest digest (when given) and every listed file's size and sha256.
+    Raises WeightsMissing / WeightsHashMismatch / WeightsCorrupt; returns the manifest."""
+    d = Path(weights_dir)
+    manifest = read_manifest(d, sha256)
+    if manifest.format != FORMAT:
+        raise WeightsCorrupt(f"{d}: unknown format {manifest.format!r} (expected {FORMAT!r})")
+    missing = [n for n in manifest.files if not (d / n).is_file()]
+    if missing:
+        raise WeightsMissing(f"{d}: files listed in the manifest are missing: {sorted(missing)}")
+    for name, entry in manifest.files.items():
+        p = d / name
+        if p.stat().st_size != entry.bytes:
+            raise WeightsHashMismatch(f"{p}: {p.stat().st_size} bytes, manifest says {entry.bytes}")
+        got = sha256_file(p)
+        if got != entry.sha256:
+            raise WeightsHashMismatch(f"{p}: sha256 {got} != manifest {entry.sha256}")
+    unlisted = {e.file for e in manifest.tensors.values()} - set(manifest.files)
+    if unlisted:
+        raise WeightsCorrupt(f"{d}: tensors point at files not in the manifest: {sorted(unlisted)}")
+    return manifest
+
+
+def load_weights_dir(
+    weights_dir: str | os.PathLike, sha256: str | None = None, *, verify: bool = True
+) -> dict[str, torch.Tensor]:
+    """Verify (unless `verify=False`) and load all tensors, checking each against the manifest."""
+    d = Path(weights_dir)
+    manifest = verify_weights_dir(d, sha256) if verify else read_manifest(d, sha256)
+    by_file: dict[str, list[str]] = {}
+    for name, entry in manifest.tensors.items():
+        by_file.setdefault(entry.file, []).append(name)
+    out: dict[str, torch.Tensor] = {}
+    for fname, names in by_file.items():
+        try:
+            with safe_open(str(d / fname), framework="pt", device="cpu") as f:
+                present = set(f.keys())
+                for name in names:
+                    if name not in present:
+                        raise WeightsCorrupt(f"{d / fname}: tensor {name!r} listed in manifest is absent")
+                    out[name] = f.get_tensor(name)
+        except WeightsError:
+            raise
+        except Exception as e:  # safetensors raises its own error types on a bad header
+            raise WeightsCorrupt(f"{d / fname}: cannot read safetensors: {e}") from e
+    for name, entry in manifest.tensors.items():
+        t = out[name]
+        if list(t.shape) != entry.shape or _dtype_name(t.dtype) != entry.dtype:
+            raise WeightsCorrupt(
+                f"{name}: file has {_dtype_name(t.dtype)}{list(t.shape)}, "
+                f"manifest says {entry.dtype}{entry.shape}"
+            )
+    return out
