@@ -62,16 +62,30 @@ class SamplingParams(BaseModel):
 
 class TeacherRequest(BaseModel):
     """What the teacher service must do for this prompt's group: set by the trainer from the
-    preset, so the teacher service needs no algorithm config of its own."""
+    preset (`AlgorithmConfig.teacher_request()`), so the teacher service needs no algorithm
+    config of its own. Interpreted by protocol/teacher.py on both sides."""
 
     model_config = ConfigDict(extra="ignore")
 
-    scope: Literal["none", "correct_mixed", "nonzero_adv", "all"] = "none"
-    context_mode: Literal["sibling", "reference_solution", "reference_answer"] = "sibling"
-    fallback_to_solution: bool = True
-    strip_think: bool = True
+    scope: Literal["none", "correct_mixed", "nonzero_adv", "all"] = Field(
+        "none",
+        description="which responses get teacher scores: none; correct responses of mixed "
+        "groups (rlrt); every response with A != 0 (rlrt_all, rlsd); all (opsd)",
+    )
+    context_mode: Literal["sibling", "reference_solution", "reference_answer"] = Field(
+        "sibling", description="the demonstration: another correct response, or the dataset's"
+    )
+    fallback_to_solution: bool = Field(
+        True, description="sibling mode: use the reference solution when no other response is correct"
+    )
+    strip_think: bool = Field(True, description="remove <think>...</think> from a sibling")
     template: str | None = Field(None, description="None = the default template of the spec")
-    seed: int = 0
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra apply_chat_template arguments, e.g. {'enable_thinking': False}: "
+        "render the teacher prompt the way the student's prompt was rendered",
+    )
+    seed: int = Field(0, description="seeds the choice of sibling (deterministic per group)")
 
 
 class PromptTask(Message):
