@@ -76,7 +76,8 @@ class TeacherRequest(BaseModel):
         "sibling", description="the demonstration: another correct response, or the dataset's"
     )
     fallback_to_solution: bool = Field(
-        True, description="sibling mode: use the reference solution when no other response is correct"
+        True,
+        description="sibling mode: use the reference solution when no other response is correct",
     )
     strip_think: bool = Field(True, description="remove <think>...</think> from a sibling")
     template: str | None = Field(None, description="None = the default template of the spec")

@@ -84,7 +84,7 @@ def in_scope(correct: Sequence[bool], rewards: Sequence[float], scope: Scope) ->
     if scope == "none":
         return [False] * len(rewards)
     if scope == "correct_mixed":
-        return [ok and not z for ok, z in zip(correct, zero)]
+        return [ok and not z for ok, z in zip(correct, zero, strict=True)]
     if scope == "nonzero_adv":
         return [not z for z in zero]
     if scope == "all":
