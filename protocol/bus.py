@@ -144,39 +144,45 @@ class Bus:
         On stop, no new entries are taken and in-flight handlers finish. Returns the count of
         entries finished (acked or dead-lettered)."""
         await self.ensure_group(stream, group)
-        sem = asyncio.Semaphore(concurrency)
         tasks: set[asyncio.Task] = set()
-        done = 0
+        started = 0
+        finished = 0
         # Our own pending entries first (we restarted under the same name).
         backlog = await self._read(stream, group, consumer, "0", concurrency)
         next_claim = 0.0
 
         async def run_one(entry_id: str, fields: dict) -> None:
-            nonlocal done
-            try:
-                await self._handle(stream, group, consumer, entry_id, fields, handler, msg_type, stop)
-                done += 1
-            finally:
-                sem.release()
+            nonlocal finished
+            await self._handle(stream, group, consumer, entry_id, fields, handler, msg_type, stop)
+            finished += 1
 
-        while not stop.is_set() and (max_messages is None or done + len(tasks) < max_messages):
+        def room() -> int:
+            left = concurrency - len(tasks)
+            if max_messages is not None:
+                left = min(left, max_messages - started)
+            return left
+
+        # Entries are read only when a handler slot is free, so nothing sits fetched-but-idle
+        # in this process: on stop, everything not in flight is still free for others.
+        while not stop.is_set() and (max_messages is None or started < max_messages):
+            if room() <= 0:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                continue
             if not backlog and time.monotonic() >= next_claim:
-                backlog = await self._reclaim(stream, group, consumer, concurrency)
+                backlog = await self._reclaim(stream, group, consumer, room())
                 next_claim = time.monotonic() + self.cfg.claim_idle_ms / 2000
             if not backlog:
-                backlog = await self._read(stream, group, consumer, ">", concurrency,
+                backlog = await self._read(stream, group, consumer, ">", room(),
                                            block_ms=self.cfg.block_ms)
-            while backlog and not stop.is_set():
-                await sem.acquire()
+            while backlog and room() > 0 and not stop.is_set():
                 entry_id, fields = backlog.pop(0)
                 t = asyncio.create_task(run_one(entry_id, fields))
                 tasks.add(t)
                 t.add_done_callback(tasks.discard)
-                if max_messages is not None and done + len(tasks) >= max_messages:
-                    break
+                started += 1
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        return done
+        return finished
 
     async def _read(self, stream: str, group: str, consumer: str, start: str, count: int,
                     block_ms: int | None = None) -> list[tuple[str, dict]]:
@@ -196,7 +202,7 @@ class Bus:
         cursor = "0-0"
         while True:
             res = await self.r.xautoclaim(stream, group, consumer, self.cfg.claim_idle_ms,
-                                          start_id=cursor, count=max(count, 10))
+                                          start_id=cursor, count=count)
             cursor = _s(res[0])
             for entry_id, fields in res[1]:
                 if fields:
