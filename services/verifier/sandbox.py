@@ -1,0 +1,115 @@
+"""The loop that runs inside each pool worker process (see pool.py for the parent side).
+
+Protocol over one multiprocessing Connection:
+  child -> parent  ("ready", pid)                        once, after limits are set
+  parent -> child  [(seq, task, response, reference, timeout_s), ...]   a batch, or None = exit
+  child -> parent  (seq, correct, reward, status, parsed_response, parsed_reference, detail)
+                   one per item, in batch order, as soon as each item is done
+  child -> parent  ("bye", reason)   before a planned exit (after a MemoryError, or after
+                   max_items to shed leaks); the rest of the batch is re-queued
+
+Two layers of deadline: here a SIGALRM timer (we are the process's main thread, so signals
+work) interrupts pure-Python work and keeps the worker alive; the parent kills the whole
+process if an item overruns its deadline plus a grace period (sympy stuck inside one C call
+never returns to the interpreter, so the timer alone cannot stop it).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+from multiprocessing.connection import Connection
+
+from services.verifier import core
+
+# Result tuples are plain, so pickling is cheap and needs no pydantic on the parent's hot path.
+Result = tuple[int, bool, float, str, "str | None", "str | None", str]
+
+
+class SoftDeadline(BaseException):
+    """Raised by the SIGALRM handler. A BaseException, like math-verify's own TimeoutException,
+    so the many `except Exception` blocks inside sympy and math-verify do not swallow it."""
+
+
+_armed = False
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    # Only raise while an item runs: an alarm landing between items must not kill the loop.
+    if _armed:
+        raise SoftDeadline()
+
+
+def _vm_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _limit_memory(memory_mb: int) -> None:
+    """Cap the address space at (what the worker uses now) + memory_mb. Items run one at a
+    time, so this is the per-item cap; sympy then gets MemoryError instead of eating the host."""
+    if memory_mb <= 0:
+        return
+    cap = _vm_bytes() + memory_mb * 1024 * 1024
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    # A crash must not write a multi-GiB core file.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def run_one(seq: int, task: str, response: str, reference: str, timeout_s: float) -> tuple[Result, bool]:
+    """Check one item under the soft deadline. Returns (result, worker_must_exit)."""
+    global _armed
+    _armed = True
+    signal.setitimer(signal.ITIMER_REAL, max(timeout_s, 0.001))
+    try:
+        r = core.check(task, response, reference)
+        _armed = False
+        return (seq, r.correct, r.reward, r.status, r.parsed_response, r.parsed_reference, r.detail), False
+    except SoftDeadline:
+        return (seq, False, 0.0, "timeout", None, None, f"deadline of {timeout_s:g}s exceeded"), False
+    except MemoryError:
+        # The heap may be fragmented or half-freed: answer, then let the parent start a fresh worker.
+        return (seq, False, 0.0, "error", None, None, "memory limit exceeded"), True
+    except RecursionError:
+        return (seq, False, 0.0, "error", None, None, "expression nested too deeply"), False
+    except BaseException as e:  # noqa: BLE001 - includes math-verify's TimeoutException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        return (seq, False, 0.0, "error", None, None, f"{type(e).__name__}: {str(e)[:200]}"), False
+    finally:
+        _armed = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def main(conn: Connection, memory_mb: int, max_items: int) -> None:
+    """Worker process entry point (a module-level function so forkserver/spawn can pickle it)."""
+    # Ctrl-C in a terminal reaches the whole process group: let the parent decide when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, _on_alarm)
+    _limit_memory(memory_mb)
+    conn.send(("ready", os.getpid()))
+    done = 0
+    while True:
+        try:
+            batch = conn.recv()
+        except (EOFError, OSError):
+            return
+        if batch is None:
+            return
+        for seq, task, response, reference, timeout_s in batch:
+            try:
+                result, must_exit = run_one(seq, task, response, reference, timeout_s)
+            except SoftDeadline:
+                # The alarm fired in the few instructions between finishing and disarming.
+                result, must_exit = (seq, False, 0.0, "timeout", None, None, "deadline exceeded"), False
+            conn.send(result)
+            done += 1
+            if must_exit or done >= max_items:
+                # Say goodbye so the parent re-queues the rest of the batch instead of blaming
+                # the next item for a crash, then start afresh.
+                conn.send(("bye", "memory limit" if must_exit else "recycled"))
+                return
