@@ -149,11 +149,13 @@ class Bus:
         finished = 0
         # Our own pending entries first (we restarted under the same name).
         backlog = await self._read(stream, group, consumer, "0", concurrency)
+        fresh = False  # entries read with ">" were never delivered before: 1st attempt
         next_claim = 0.0
 
-        async def run_one(entry_id: str, fields: dict) -> None:
+        async def run_one(entry_id: str, fields: dict, fresh: bool) -> None:
             nonlocal finished
-            await self._handle(stream, group, consumer, entry_id, fields, handler, msg_type, stop)
+            await self._handle(stream, group, consumer, entry_id, fields, handler, msg_type, stop,
+                               fresh=fresh)
             finished += 1
 
         def room() -> int:
@@ -170,13 +172,15 @@ class Bus:
                 continue
             if not backlog and time.monotonic() >= next_claim:
                 backlog = await self._reclaim(stream, group, consumer, room())
+                fresh = False
                 next_claim = time.monotonic() + self.cfg.claim_idle_ms / 2000
             if not backlog:
                 backlog = await self._read(stream, group, consumer, ">", room(),
                                            block_ms=self.cfg.block_ms)
+                fresh = True
             while backlog and room() > 0 and not stop.is_set():
                 entry_id, fields = backlog.pop(0)
-                t = asyncio.create_task(run_one(entry_id, fields))
+                t = asyncio.create_task(run_one(entry_id, fields, fresh))
                 tasks.add(t)
                 t.add_done_callback(tasks.discard)
                 started += 1
@@ -230,8 +234,9 @@ class Bus:
         return data
 
     async def _handle(self, stream: str, group: str, consumer: str, entry_id: str, fields: dict,
-                      handler: Handler, msg_type: type[M], stop: asyncio.Event) -> None:
-        attempt = await self._deliveries(stream, group, entry_id)
+                      handler: Handler, msg_type: type[M], stop: asyncio.Event, *,
+                      fresh: bool = False) -> None:
+        attempt = 1 if fresh else await self._deliveries(stream, group, entry_id)
         if attempt > self.cfg.max_deliveries:
             await self._dead_letter(stream, group, consumer, entry_id, fields, attempt - 1,
                                     "delivered too often without success (consumer crashed?)")

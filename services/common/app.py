@@ -33,35 +33,44 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         for k, v in scope.get("headers", []):
-            if k == b"content-length" and v.isdigit() and int(v) > self.max_bytes:
+            if k == b"content-length":
+                if v.isdigit() and int(v) > self.max_bytes:
+                    await self._reject(send)
+                    return
+                # The server enforces the declared length, so the body cannot exceed it.
+                await self.app(scope, receive, send)
+                return
+        # No Content-Length (chunked upload): read it here, bounded, then replay it.
+        chunks: list[bytes] = []
+        seen = 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                break
+            chunk = msg.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_bytes:
                 await self._reject(send)
                 return
-        seen = 0
-        too_big = False
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
 
-        async def limited() -> Message:
-            nonlocal seen, too_big
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    too_big = True
-                    raise _TooLarge()
-            return msg
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._reject(send)
+        await self.app(scope, replay, send)
 
     async def _reject(self, send: Send) -> None:
         resp = JSONResponse({"detail": f"request body exceeds {self.max_bytes} bytes"}, 413)
         await send({"type": "http.response.start", "status": 413, "headers": resp.raw_headers})
         await send({"type": "http.response.body", "body": resp.body})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def require_token(request: Request) -> None:
