@@ -1,0 +1,137 @@
+"""The verifier's REST API (FastAPI; OpenAPI at /docs). Routes only: the checking happens in
+the pool, the job state in jobs.JobStore."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fastapi import APIRouter, FastAPI, HTTPException, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+
+from services.common import ControlAuth, create_app
+from services.common.app import Ready
+from services.verifier import metrics
+from services.verifier.config import VerifierConfig
+from services.verifier.jobs import JOB_ID_PATTERN, JobStore
+from services.verifier.pool import Item, PoolClosed, QueueFull, Verdict, VerifyPool
+from services.verifier.schemas import (
+    BatchRequest,
+    BatchResult,
+    JobCreated,
+    JobRequest,
+    JobState,
+    VerifyRequest,
+    VerifyResult,
+)
+
+_ERRORS = {
+    413: {"description": "an item or the whole request is above the configured size limit"},
+    422: {"description": "invalid input; `detail` lists each bad field with the reason"},
+    429: {"description": "the verification queue is full; retry after `Retry-After` seconds"},
+}
+_JOB_ERRORS = {404: {"description": "no such job (never existed or expired)"},
+               503: {"description": "the job store (Redis) is unavailable"}}
+
+
+def _invalid(loc: tuple, msg: str, kind: str = "value_error") -> RequestValidationError:
+    # Same shape as FastAPI's own 422s, so clients parse one format.
+    return RequestValidationError([{"loc": ("body", *loc), "msg": msg, "type": kind}])
+
+
+def to_items(cfg: VerifierConfig, reqs: Sequence[VerifyRequest], loc: tuple = ()) -> list[Item]:
+    """Apply the size and deadline limits (413/422) and resolve default deadlines."""
+    items = []
+    for i, r in enumerate(reqs):
+        where = (*loc, i) if loc else ()
+        for field in ("response", "reference"):
+            text: str = getattr(r, field)
+            # Cheap bound first: a str of n code points takes at most 4n UTF-8 bytes.
+            if len(text) * 4 > cfg.max_item_bytes and len(text.encode()) > cfg.max_item_bytes:
+                name = ".".join(str(p) for p in (*where, field))
+                metrics.REJECTED.labels("item_too_large").inc()
+                raise HTTPException(413, f"{name} is above the {cfg.max_item_bytes}-byte limit per item")
+        if r.timeout_s is not None and r.timeout_s > cfg.max_timeout_s:
+            raise _invalid((*where, "timeout_s"), f"must be <= {cfg.max_timeout_s:g} (max_timeout_s)",
+                           "less_than_equal")
+        items.append(Item(task=r.task, response=r.response, reference=r.reference,
+                          timeout_s=r.timeout_s or cfg.default_timeout_s))
+    return items
+
+
+def _result(v: Verdict) -> VerifyResult:
+    return VerifyResult.model_validate(v.model_dump())
+
+
+def build_app(cfg: VerifierConfig, pool: VerifyPool, jobs: JobStore | None = None,
+              ready: Ready | None = None) -> FastAPI:
+    """The verifier app: common health/metrics/limits plus the /v1 routes."""
+    app = create_app("verifier", token=cfg.token, max_body_bytes=cfg.max_request_bytes,
+                     ready=ready or (lambda: pool.ready))
+    metrics.track(pool)
+    v1 = APIRouter(prefix="/v1", dependencies=[ControlAuth], tags=["verify"])
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        metrics.REJECTED.labels("queue_full").inc()
+        return JSONResponse({"detail": str(exc)}, 429, headers={"Retry-After": str(max(1, round(exc.retry_after_s)))})
+
+    @app.exception_handler(PoolClosed)
+    async def _closed(request: Request, exc: PoolClosed) -> JSONResponse:
+        return JSONResponse({"detail": "verifier is shutting down"}, 503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(RedisError)
+    async def _redis_down(request: Request, exc: RedisError) -> JSONResponse:
+        return JSONResponse({"detail": f"job store unavailable: {type(exc).__name__}"}, 503,
+                            headers={"Retry-After": "5"})
+
+    @v1.post("/verify", response_model=VerifyResult, responses=_ERRORS)
+    async def verify_one(req: VerifyRequest) -> VerifyResult:
+        """Grade one response. Answers within the item's deadline (plus a small margin)."""
+        (verdict,) = await pool.run(to_items(cfg, [req]))
+        metrics.observe("http", [verdict])
+        return _result(verdict)
+
+    @v1.post("/verify/batch", response_model=BatchResult, responses=_ERRORS)
+    async def verify_batch(req: BatchRequest) -> BatchResult:
+        """Grade up to `max_batch` items in parallel; results come back in input order."""
+        if len(req.items) > cfg.max_batch:
+            raise _invalid(("items",), f"at most {cfg.max_batch} items per batch (got {len(req.items)}); "
+                           "use /v1/jobs for more", "too_long")
+        verdicts = await pool.run(to_items(cfg, req.items, ("items",)))
+        metrics.observe("http", verdicts)
+        return BatchResult(results=[_result(v) for v in verdicts])
+
+    if jobs is not None:
+        job_id_param = Path(pattern=JOB_ID_PATTERN, description="32 hex digits, as returned by POST /v1/jobs")
+
+        @v1.post("/jobs", status_code=202, response_model=JobCreated, responses={**_ERRORS, **_JOB_ERRORS},
+                 tags=["jobs"])
+        async def create_job(req: JobRequest) -> JobCreated:
+            """Queue a verification job (kept in Redis for `job_ttl_s`; survives restarts)."""
+            if len(req.items) > cfg.max_job_items:
+                raise _invalid(("items",), f"at most {cfg.max_job_items} items per job", "too_long")
+            items = to_items(cfg, req.items, ("items",))
+            job_id = await jobs.create([i.__dict__ for i in items])
+            return JobCreated(job_id=job_id)
+
+        @v1.get("/jobs/{job_id}", response_model=JobState, responses=_JOB_ERRORS, tags=["jobs"])
+        async def get_job(job_id: str = job_id_param) -> JobState:
+            """Status and progress; `results` (in input order) once the job is done."""
+            state = await jobs.get(job_id)
+            if state is None:
+                raise HTTPException(404, f"no job {job_id}")
+            return state
+
+        @v1.delete("/jobs/{job_id}", response_model=JobState, responses=_JOB_ERRORS, tags=["jobs"])
+        async def cancel_job(job_id: str = job_id_param) -> JobState:
+            """Cancel a queued or running job (items already verified keep their results).
+            A finished job is returned unchanged."""
+            state = await jobs.cancel(job_id)
+            if state is None:
+                raise HTTPException(404, f"no job {job_id}")
+            return state
+
+    app.include_router(v1)
+    return app

@@ -1,0 +1,78 @@
+"""Verifier settings: section `verifier` of the run's YAML, env `RLRT_VERIFIER__<FIELD>`."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import ClassVar
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from protocol.config import RLRTSettings
+
+
+class VerifierConfig(RLRTSettings):
+    """Everything `rlrt serve verifier` needs besides the bus section."""
+
+    section: ClassVar[str] = "verifier"
+    model_config = SettingsConfigDict(env_prefix="RLRT_VERIFIER__")
+
+    # --- HTTP -------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="bind address of the REST API (loopback by default)")
+    port: int = Field(8300, ge=0, le=65535, description="REST API port (0 = any free port)")
+    token: str | None = Field(
+        None, description="bearer token required on /v1/* when set (health and metrics stay open)"
+    )
+    http: bool = Field(True, description="serve the REST API")
+
+    # --- pool -------------------------------------------------------------------------------
+    workers: int = Field(
+        default_factory=lambda: max(1, os.cpu_count() or 1), ge=1,
+        description="checker processes; one per core (checks are CPU-bound)",
+    )
+    default_timeout_s: float = Field(5.0, gt=0, description="per-item deadline when a request sets none")
+    max_timeout_s: float = Field(60.0, gt=0, description="largest per-item deadline a request may ask for")
+    kill_grace_s: float = Field(
+        0.5, ge=0,
+        description="after deadline + grace a worker that has not answered is killed and replaced "
+        "(the in-worker timer normally answers at the deadline itself)",
+    )
+    memory_mb: int = Field(
+        1024, ge=0,
+        description="address-space allowance per item above a worker's idle size (RLIMIT_AS); 0 = no cap",
+    )
+    ipc_batch: int = Field(16, ge=1, le=1024, description="most items sent to a worker per round trip")
+    max_items_per_worker: int = Field(
+        20_000, ge=1, description="a worker is replaced after this many items (sheds sympy cache growth)"
+    )
+
+    # --- admission limits ---------------------------------------------------------------------
+    max_item_bytes: int = Field(64 * 1024, ge=1, description="413 above this size of one response or reference (UTF-8)")
+    max_request_bytes: int = Field(16 * 1024 * 1024, ge=1, description="413 above this request body size")
+    max_batch: int = Field(1024, ge=1, description="most items in one /v1/verify/batch request")
+    max_job_items: int = Field(100_000, ge=1, description="most items in one /v1/jobs submission")
+    max_queue: int = Field(
+        4096, ge=1,
+        description="HTTP requests that would push the pool's queue past this get 429 + Retry-After",
+    )
+
+    # --- jobs ---------------------------------------------------------------------------------
+    job_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="a job's state and results live this long in Redis")
+    job_chunk: int = Field(64, ge=1, description="items a job runner verifies (and saves) at a time")
+    job_concurrency: int = Field(2, ge=1, description="jobs this process runs at once")
+
+    # --- bus worker ---------------------------------------------------------------------------
+    redis_url: str | None = Field(
+        None, description="Redis for jobs and the worker; None = the bus section's redis_url"
+    )
+    worker: bool = Field(True, description="consume RolloutGroups from the bus")
+    in_stream: str = Field("rollouts", description="RolloutGroup stream (under the bus prefix)")
+    out_stream: str = Field("verified", description="VerifiedGroup stream (under the bus prefix)")
+    group: str = Field("verifier", description="consumer group shared by all verifier replicas")
+    consumer: str = Field(
+        default_factory=lambda: f"verifier-{socket.gethostname()}",
+        description="this replica's consumer name; keep it stable across restarts (pending work "
+        "is then resumed at once instead of after the bus's claim_idle_ms) and unique per replica",
+    )
+    concurrency: int = Field(8, ge=1, description="RolloutGroups verified at once by the worker")

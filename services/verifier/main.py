@@ -1,0 +1,82 @@
+"""`rlrt serve verifier`: the REST API and the bus worker in one process, over one pool."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from protocol.bus import Bus
+from protocol.config import BusSettings
+from services.common import serve, setup_logging
+from services.verifier import worker
+from services.verifier.api import build_app
+from services.verifier.config import VerifierConfig
+from services.verifier.jobs import JobStore
+from services.verifier.pool import VerifyPool
+
+log = logging.getLogger("rlrt.verifier")
+JOBS_STREAM = "verifier:jobs"
+
+
+def make_pool(cfg: VerifierConfig) -> VerifyPool:
+    return VerifyPool(cfg.workers, memory_mb=cfg.memory_mb, max_queue=cfg.max_queue,
+                      kill_grace_s=cfg.kill_grace_s, batch_max=cfg.ipc_batch,
+                      max_items_per_worker=cfg.max_items_per_worker)
+
+
+async def serve_verifier(cfg: VerifierConfig, bus_cfg: BusSettings | None = None,
+                         stop: asyncio.Event | None = None) -> None:
+    """Run until `stop` is set (or SIGTERM/SIGINT): pool, HTTP API, job runner, bus worker."""
+    bus_cfg = bus_cfg or BusSettings()
+    url = cfg.redis_url or bus_cfg.redis_url
+    pool = make_pool(cfg)
+    # Forking the workers blocks for a moment (first time: the forkserver imports sympy).
+    await asyncio.to_thread(pool.start)
+    bus = Bus.from_url(url, bus_cfg) if url else None
+    jobs = None
+    workers: list[Callable[[asyncio.Event], Awaitable[object]]] = []
+    if bus is None:
+        log.warning("no Redis URL: serving /v1/verify only (no jobs, no bus worker)")
+    else:
+        jobs = JobStore(bus, pool, stream=bus_cfg.stream(JOBS_STREAM), ttl_s=cfg.job_ttl_s, chunk=cfg.job_chunk)
+        workers.append(lambda s: jobs.consume(cfg.group, cfg.consumer, s, concurrency=cfg.job_concurrency))
+        if cfg.worker:
+            workers.append(lambda s: worker.consume(
+                bus, pool, s, in_stream=bus_cfg.stream(cfg.in_stream), out_stream=bus_cfg.stream(cfg.out_stream),
+                group=cfg.group, consumer=cfg.consumer, timeout_s=cfg.default_timeout_s,
+                concurrency=cfg.concurrency))
+
+    async def ready() -> bool:
+        if not pool.ready:
+            return False
+        if bus is None:
+            return True
+        try:
+            return bool(await bus.r.ping())
+        except Exception:
+            return False
+
+    async def shutdown() -> None:
+        if bus is not None:
+            await bus.close()
+        await asyncio.to_thread(pool.close)
+
+    app = build_app(cfg, pool, jobs, ready=ready)
+    log.info("verifier on http://%s:%d (%d workers, redis %s)", cfg.host, cfg.port, cfg.workers, url or "none")
+    try:
+        if cfg.http:
+            await serve(app, cfg.host, cfg.port, workers, stop=stop, on_shutdown=shutdown)
+        else:
+            stop = stop or asyncio.Event()
+            await asyncio.gather(*(w(stop) for w in workers))
+            await shutdown()
+    finally:
+        if pool.ready:
+            await asyncio.to_thread(pool.close)
+
+
+def run_verifier(cfg: VerifierConfig, bus_cfg: BusSettings | None = None) -> None:
+    """Blocking entry point of `rlrt serve verifier --config FILE [--host H] [--port P]`."""
+    setup_logging()
+    asyncio.run(serve_verifier(cfg, bus_cfg))
