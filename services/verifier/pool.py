@@ -36,7 +36,7 @@ from services.verifier import sandbox
 log = logging.getLogger(__name__)
 
 # Imported once in the forkserver so every forked worker starts warm.
-_PRELOAD = ["services.verifier.sandbox"]
+_PRELOAD = ["services.verifier.preload"]
 
 
 class QueueFull(Exception):
@@ -165,12 +165,12 @@ class _Slot(threading.Thread):
             self.conn.close()
         self.proc = self.conn = None
 
-    def replace(self, why: str, *, count: bool = True) -> None:
-        log.warning("replacing verifier worker %s: %s", self.proc and self.proc.pid, why)
-        self.kill()
+    def discard(self, why: str, *, count: bool = True) -> None:
+        """Kill the worker (a replacement is forked on next use)."""
         if count:
+            log.warning("replacing verifier worker %s: %s", self.proc and self.proc.pid, why)
             self.pool._bump("restarts")
-        self.ensure_worker()
+        self.kill()
 
     def ensure_worker(self) -> None:
         backoff = 0.1
@@ -215,8 +215,8 @@ class _Slot(threading.Thread):
             self.conn.send(batch)
         except (OSError, ValueError) as e:
             # The worker died while idle (e.g. killed from outside): nobody's item is at fault.
+            self.discard(f"send failed: {e}")
             pool._queue.put_front(jobs)
-            self.replace(f"send failed: {e}")
             return
         pending = deque(jobs)
         started = time.monotonic()
@@ -224,27 +224,30 @@ class _Slot(threading.Thread):
             job = pending[0]
             left = started + job.item.timeout_s + pool.kill_grace_s - time.monotonic()
             if left <= 0 or not self.conn.poll(left):
+                # Kill first, answer second: whoever sees the answer sees the pool already
+                # rid of the hung process.
+                self.discard("item overran its deadline")
                 pending.popleft()
                 pool._resolve(job, False, "timeout", f"killed after the {job.item.timeout_s:g}s deadline")
                 pool._queue.put_front(list(pending))
-                self.replace("item overran its deadline")
+                self.ensure_worker()
                 return
             try:
                 msg = self.conn.recv()
             except (EOFError, OSError):
-                code = self.proc.exitcode if self.proc else None
-                if self.proc is not None:
-                    self.proc.join(1)
-                    code = self.proc.exitcode
-                pending.popleft()
+                self.proc.join(1)
+                code = self.proc.exitcode
                 pool._bump("crashes")
+                self.discard(f"worker died with exit code {code}")
+                pending.popleft()
                 pool._resolve(job, False, "error", f"verifier worker died (exit code {code})")
                 pool._queue.put_front(list(pending))
-                self.replace(f"worker died with exit code {code}")
+                self.ensure_worker()
                 return
             if msg[0] == "bye":
+                self.discard(f"planned exit ({msg[1]})", count=msg[1] != "recycled")
                 pool._queue.put_front(list(pending))
-                self.replace(f"planned exit ({msg[1]})", count=msg[1] != "recycled")
+                self.ensure_worker()
                 return
             pending.popleft()
             pool._finish(job, msg)

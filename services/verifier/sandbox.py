@@ -21,6 +21,7 @@ import resource
 import signal
 from multiprocessing.connection import Connection
 
+from protocol.tasks import TASKS, get_task
 from services.verifier import core
 
 # Result tuples are plain, so pickling is cheap and needs no pydantic on the parent's hot path.
@@ -39,6 +40,11 @@ def _on_alarm(signum: int, frame: object) -> None:
     # Only raise while an item runs: an alarm landing between items must not kill the loop.
     if _armed:
         raise SoftDeadline()
+
+
+def install_alarm() -> object:
+    """Route SIGALRM to the soft deadline (main thread only). Returns the previous handler."""
+    return signal.signal(signal.SIGALRM, _on_alarm)
 
 
 def _vm_bytes() -> int:
@@ -85,11 +91,23 @@ def run_one(seq: int, task: str, response: str, reference: str, timeout_s: float
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
+def warm_up() -> None:
+    """Import every task module and run one math check, so that the forkserver (which imports
+    this module once) hands every forked worker compiled regexes and loaded grammars: the first
+    real item then costs what the hundredth does."""
+    for name in TASKS:
+        try:
+            get_task(name)
+        except Exception:  # a broken task module only fails its own items, later
+            pass
+    core.check(core.MATH, "\\boxed{\\frac{1}{2}}", "0.5")
+
+
 def main(conn: Connection, memory_mb: int, max_items: int) -> None:
     """Worker process entry point (a module-level function so forkserver/spawn can pickle it)."""
     # Ctrl-C in a terminal reaches the whole process group: let the parent decide when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGALRM, _on_alarm)
+    install_alarm()
     _limit_memory(memory_mb)
     conn.send(("ready", os.getpid()))
     done = 0
