@@ -1,0 +1,59 @@
+"""Engine settings, nested as `engine:` in the rollout and teacher sections
+(env `RLRT_ROLLOUT__ENGINE__URL=...`, `RLRT_TEACHER__ENGINE__KIND=vllm`, ...)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["cpu", "sglang", "vllm"] = Field(
+        "cpu", description="cpu: the built-in engine in this process; sglang/vllm: a running "
+        "server at `url` (rollout uses SGLang, teacher vLLM on GPUs; either works for either)")
+    model_path: str | None = Field(
+        None, description="HF model directory. cpu: the model to load. sglang/vllm: optional, "
+        "read for vocab size and context window (client-side input checks) and the tokenizer")
+    url: str | None = Field(None, description="base URL of the SGLang/vLLM server, e.g. http://127.0.0.1:30000")
+    api_key: str | None = Field(None, description="bearer token of the SGLang/vLLM server (--api-key)")
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="one generate/score HTTP call; long generations need minutes")
+    connect_timeout_s: float = Field(5.0, gt=0, description="TCP connect timeout to the server")
+    weight_update_timeout_s: float = Field(
+        900.0, gt=0, description="one weight-update call (a disk load, an NCCL rendezvous or bucket)")
+    context_len: int | None = Field(
+        None, ge=2, description="context window; None = the server's max_model_len (/v1/models) "
+        "or model_path's max_position_embeddings")
+    vocab_size: int | None = Field(
+        None, ge=2, description="None = model_path's config.json; unknown = the server checks ids")
+    verify_weights: bool = Field(
+        True, description="check a weight directory's manifest and sha256 before loading it; "
+        "turn off only when the directory is not visible from this service (the server loads it)")
+    abort_retries: int = Field(
+        3, ge=0, description="SGLang: regenerate a group aborted by a weight update's pause this often")
+    flush_retries: int = Field(60, ge=1, description="SGLang: flush_cache attempts while it is busy")
+    flush_interval_s: float = Field(1.0, ge=0, description="SGLang: wait between flush_cache attempts")
+    logprobs_mode: Literal["processed", "raw"] = Field(
+        "processed", description="what the server's sampling log-probs are (see services/engines/sglang.py)")
+    served_model_name: str | None = Field(
+        None, description="vLLM: the `model` field of requests; None = the server's first model")
+    max_tokens_per_request: int = Field(
+        16384, ge=1, description="vLLM scoring: token budget of one /v1/completions batch "
+        "(prompt log-probs cost a full-vocabulary log-softmax per token)")
+    engine_world_size: int = Field(
+        1, ge=1, description="GPUs of the server (tensor parallel size); the trainer's NCCL group "
+        "is 1 + this. vLLM reports its own via /get_world_size")
+    cpu: dict[str, Any] = Field(
+        default_factory=dict, description="extra keyword arguments of the CPU engine "
+        "(see services/engines/cpu.py)")
+
+    @model_validator(mode="after")
+    def _complete(self) -> EngineConfig:
+        if self.kind == "cpu" and not self.model_path:
+            raise ValueError("engine.kind=cpu needs engine.model_path")
+        if self.kind in ("sglang", "vllm") and not self.url:
+            raise ValueError(f"engine.kind={self.kind} needs engine.url")
+        return self

@@ -1,0 +1,244 @@
+"""SGLang backend (rollout on GPUs): a client of a running SGLang server's native API.
+
+Wire formats: engine-apis.md §1 (sglang 0.5.x `srt/entrypoints/http_server.py`).
+
+Sampling: one POST /generate per group, as a batch of n copies of the prompt rather than
+`n=G` -- with `sampling_seed` set, `n` copies would all share one seed and be identical, so
+each copy gets `seed + i`. Only keys SGLang's SamplingParams accepts are sent (0.5.23 answers
+400 to unknown ones).
+
+Log-probs (`logprobs_mode`): SGLang returns the sampled token's log-prob under the
+temperature-scaled distribution, before top-p/top-k renormalisation ("processed" minus the
+filtering); with SGLANG_RETURN_ORIGINAL_LOGPROB=1 on the server they are raw. Tokens are
+`output_ids`, checked against the ids inside `output_token_logprobs`.
+
+Weight updates (docs/engines.md): pause_generation(abort) -> flush_cache (retried while SGLang
+answers 400 = still busy) -> update_weights_from_disk | init_weights_update_group +
+update_weights_from_distributed per bucket -> continue_generation; `weight_version` is set to
+our version on the update. Requests aborted by the pause are regenerated after it, so a group
+never mixes weight versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from protocol.messages import SamplingParams
+from services.engines.base import (
+    EngineError,
+    GenOutput,
+    InvalidRequest,
+    LogprobsMode,
+    UpstreamError,
+    check_prompt,
+    check_score_request,
+)
+from services.engines.http import EngineHTTP, as_logprob, parse_version
+from services.engines.nccl_sync import GroupKey, NcclSpec
+from services.engines.remote import RETRIES, RemoteEngine, UpdateRefused
+
+log = logging.getLogger("rlrt.engines.sglang")
+_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+class SGLangEngine(RemoteEngine):
+    kind = "sglang"
+
+    def __init__(self, http: EngineHTTP, *, flush_retries: int = 60, flush_interval_s: float = 1.0,
+                 logprobs_mode: LogprobsMode = "processed", **kw: Any) -> None:
+        super().__init__(http, **kw)
+        self.flush_retries = flush_retries
+        self.flush_interval_s = flush_interval_s
+        self.logprobs_mode = logprobs_mode
+
+    # ------------------------------------------------------------------ inference
+    def _sampling(self, params: SamplingParams, max_new: int, i: int) -> dict[str, Any]:
+        sp: dict[str, Any] = {"max_new_tokens": max_new, "temperature": params.temperature,
+                              "top_p": params.top_p, "top_k": params.top_k}
+        if params.stop_token_ids:
+            sp["stop_token_ids"] = list(params.stop_token_ids)
+        if params.seed is not None:
+            sp["sampling_seed"] = params.seed + i
+        return sp
+
+    def _max_new(self, prompt_len: int, requested: int) -> int:
+        if self.context_len is None:
+            return requested
+        room = self.context_len - prompt_len
+        if room < 1:
+            raise InvalidRequest(f"prompt has {prompt_len} tokens; the context window is "
+                                 f"{self.context_len}, leaving no room for a response")
+        return min(requested, room)
+
+    async def generate(self, prompt_ids: Sequence[int], n: int,
+                       params: SamplingParams) -> list[GenOutput]:
+        ids = check_prompt(prompt_ids, n, self.vocab_size or 2**31 - 1,
+                           self.context_len or 2**31 - 1)
+        max_new = self._max_new(len(ids), params.max_new_tokens)
+        body = {"input_ids": [ids] * n,
+                "sampling_params": [self._sampling(params, max_new, i) for i in range(n)],
+                "return_logprob": True}
+        for attempt in range(self.abort_retries + 1):
+            async with self._request_slot():
+                raw = await self.http.post("/generate", body)
+            outs = self._parse_batch(raw, n)
+            versions = {o.weight_version for o in outs}
+            if all(o.finish_reason != "abort" for o in outs) and len(versions) == 1:
+                return outs
+            # Aborted by a weight update's pause (or spanning two versions): the partial
+            # responses are not samples of one policy. Redo the group after the update.
+            RETRIES.labels(self.kind).inc()
+            log.info("generation aborted or mixed versions %s (attempt %d); regenerating",
+                     sorted(versions), attempt + 1)
+        raise UpstreamError(f"sglang aborted this generation {self.abort_retries + 1} times "
+                            "(weight updates in a row?)")
+
+    def _parse_batch(self, raw: Any, n: int) -> list[GenOutput]:
+        items = raw if isinstance(raw, list) else [raw]
+        if len(items) != n:
+            raise UpstreamError(f"malformed reply: {len(items)} results for {n} prompts")
+        return [self._parse_one(r, i) for i, r in enumerate(items)]
+
+    def _parse_one(self, r: Any, i: int) -> GenOutput:
+        try:
+            meta = r["meta_info"]
+            triples = meta["output_token_logprobs"]
+            ids = [int(t[1]) for t in triples]
+            lps = [as_logprob(t[0], f"result {i} logprob") for t in triples]
+            out_ids = r.get("output_ids", ids)
+            finish = meta.get("finish_reason") or {}
+            ftype = finish.get("type") if isinstance(finish, dict) else str(finish)
+        except (KeyError, TypeError, IndexError, ValueError, AttributeError) as e:
+            raise UpstreamError(f"malformed sglang result {i}: {type(e).__name__}: {e}") from None
+        if [int(t) for t in out_ids] != ids:
+            raise UpstreamError(f"malformed sglang result {i}: output_ids disagree with "
+                                "output_token_logprobs")
+        if ftype not in _FINISH:
+            raise UpstreamError(f"malformed sglang result {i}: finish_reason {finish!r}")
+        v = parse_version(meta.get("weight_version"))
+        return GenOutput(token_ids=np.asarray(ids), logprobs=np.asarray(lps),
+                         finish_reason=_FINISH[ftype],  # type: ignore[arg-type]
+                         weight_version=self._version if v is None else v,
+                         text=str(r.get("text") or ""),
+                         meta={"prompt_tokens": meta.get("prompt_tokens"),
+                               "cached_tokens": meta.get("cached_tokens")})
+
+    async def score(self, sequences: Sequence[Sequence[int]],
+                    response_offsets: Sequence[int]) -> list[np.ndarray]:
+        """Prompt log-probs via max_new_tokens=0, logprob_start_len=0 (slime's teacher path)."""
+        seqs = check_score_request(sequences, response_offsets, self.vocab_size or 2**31 - 1,
+                                   self.context_len or 2**31 - 1)
+        if not seqs:
+            return []
+        body = {"input_ids": seqs, "sampling_params": {"max_new_tokens": 0},
+                "return_logprob": True, "logprob_start_len": 0}
+        async with self._request_slot():
+            raw = await self.http.post("/generate", body)
+        items = raw if isinstance(raw, list) else [raw]
+        if len(items) != len(seqs):
+            raise UpstreamError(f"malformed reply: {len(items)} results for {len(seqs)} sequences")
+        out = []
+        for i, (r, seq, off) in enumerate(zip(items, seqs, response_offsets, strict=True)):
+            try:
+                triples = r["meta_info"]["input_token_logprobs"]
+                if len(triples) != len(seq) or [int(t[1]) for t in triples] != seq:
+                    raise ValueError("input_token_logprobs do not match the sequence")
+                vals = [as_logprob(t[0], f"sequence {i} position {j}")
+                        for j, t in enumerate(triples) if j >= int(off)]
+            except (KeyError, TypeError, IndexError, ValueError) as e:
+                raise UpstreamError(f"malformed sglang score result {i}: {e}") from None
+            out.append(np.asarray(vals, dtype=np.float32))
+        return out
+
+    # ------------------------------------------------------------------ weight hooks
+    async def _srv_version(self) -> int | None:
+        data = await self.http.get("/get_weight_version", timeout_s=30)
+        return parse_version(data.get("weight_version") if isinstance(data, dict) else None)
+
+    async def _srv_healthy(self) -> bool:
+        await self.http.get("/health", timeout_s=30, expect_json=False)
+        return True
+
+    async def _srv_pause(self) -> None:
+        try:
+            await self.http.post("/pause_generation", {"mode": "abort"}, timeout_s=60)
+        except EngineError as e:
+            raise UpdateRefused(f"sglang pause_generation failed: {e}") from None
+        for _ in range(self.flush_retries):
+            try:
+                await self.http.post("/flush_cache", timeout_s=60, expect_json=False)
+                return
+            except InvalidRequest:  # 400 = requests still running/waiting: retry (as slime)
+                await asyncio.sleep(self.flush_interval_s)
+            except EngineError as e:
+                raise UpdateRefused(f"sglang flush_cache failed: {e}") from None
+        raise UpdateRefused(f"sglang stayed busy: flush_cache refused {self.flush_retries} times")
+
+    async def _srv_resume(self) -> None:
+        await self.http.post("/continue_generation", {}, timeout_s=60)
+
+    async def _srv_load_dir(self, path: str, version: int) -> None:
+        body = {"model_path": path, "weight_version": str(version), "flush_cache": True,
+                "abort_all_requests": False}
+        try:
+            res = await self.http.post("/update_weights_from_disk", body,
+                                       timeout_s=self.weight_timeout_s)
+        except InvalidRequest as e:  # 400 {"success": false}: sglang rolled back itself
+            raise UpdateRefused(f"sglang refused the weights: {e}") from None
+        except UpstreamError:
+            # Timed out or 5xx: did the load happen? Ask before declaring the weights unknown.
+            if await self._version_is(version):
+                return
+            raise
+        if not (isinstance(res, dict) and res.get("success") is True):
+            raise UpdateRefused(f"sglang refused the weights: {res!r}")
+
+    async def _version_is(self, version: int) -> bool:
+        try:
+            return await self._srv_version() == version
+        except EngineError:
+            return False
+
+    async def _srv_nccl(self, spec: NcclSpec, key: GroupKey, version: int) -> None:
+        if spec.init_group or self._group != key:
+            if not spec.init_group:
+                raise UpdateRefused(f"no weight-update group {key} on this service "
+                                    f"(current: {self._group}); resend with init_group=true")
+            await self._init_group(spec, key)
+        last = len(spec.buckets) - 1
+        for i, b in enumerate(spec.buckets):
+            body = {"names": b.names, "dtypes": b.dtypes, "shapes": b.shapes,
+                    "group_name": key.group_name, "flush_cache": i == last,
+                    "abort_all_requests": False}
+            if i == last:  # the version flips only once every bucket has landed
+                body["weight_version"] = str(version)
+            res = await self.http.post("/update_weights_from_distributed", body,
+                                       timeout_s=self.weight_timeout_s)
+            if not (isinstance(res, dict) and res.get("success") is True):
+                raise UpstreamError(f"sglang bucket {i}: {res!r}")
+
+    async def _init_group(self, spec: NcclSpec, key: GroupKey) -> None:
+        # A group of the same name left from an earlier run would make init fail: drop it.
+        try:
+            await self.http.post("/destroy_weights_update_group", {"group_name": key.group_name},
+                                 timeout_s=60)
+        except EngineError:
+            pass  # none existed
+        self._group = None
+        body = {"master_address": key.master_address, "master_port": key.master_port,
+                "rank_offset": spec.rank_offset, "world_size": key.world_size,
+                "group_name": key.group_name, "backend": spec.backend}
+        try:
+            # Blocks until the trainer joins the rendezvous (it initialises concurrently).
+            res = await self.http.post("/init_weights_update_group", body,
+                                       timeout_s=self.weight_timeout_s)
+        except EngineError as e:
+            raise UpdateRefused(f"sglang init_weights_update_group failed: {e}") from None
+        if not (isinstance(res, dict) and res.get("success") is True):
+            raise UpdateRefused(f"sglang init_weights_update_group failed: {res!r}")
+        self._group = key

@@ -1,0 +1,236 @@
+"""vLLM backend (teacher on GPUs): a client of a running `vllm serve` (OpenAI server, vLLM
+>= 0.22 with VLLM_SERVER_DEV_MODE=1 and `--weight-transfer-config '{"backend":"nccl"}'`).
+
+Wire formats: engine-apis.md §2.
+
+Scoring a given continuation: POST /v1/completions with `prompt` = token ids (a batch of
+sequences), `max_tokens: 1`, `prompt_logprobs: 0`. `choices[i].prompt_logprobs` is aligned to
+the prompt: entry 0 is null (nothing predicts the first token), entry j is a dict keyed by
+the *string* token id holding the actual token (plus top-k); we look up `str(seq[j])`. NaN
+becomes -inf (as TRL does). Prompt log-probs are raw in every `--logprobs-mode`. Batches are
+cut by a token budget: prompt log-probs cost a full-vocabulary log-softmax per token.
+
+Weight updates (docs/engines.md), inside POST /pause?mode=wait ... POST /resume:
+- nccl: [GET /get_world_size] -> POST /init_weight_transfer_engine (when the group is new)
+  -> /start_weight_update -> /update_weights per bucket (each blocks until the trainer's
+  broadcast of that bucket arrives) -> /finish_weight_update {weight_version}.
+- disk fallback: POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path"}}
+  (the worker's reload_weights(weights_path=...)) -> /update_weight_version.
+Both then POST /reset_prefix_cache: cached KV was computed with the old weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from protocol.messages import SamplingParams
+from services.engines.base import (
+    EngineError,
+    GenOutput,
+    InvalidRequest,
+    UpstreamError,
+    check_prompt,
+    check_score_request,
+)
+from services.engines.http import EngineHTTP, as_logprob, parse_version
+from services.engines.nccl_sync import GroupKey, NcclSpec
+from services.engines.remote import RemoteEngine, UpdateRefused
+
+log = logging.getLogger("rlrt.engines.vllm")
+_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+class VLLMEngine(RemoteEngine):
+    kind = "vllm"
+
+    def __init__(self, http: EngineHTTP, *, served_model_name: str | None = None,
+                 max_tokens_per_request: int = 16384, **kw: Any) -> None:
+        super().__init__(http, **kw)
+        self.served_model_name = served_model_name
+        self.max_tokens_per_request = max_tokens_per_request
+
+    async def start(self) -> None:
+        await super().start()
+        if self.served_model_name is None:
+            data = await self.http.get("/v1/models", timeout_s=30)
+            try:
+                self.served_model_name = str(data["data"][0]["id"])
+            except (KeyError, IndexError, TypeError) as e:
+                raise UpstreamError(f"vllm /v1/models: malformed reply ({e})") from None
+        try:
+            data = await self.http.get("/get_world_size", timeout_s=30)
+            self.engine_world_size = int(data["world_size"])
+        except (EngineError, KeyError, TypeError, ValueError):
+            pass  # dev endpoints off: keep the configured size
+
+    # ------------------------------------------------------------------ scoring
+    async def score(self, sequences: Sequence[Sequence[int]],
+                    response_offsets: Sequence[int]) -> list[np.ndarray]:
+        # max_tokens=1 needs one free position after the sequence.
+        limit = (self.context_len - 1) if self.context_len else 2**31 - 1
+        seqs = check_score_request(sequences, response_offsets, self.vocab_size or 2**31 - 1, limit)
+        out: list[np.ndarray] = []
+        for chunk in self._chunks(seqs):
+            lps = await self._prompt_logprobs([seqs[i] for i in chunk])
+            for i, row in zip(chunk, lps, strict=True):
+                out.append(np.asarray(row[int(response_offsets[i]):], dtype=np.float32))
+        return out
+
+    def _chunks(self, seqs: list[list[int]]) -> list[list[int]]:
+        chunks: list[list[int]] = [[]]
+        size = 0
+        for i, s in enumerate(seqs):
+            if chunks[-1] and size + len(s) > self.max_tokens_per_request:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(i)
+            size += len(s)
+        return [c for c in chunks if c]
+
+    async def _prompt_logprobs(self, seqs: list[list[int]]) -> list[list[float]]:
+        body = {"model": self.served_model_name, "prompt": seqs, "max_tokens": 1,
+                "temperature": 0.0, "prompt_logprobs": 0}
+        async with self._request_slot():
+            raw = await self.http.post("/v1/completions", body)
+        choices = self._choices(raw, len(seqs))
+        out = []
+        for i, (choice, seq) in enumerate(zip(choices, seqs, strict=True)):
+            plp = choice.get("prompt_logprobs")
+            if not isinstance(plp, list) or len(plp) != len(seq):
+                raise UpstreamError(f"malformed vllm reply: prompt_logprobs of sequence {i} has "
+                                    f"{len(plp) if isinstance(plp, list) else plp!r} entries "
+                                    f"for {len(seq)} tokens")
+            row = [float("nan")]  # position 0 has no log-prob (vLLM sends null)
+            for j in range(1, len(seq)):
+                entry = plp[j]
+                hit = entry.get(str(seq[j])) if isinstance(entry, dict) else None
+                if not isinstance(hit, dict) or "logprob" not in hit:
+                    raise UpstreamError(f"malformed vllm reply: no log-prob for token {seq[j]} at "
+                                        f"position {j} of sequence {i}")
+                row.append(as_logprob(hit["logprob"], f"sequence {i} position {j}"))
+            out.append(row)
+        return out
+
+    @staticmethod
+    def _choices(raw: Any, n: int) -> list[dict[str, Any]]:
+        try:
+            choices = sorted(raw["choices"], key=lambda c: int(c["index"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UpstreamError(f"malformed vllm reply: {type(e).__name__}: {e}") from None
+        if len(choices) != n or not all(isinstance(c, dict) for c in choices):
+            raise UpstreamError(f"malformed vllm reply: {len(choices)} choices for {n} prompts")
+        return choices
+
+    # ------------------------------------------------------------------ sampling
+    async def generate(self, prompt_ids: Sequence[int], n: int,
+                       params: SamplingParams) -> list[GenOutput]:
+        """Sampling through /v1/completions (the teacher does not need it; provided so a vLLM
+        server can also serve rollouts). Tokens come back as "token_id:N" strings."""
+        ids = check_prompt(prompt_ids, n, self.vocab_size or 2**31 - 1,
+                           self.context_len or 2**31 - 1)
+        max_new = params.max_new_tokens
+        if self.context_len is not None:
+            max_new = min(max_new, self.context_len - len(ids))
+        body: dict[str, Any] = {
+            "model": self.served_model_name, "prompt": ids, "n": n, "max_tokens": max_new,
+            "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+            "logprobs": 0, "return_tokens_as_token_ids": True,
+        }
+        if params.stop_token_ids:
+            body["stop_token_ids"] = list(params.stop_token_ids)
+        if params.seed is not None:
+            body["seed"] = params.seed
+        async with self._request_slot():
+            version = self._version
+            raw = await self.http.post("/v1/completions", body)
+        outs = []
+        for i, c in enumerate(self._choices(raw, n)):
+            try:
+                lp = c["logprobs"]
+                toks = [int(str(t).removeprefix("token_id:")) for t in lp["tokens"]]
+                vals = [as_logprob(x, f"choice {i} token {k}")
+                        for k, x in enumerate(lp["token_logprobs"])]
+                finish = _FINISH.get(c.get("finish_reason") or "length", "length")
+            except (KeyError, TypeError, ValueError) as e:
+                raise UpstreamError(f"malformed vllm choice {i}: {e}") from None
+            outs.append(GenOutput(token_ids=np.asarray(toks), logprobs=np.asarray(vals),
+                                  finish_reason=finish,  # type: ignore[arg-type]
+                                  weight_version=version, text=str(c.get("text") or "")))
+        return outs
+
+    # ------------------------------------------------------------------ weight hooks
+    async def _srv_version(self) -> int | None:
+        try:
+            data = await self.http.get("/weight_info", timeout_s=30)
+        except InvalidRequest:  # dev endpoints off (404): no version to adopt
+            return None
+        return parse_version(data.get("weight_version") if isinstance(data, dict) else None)
+
+    async def _srv_healthy(self) -> bool:
+        await self.http.get("/health", timeout_s=30, expect_json=False)
+        return True
+
+    async def _srv_pause(self) -> None:
+        # mode=wait: let running scoring requests finish (they are short), admit no new ones.
+        try:
+            await self.http.post("/pause", params={"mode": "wait"}, timeout_s=self.weight_timeout_s)
+        except EngineError as e:
+            raise UpdateRefused(f"vllm /pause failed: {e}") from None
+
+    async def _srv_resume(self) -> None:
+        await self.http.post("/resume", timeout_s=60)
+
+    async def _reset_cache(self) -> None:
+        try:
+            await self.http.post("/reset_prefix_cache", timeout_s=60, expect_json=False)
+        except EngineError as e:  # the weights are in; a stale prefix cache only costs a miss
+            log.warning("vllm reset_prefix_cache failed after a weight update: %s", e)
+
+    async def _srv_load_dir(self, path: str, version: int) -> None:
+        body = {"method": "reload_weights", "kwargs": {"weights_path": path},
+                "timeout": self.weight_timeout_s}
+        await self.http.post("/collective_rpc", body, timeout_s=self.weight_timeout_s + 30)
+        await self.http.post("/update_weight_version", {"new_version": str(version)}, timeout_s=60)
+        await self._reset_cache()
+
+    async def _srv_nccl(self, spec: NcclSpec, key: GroupKey, version: int) -> None:
+        if spec.init_group or self._group != key:
+            if not spec.init_group:
+                raise UpdateRefused(f"no weight-transfer group {key} on this service "
+                                    f"(current: {self._group}); resend with init_group=true")
+            init_info = {"master_address": key.master_address, "master_port": key.master_port,
+                         "rank_offset": spec.rank_offset, "world_size": key.world_size}
+            try:
+                # Blocks until the trainer joins the rendezvous (it initialises concurrently).
+                await self.http.post("/init_weight_transfer_engine", {"init_info": init_info},
+                                     timeout_s=self.weight_timeout_s)
+            except EngineError as e:
+                raise UpdateRefused(f"vllm init_weight_transfer_engine failed: {e}") from None
+            self._group = key
+        try:
+            await self.http.post("/start_weight_update", {}, timeout_s=60)
+        except EngineError as e:
+            raise UpdateRefused(f"vllm start_weight_update failed: {e}") from None
+        try:
+            for b in spec.buckets:
+                info: dict[str, Any] = {"names": b.names, "dtype_names": b.dtypes,
+                                        "shapes": b.shapes}
+                if spec.packed:
+                    info["packed"] = True
+                await self.http.post("/update_weights", {"update_info": info},
+                                     timeout_s=self.weight_timeout_s)
+        except EngineError:
+            # Close the update so vLLM's state machine accepts the next start (409 otherwise);
+            # the weights are mixed now, which the caller handles (rollback or quarantine).
+            try:
+                await self.http.post("/finish_weight_update", {}, timeout_s=60)
+            except EngineError as e2:
+                log.warning("vllm finish_weight_update after a failed bucket: %s", e2)
+            raise
+        await self.http.post("/finish_weight_update", {"weight_version": str(version)},
+                             timeout_s=self.weight_timeout_s)
+        await self._reset_cache()
