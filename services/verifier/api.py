@@ -3,6 +3,7 @@ the pool, the job state in jobs.JobStore."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 from fastapi import APIRouter, FastAPI, HTTPException, Path, Request
@@ -33,6 +34,13 @@ _ERRORS = {
 }
 _JOB_ERRORS = {404: {"description": "no such job (never existed or expired)"},
                503: {"description": "the job store (Redis) is unavailable"}}
+
+
+class _AsciiJSON(JSONResponse):
+    """JSON with non-ASCII escaped: always encodable, whatever text a message quotes."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 def _invalid(loc: tuple, msg: str, kind: str = "value_error") -> RequestValidationError:
@@ -71,6 +79,15 @@ def build_app(cfg: VerifierConfig, pool: VerifyPool, jobs: JobStore | None = Non
                      ready=ready or (lambda: pool.ready))
     metrics.track(pool)
     v1 = APIRouter(prefix="/v1", dependencies=[ControlAuth], tags=["verify"])
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes each bad input back; an input holding a lone surrogate then
+        # cannot be encoded and the 422 turns into a 500, and a 60 KiB input comes back whole.
+        # Location, reason and type are what a client needs.
+        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+                  for e in exc.errors()]
+        return _AsciiJSON({"detail": detail}, 422)
 
     @app.exception_handler(QueueFull)
     async def _queue_full(request: Request, exc: QueueFull) -> JSONResponse:

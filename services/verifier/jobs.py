@@ -60,7 +60,7 @@ def _s(v: bytes | str | None) -> str | None:
 
 class JobStore:
     def __init__(self, bus: Bus, pool: VerifyPool, *, stream: str, ttl_s: int, chunk: int,
-                 max_attempts: int | None = None) -> None:
+                 max_attempts: int | None = None, cancel_poll_s: float = 0.5) -> None:
         self.bus = bus
         self.r: aioredis.Redis = bus.r
         self.pool = pool
@@ -71,6 +71,8 @@ class JobStore:
         # the ticket behind our back.
         self.max_attempts = max_attempts or max(1, bus.cfg.max_deliveries - 1)
         self.prefix = bus.cfg.prefix
+        # How often a running chunk looks for a DELETE: the cost of one HGET per running job.
+        self.cancel_poll_s = cancel_poll_s
         self._transition = self.r.register_script(_TRANSITION)
 
     def _key(self, job_id: str) -> str:
@@ -150,6 +152,8 @@ class JobStore:
                 return  # cancelled meanwhile
             idx = todo[start : start + self.chunk]
             verdicts = await self._verify(job_id, [items[i] for i in idx], stop)
+            if verdicts is None:
+                return
             metrics.observe("job", verdicts)
             async with self.r.pipeline(transaction=True) as p:
                 p.hset(key + ":res", mapping={
@@ -162,18 +166,24 @@ class JobStore:
                 await p.execute()
         await self._set(job_id, "done")
 
-    async def _verify(self, job_id: str, items: list[Item], stop: asyncio.Event) -> list:
+    async def _verify(self, job_id: str, items: list[Item], stop: asyncio.Event) -> list | None:
+        """Verdicts for one chunk; None if the job was cancelled meanwhile (its queued items are
+        then dropped from the pool). Raises JobInterrupted when the service stops."""
         # Internal work bypasses the HTTP admission bound: one chunk per running job is queued.
         work = asyncio.ensure_future(self.pool.run(items, enforce_limit=False))
         stopping = asyncio.ensure_future(stop.wait())
         try:
-            await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            while not work.done():
+                await asyncio.wait({work, stopping}, timeout=self.cancel_poll_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if stop.is_set() and not work.done():
+                    raise JobInterrupted(job_id)
+                if not work.done() and await self._status(job_id) != "running":
+                    return None
+            return work.result()
         finally:
             stopping.cancel()
-        if not work.done():
             work.cancel()
-            raise JobInterrupted(job_id)
-        return work.result()
 
     async def consume(self, group: str, consumer: str, stop: asyncio.Event, *, concurrency: int = 1) -> None:
         async def handler(ticket: JobTicket) -> None:
