@@ -243,9 +243,11 @@ class RemoteEngine(Engine):
                 self._last_error = msg
                 raise WeightUpdateError(f"{msg}; rolled back to version {old} "
                                         f"from {self._last_dir}") from None
+        else:
+            msg += "; no known-good weight directory to roll back to"
         self._consistent = False
         self._last_error = msg
         INCONSISTENT.labels(self.kind).set(1)
         log.error("%s engine quarantined: %s", self.kind, msg)
         raise WeightUpdateError(f"{msg}; the engine refuses requests until a successful "
-                                f"update (no known-good weight directory to roll back to)") from None
+                                "update") from None

@@ -19,12 +19,21 @@ class Knobs:
     def __init__(self) -> None:
         self.mode = "ok"
         self.busy_flushes = 0  # SGLang: /flush_cache answers 400 this many more times
-        self.fail_weight_load = False  # disk loads fail (bad checkpoint on the server's side)
+        self.fail_weight_load: bool | int = False  # disk loads fail: True = all, N = the next N
         self.fail_bucket_at: int | None = None  # the k-th (0-based) NCCL bucket call fails
         self.nan_positions: list[int] = []  # vLLM: prompt positions whose log-prob is NaN
         self.abort_next = 0  # SGLang: the next N /generate calls come back aborted (as by a pause)
         self.calls: list[dict[str, Any]] = []
         self.bucket_calls = 0
+
+    def load_fails(self) -> bool:
+        """Whether this disk load is to fail (consumes one of a counted budget)."""
+        if self.fail_weight_load is True or self.fail_weight_load is False:
+            return bool(self.fail_weight_load)
+        if self.fail_weight_load > 0:
+            self.fail_weight_load -= 1
+            return True
+        return False
 
     def set(self, values: dict[str, Any]) -> None:
         for k, v in values.items():

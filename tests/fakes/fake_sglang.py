@@ -194,7 +194,7 @@ class FakeSGLang:
         if not isinstance(path, str):
             return JSONResponse({"success": False, "message": "model_path is required"}, 400)
         try:
-            if self.knobs.fail_weight_load:
+            if self.knobs.load_fails():
                 raise RuntimeError("injected load failure")
             self.lm.load_safetensors_dir(path)
         except Exception as e:  # sglang rolls back to the old weights and reports

@@ -266,7 +266,7 @@ class FakeVLLM:
                               "InternalServerError")
             path = (body.get("kwargs") or {}).get("weights_path")
             try:
-                if self.knobs.fail_weight_load:
+                if self.knobs.load_fails():
                     # vLLM reloads layer by layer: a failure part-way leaves mixed weights.
                     await anyio.to_thread.run_sync(self._load_half, path)
                     raise RuntimeError("injected load failure after a partial reload")
