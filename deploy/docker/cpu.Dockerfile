@@ -1,0 +1,60 @@
+# syntax=docker/dockerfile:1.7
+# rlrt on the CPU: the whole embedded stack (`rlrt train`: Redis, verifier, rollout, teacher,
+# DeepSpeed trainer) with the built-in CPU engine. Also serves each part alone, as the
+# docker-compose `cpu` profile does.
+#   docker build -f deploy/docker/cpu.Dockerfile -t rlrt-cpu:0.1.0 .
+#   docker run --rm -v rlrt-runs:/home/rlrt/runs rlrt-cpu:0.1.0
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+FROM ${PYTHON_IMAGE}
+
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# TOKENIZERS_PARALLELISM below is no secret (hadolint flags any name with "TOKEN" in it)
+# hadolint ignore=DL3064
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/rlrt/bin:$PATH \
+    DS_ACCELERATOR=cpu \
+    TOKENIZERS_PARALLELISM=false
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# g++: DeepSpeed JIT-compiles its CPU ops (shm comm) on first use. Pinned to bookworm's.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++=4:12.2.0-3 \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --gid 10001 rlrt \
+    && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin rlrt
+
+# Install order (scripts/setup.sh): torch, then DeepSpeed without build isolation (so it builds
+# against this torch instead of pulling a CUDA one), then the project.
+COPY deploy/docker/constraints.txt /tmp/rlrt/
+RUN python -m venv /opt/rlrt \
+    && pip install -c /tmp/rlrt/constraints.txt "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" \
+    && pip install -c /tmp/rlrt/constraints.txt setuptools wheel py-cpuinfo ninja packaging psutil pydantic hjson msgpack numpy \
+    && pip install -c /tmp/rlrt/constraints.txt --no-build-isolation deepspeed
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY protocol ./protocol
+COPY services ./services
+COPY trainer ./trainer
+COPY rlrt ./rlrt
+COPY bench ./bench
+RUN pip install -c /tmp/rlrt/constraints.txt . \
+    && rm -rf /tmp/rlrt
+COPY --chmod=755 deploy/docker/healthcheck.py /usr/local/bin/rlrt-healthcheck
+COPY --chown=10001:10001 configs /home/rlrt/configs
+
+USER 10001:10001
+WORKDIR /home/rlrt
+ENV HOME=/home/rlrt \
+    TORCH_EXTENSIONS_DIR=/home/rlrt/.cache/torch_extensions \
+    RLRT_HEALTH_URLS=""
+# `rlrt train` serves no HTTP of its own; a service started from this image sets
+# RLRT_HEALTH_URLS (the compose file does), and the check then probes it.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["/bin/sh", "-c", "[ -z \"$RLRT_HEALTH_URLS\" ] || rlrt-healthcheck"]
+ENTRYPOINT ["rlrt"]
+CMD ["train", "--config", "configs/countdown-tiny.yaml"]

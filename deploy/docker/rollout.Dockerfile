@@ -1,0 +1,50 @@
+# syntax=docker/dockerfile:1.7
+# rlrt rollout: the rlrt rollout worker beside an SGLang server, on the official SGLang image.
+# One container runs both (rlrt-with-engine): the server on 127.0.0.1:30000, the worker's
+# API on 0.0.0.0:8301. Our worker lives in its own venv, so SGLang's packages stay as shipped.
+#   docker build -f deploy/docker/rollout.Dockerfile -t rlrt-rollout:0.1.0 .
+# Upgrading SGLang: change SGLANG_IMAGE (docs/deploy.md, "Upgrading SGLang and vLLM").
+ARG SGLANG_IMAGE=lmsysorg/sglang:v0.5.23
+FROM ${SGLANG_IMAGE}
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+RUN groupadd --gid 10001 rlrt \
+    && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin rlrt
+
+# The worker's venv: made without pip (the image's python may lack ensurepip), filled by the
+# image's pip through --python.
+COPY deploy/docker/constraints.txt deploy/docker/requirements-worker.txt /tmp/rlrt/
+RUN python3 -m venv --without-pip /opt/rlrt \
+    && python3 -m pip --python /opt/rlrt/bin/python install \
+        -c /tmp/rlrt/constraints.txt -r /tmp/rlrt/requirements-worker.txt
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY protocol ./protocol
+COPY services ./services
+COPY trainer ./trainer
+COPY rlrt ./rlrt
+RUN python3 -m pip --python /opt/rlrt/bin/python install --no-deps . \
+    && ln -s /opt/rlrt/bin/rlrt /usr/local/bin/rlrt \
+    && rm -rf /src /tmp/rlrt
+COPY --chmod=755 deploy/docker/with_engine.py /usr/local/bin/rlrt-with-engine
+COPY --chmod=755 deploy/docker/healthcheck.py /usr/local/bin/rlrt-healthcheck
+COPY --chmod=755 deploy/docker/sglang-server.sh /usr/local/bin/rlrt-sglang-server
+
+USER 10001:10001
+WORKDIR /home/rlrt
+ENV HOME=/home/rlrt \
+    RLRT_ENGINE_PORT=30000 \
+    RLRT_ENGINE_CMD=rlrt-sglang-server \
+    RLRT_ENGINE_HEALTH=http://127.0.0.1:30000/health \
+    RLRT_HEALTH_URLS="http://127.0.0.1:8301/healthz http://127.0.0.1:30000/health"
+EXPOSE 8301
+# Model loading takes minutes: a long start period.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=900s --retries=3 CMD ["rlrt-healthcheck"]
+ENTRYPOINT ["rlrt-with-engine", "--"]
+CMD ["rlrt", "serve", "rollout", "--config", "/etc/rlrt/run.yaml", "--host", "0.0.0.0", "--port", "8301"]

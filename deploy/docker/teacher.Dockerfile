@@ -1,0 +1,50 @@
+# syntax=docker/dockerfile:1.7
+# rlrt teacher: the rlrt teacher worker beside a vLLM server, on the official vLLM image.
+# One container runs both (rlrt-with-engine): the server on 127.0.0.1:8000, the worker's
+# API on 0.0.0.0:8302. Our worker lives in its own venv, so vLLM's packages stay as shipped.
+#   docker build -f deploy/docker/teacher.Dockerfile -t rlrt-teacher:0.1.0 .
+# Upgrading vLLM: change VLLM_IMAGE (docs/deploy.md, "Upgrading SGLang and vLLM").
+ARG VLLM_IMAGE=vllm/vllm-openai:v0.33.0
+FROM ${VLLM_IMAGE}
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+RUN groupadd --gid 10001 rlrt \
+    && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin rlrt
+
+# The worker's venv: made without pip (the image's python may lack ensurepip), filled by the
+# image's pip through --python.
+COPY deploy/docker/constraints.txt deploy/docker/requirements-worker.txt /tmp/rlrt/
+RUN python3 -m venv --without-pip /opt/rlrt \
+    && python3 -m pip --python /opt/rlrt/bin/python install \
+        -c /tmp/rlrt/constraints.txt -r /tmp/rlrt/requirements-worker.txt
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY protocol ./protocol
+COPY services ./services
+COPY trainer ./trainer
+COPY rlrt ./rlrt
+RUN python3 -m pip --python /opt/rlrt/bin/python install --no-deps . \
+    && ln -s /opt/rlrt/bin/rlrt /usr/local/bin/rlrt \
+    && rm -rf /src /tmp/rlrt
+COPY --chmod=755 deploy/docker/with_engine.py /usr/local/bin/rlrt-with-engine
+COPY --chmod=755 deploy/docker/healthcheck.py /usr/local/bin/rlrt-healthcheck
+COPY --chmod=755 deploy/docker/vllm-server.sh /usr/local/bin/rlrt-vllm-server
+
+USER 10001:10001
+WORKDIR /home/rlrt
+ENV HOME=/home/rlrt \
+    RLRT_ENGINE_PORT=8000 \
+    RLRT_ENGINE_CMD=rlrt-vllm-server \
+    RLRT_ENGINE_HEALTH=http://127.0.0.1:8000/health \
+    RLRT_HEALTH_URLS="http://127.0.0.1:8302/healthz http://127.0.0.1:8000/health"
+EXPOSE 8302
+# Model loading takes minutes: a long start period.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=900s --retries=3 CMD ["rlrt-healthcheck"]
+ENTRYPOINT ["rlrt-with-engine", "--"]
+CMD ["rlrt", "serve", "teacher", "--config", "/etc/rlrt/run.yaml", "--host", "0.0.0.0", "--port", "8302"]

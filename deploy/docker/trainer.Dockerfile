@@ -1,0 +1,57 @@
+# syntax=docker/dockerfile:1.7
+# rlrt trainer: CUDA + DeepSpeed. One container per node; torchrun starts one rank per GPU
+# (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT as DeepSpeed expects). Rank 0 also drives the
+# rollout and teacher services and broadcasts new weights to their engines over NCCL.
+#   docker build -f deploy/docker/trainer.Dockerfile -t rlrt-trainer:0.1.0 .
+# The devel image (nvcc) lets DeepSpeed JIT-build its CUDA ops (fused Adam, ...) on first use.
+# TORCH_INDEX_URL must match the CUDA of CUDA_IMAGE (cu128 wheels for CUDA 12.8).
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
+FROM ${CUDA_IMAGE}
+
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/rlrt/bin:$PATH \
+    DEBIAN_FRONTEND=noninteractive
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# Ubuntu's security updates replace package versions, so exact apt pins would break rebuilds;
+# the CUDA image tag pins the distribution release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev git \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --gid 10001 rlrt \
+    && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin rlrt
+
+# Install order (scripts/setup.sh): torch, then DeepSpeed without build isolation, then rlrt.
+COPY deploy/docker/constraints.txt /tmp/rlrt/
+RUN python3 -m venv /opt/rlrt \
+    && pip install -c /tmp/rlrt/constraints.txt "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" \
+    && pip install -c /tmp/rlrt/constraints.txt setuptools wheel py-cpuinfo ninja packaging psutil pydantic hjson msgpack numpy \
+    && pip install -c /tmp/rlrt/constraints.txt --no-build-isolation deepspeed
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY protocol ./protocol
+COPY services ./services
+COPY trainer ./trainer
+COPY rlrt ./rlrt
+COPY bench ./bench
+RUN pip install -c /tmp/rlrt/constraints.txt . \
+    && rm -rf /tmp/rlrt
+COPY --chmod=755 deploy/docker/healthcheck.py /usr/local/bin/rlrt-healthcheck
+
+USER 10001:10001
+WORKDIR /home/rlrt
+ENV HOME=/home/rlrt \
+    TORCH_EXTENSIONS_DIR=/home/rlrt/.cache/torch_extensions \
+    NCCL_DEBUG=WARN \
+    RLRT_HEALTH_URLS=""
+HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
+    CMD ["/bin/sh", "-c", "[ -z \"$RLRT_HEALTH_URLS\" ] || rlrt-healthcheck"]
+ENTRYPOINT ["torchrun"]
+CMD ["--standalone", "--nproc-per-node=gpu", "-m", "rlrt.cli", "run-trainer", "--config", "/etc/rlrt/run.yaml"]

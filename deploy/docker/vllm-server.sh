@@ -1,0 +1,21 @@
+#!/bin/sh
+# The vLLM server of the teacher service (run by rlrt-with-engine in the rlrt-teacher image).
+# vLLM registers its native weight-transfer API (/init_weight_transfer_engine,
+# /start_weight_update, /update_weights, /finish_weight_update, /pause, /resume) and the
+# /collective_rpc disk fallback only with VLLM_SERVER_DEV_MODE=1, and the NCCL transfer engine
+# only with --weight-transfer-config '{"backend":"nccl"}'. Those dev endpoints have no auth:
+# the server binds loopback and only the rlrt worker in the same container reaches it.
+#   RLRT_MODEL        HF model id or directory (required)
+#   RLRT_ENGINE_PORT  HTTP port (8000; the config's teacher.engine.url must name it)
+#   RLRT_ENGINE_TP    tensor-parallel size = GPUs of this server
+#   RLRT_ENGINE_ARGS  more flags, e.g. "--gpu-memory-utilization 0.85 --max-model-len 32768"
+set -eu
+: "${RLRT_MODEL:?set RLRT_MODEL to a Hugging Face model id or a model directory}"
+export VLLM_SERVER_DEV_MODE=1
+# shellcheck disable=SC2086  # RLRT_ENGINE_ARGS is a list of flags
+exec vllm serve "$RLRT_MODEL" \
+    --host "${RLRT_ENGINE_HOST:-127.0.0.1}" \
+    --port "${RLRT_ENGINE_PORT:-8000}" \
+    --tensor-parallel-size "${RLRT_ENGINE_TP:-1}" \
+    --weight-transfer-config '{"backend":"nccl"}' \
+    ${RLRT_ENGINE_ARGS:-}
