@@ -9,6 +9,8 @@ FROM ${PYTHON_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# torch comes from this extra index: its local version (2.13.0+cpu, +cu128) ranks above PyPI's
+# plain 2.13.0, so pip takes that build; everything else comes from PyPI, pinned by constraints.txt.
 # TOKENIZERS_PARALLELISM below is no secret (hadolint flags any name with "TOKEN" in it)
 # hadolint ignore=DL3064
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -31,7 +33,7 @@ RUN apt-get update \
 # against this torch instead of pulling a CUDA one), then the project.
 COPY deploy/docker/constraints.txt /tmp/rlrt/
 RUN python -m venv /opt/rlrt \
-    && pip install -c /tmp/rlrt/constraints.txt "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" \
+    && pip install -c /tmp/rlrt/constraints.txt "torch==${TORCH_VERSION}" --extra-index-url "${TORCH_INDEX_URL}" \
     && pip install -c /tmp/rlrt/constraints.txt setuptools wheel py-cpuinfo ninja packaging psutil pydantic hjson msgpack numpy \
     && pip install -c /tmp/rlrt/constraints.txt --no-build-isolation deepspeed
 

@@ -1,12 +1,16 @@
 # syntax=docker/dockerfile:1.7
 # rlrt teacher: the rlrt teacher worker beside a vLLM server, on the official vLLM image.
 # One container runs both (rlrt-with-engine): the server on 127.0.0.1:8000, the worker's
-# API on 0.0.0.0:8302. Our worker lives in its own venv, so vLLM's packages stay as shipped.
+# API on 0.0.0.0:8320. Our worker lives in its own venv, so vLLM's packages stay as shipped.
 #   docker build -f deploy/docker/teacher.Dockerfile -t rlrt-teacher:0.1.0 .
 # Upgrading vLLM: change VLLM_IMAGE (docs/deploy.md, "Upgrading SGLang and vLLM").
 ARG VLLM_IMAGE=vllm/vllm-openai:v0.33.0
 FROM ${VLLM_IMAGE}
 
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# torch comes from this extra index: its local version (2.13.0+cpu, +cu128) ranks above PyPI's
+# plain 2.13.0, so pip takes that build; everything else comes from PyPI, pinned by constraints.txt.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -17,9 +21,11 @@ RUN groupadd --gid 10001 rlrt \
     && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin rlrt
 
 # The worker's venv: made without pip (the image's python may lack ensurepip), filled by the
-# image's pip through --python.
+# image's pip through --python. Its torch is the CPU build: the worker never touches a GPU.
 COPY deploy/docker/constraints.txt deploy/docker/requirements-worker.txt /tmp/rlrt/
 RUN python3 -m venv --without-pip /opt/rlrt \
+    && python3 -m pip --python /opt/rlrt/bin/python install \
+        -c /tmp/rlrt/constraints.txt "torch==${TORCH_VERSION}" --extra-index-url "${TORCH_INDEX_URL}" \
     && python3 -m pip --python /opt/rlrt/bin/python install \
         -c /tmp/rlrt/constraints.txt -r /tmp/rlrt/requirements-worker.txt
 
@@ -42,9 +48,9 @@ ENV HOME=/home/rlrt \
     RLRT_ENGINE_PORT=8000 \
     RLRT_ENGINE_CMD=rlrt-vllm-server \
     RLRT_ENGINE_HEALTH=http://127.0.0.1:8000/health \
-    RLRT_HEALTH_URLS="http://127.0.0.1:8302/healthz http://127.0.0.1:8000/health"
-EXPOSE 8302
+    RLRT_HEALTH_URLS="http://127.0.0.1:8320/healthz http://127.0.0.1:8000/health"
+EXPOSE 8320
 # Model loading takes minutes: a long start period.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=900s --retries=3 CMD ["rlrt-healthcheck"]
 ENTRYPOINT ["rlrt-with-engine", "--"]
-CMD ["rlrt", "serve", "teacher", "--config", "/etc/rlrt/run.yaml", "--host", "0.0.0.0", "--port", "8302"]
+CMD ["rlrt", "serve", "teacher", "--config", "/etc/rlrt/run.yaml", "--host", "0.0.0.0", "--port", "8320"]

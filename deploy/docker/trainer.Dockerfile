@@ -10,6 +10,8 @@ FROM ${CUDA_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+# torch comes from this extra index: its local version (2.13.0+cpu, +cu128) ranks above PyPI's
+# plain 2.13.0, so pip takes that build; everything else comes from PyPI, pinned by constraints.txt.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -30,7 +32,7 @@ RUN apt-get update \
 # Install order (scripts/setup.sh): torch, then DeepSpeed without build isolation, then rlrt.
 COPY deploy/docker/constraints.txt /tmp/rlrt/
 RUN python3 -m venv /opt/rlrt \
-    && pip install -c /tmp/rlrt/constraints.txt "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" \
+    && pip install -c /tmp/rlrt/constraints.txt "torch==${TORCH_VERSION}" --extra-index-url "${TORCH_INDEX_URL}" \
     && pip install -c /tmp/rlrt/constraints.txt setuptools wheel py-cpuinfo ninja packaging psutil pydantic hjson msgpack numpy \
     && pip install -c /tmp/rlrt/constraints.txt --no-build-isolation deepspeed
 
