@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,10 @@ async def make_engine(cfg: EngineConfig) -> Engine:
     if cfg.kind == "cpu":
         from services.engines.cpu import CpuEngine  # torch + transformers: import only if used
 
-        return CpuEngine(cfg.model_path, **cfg.cpu)  # type: ignore[arg-type]
+        kw: dict[str, Any] = {"logprobs_mode": cfg.logprobs_mode, "max_model_len": cfg.context_len}
+        kw.update(cfg.cpu)  # explicit CPU knobs win
+        # Loading the model takes a while: keep the event loop (HTTP health) responsive.
+        return await asyncio.to_thread(CpuEngine, cfg.model_path, **kw)  # type: ignore[arg-type]
     vocab, ctx = model_dims(cfg.model_path)
     http = EngineHTTP(cfg.url or "", timeout_s=cfg.request_timeout_s,
                       connect_timeout_s=cfg.connect_timeout_s, api_key=cfg.api_key, name=cfg.kind)

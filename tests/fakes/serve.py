@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import uvicorn
 
@@ -39,3 +41,30 @@ def serve_app(app: object, *, graceful_s: float = 1.0) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=graceful_s + 10)
+
+
+@contextlib.asynccontextmanager
+async def serve_app_here(app: object) -> AsyncIterator[str]:
+    """Serve `app` with uvicorn inside the *current* event loop (for apps whose objects --
+    engines, locks, HTTP clients -- belong to the test's loop). Yields the base URL."""
+    server = _Quiet(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error",
+                                   lifespan="off", timeout_graceful_shutdown=1))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()  # raises the startup error
+            raise RuntimeError("uvicorn exited during startup")
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+def free_port() -> int:
+    """A port free right now (for servers that cannot report an ephemeral one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

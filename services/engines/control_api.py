@@ -1,0 +1,140 @@
+"""The control API both engine services mount (rollout and teacher), bearer token required:
+
+    POST /v1/weights  {version, format: safetensors_dir|nccl, location, sha256, meta}
+    POST /v1/pause    POST /v1/resume    GET /v1/version
+
+Status codes of /v1/weights (the trainer acts on them):
+- 200 `{"version", "previous", "seconds"}`: the new weights serve.
+- 409 refused -- hash mismatch, missing files, stale version, bad nccl metadata, a failed
+  load the engine undid: the old version keeps serving (`version` in the body says which;
+  `consistent: false` means the engine could not undo a partial update and serves nothing
+  until the next successful update).
+- 502 the engine server failed (timeout, 5xx); 503 the engine is not up yet; 422/413 bad body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Literal
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from protocol.messages import WeightUpdate
+from services.common import ControlAuth
+from services.engines.base import (
+    Engine,
+    EngineClosed,
+    EngineError,
+    InvalidRequest,
+    WeightUpdateError,
+)
+
+log = logging.getLogger("rlrt.control")
+
+
+class WeightsRequest(BaseModel):
+    """Body of POST /v1/weights (the wire form of protocol.messages.WeightUpdate)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=0, description="policy version of these weights")
+    format: Literal["safetensors_dir", "nccl"] = "safetensors_dir"
+    location: str = Field(min_length=1, max_length=4096,
+                          description="weight directory, or HOST:PORT of the trainer's NCCL rendezvous")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$",
+                               description="digest of the directory's manifest.json (protocol.weights)")
+    meta: dict[str, Any] = Field(default_factory=dict, description='e.g. {"nccl": {...}} (docs/engines.md)')
+    run_id: str = Field("control", max_length=200)
+
+
+class EngineSlot:
+    """The service's engine, which may still be starting (a remote server not up yet, a model
+    still loading). Control calls answer 503 and workers wait until it is there."""
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self.error: str | None = None
+        self._ready = asyncio.Event()
+
+    def set(self, engine: Engine) -> None:
+        self.engine = engine
+        self.error = None
+        self._ready.set()
+
+    async def wait(self, stop: asyncio.Event) -> Engine | None:
+        """The engine, or None if `stop` is set first."""
+        waiter = asyncio.ensure_future(self._ready.wait())
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        stopper.cancel()
+        return self.engine if self._ready.is_set() else None
+
+
+def _unavailable(slot: EngineSlot) -> JSONResponse:
+    return JSONResponse({"detail": f"engine not ready: {slot.error or 'starting'}"}, 503)
+
+
+def control_router(slot: EngineSlot) -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[ControlAuth], tags=["control"])
+    lock = asyncio.Lock()  # one weight update at a time; later ones queue behind it
+
+    @router.post("/weights")
+    async def weights(req: WeightsRequest) -> JSONResponse:
+        """Load new weights atomically, or keep the old ones and say why."""
+        engine = slot.engine
+        if engine is None:
+            return _unavailable(slot)
+        async with lock:
+            previous = engine.version
+            if req.version < previous:
+                return JSONResponse({"detail": f"stale update: version {req.version} < serving "
+                                     f"{previous}", "version": previous}, 409)
+            update = WeightUpdate(run_id=req.run_id, version=req.version, format=req.format,
+                                  location=req.location, sha256=req.sha256, meta=req.meta)
+            start = time.perf_counter()
+            try:
+                version = await engine.update_weights(update)
+            except EngineClosed as e:
+                return JSONResponse({"detail": str(e)}, 503)
+            except (WeightUpdateError, InvalidRequest) as e:
+                log.warning("weight update to v%d refused: %s", req.version, e)
+                return JSONResponse({"detail": str(e), "version": engine.version,
+                                     "consistent": getattr(engine, "consistent", True)}, 409)
+            except EngineError as e:
+                log.error("weight update to v%d failed upstream: %s", req.version, e)
+                return JSONResponse({"detail": str(e), "version": engine.version,
+                                     "consistent": getattr(engine, "consistent", True)}, 502)
+        seconds = round(time.perf_counter() - start, 3)
+        log.info("weights v%d -> v%d in %.2fs (%s)", previous, version, seconds, req.format)
+        return JSONResponse({"version": version, "previous": previous, "seconds": seconds})
+
+    @router.post("/pause")
+    async def pause() -> JSONResponse:
+        """Stop starting new generate/score work (running work finishes) until /v1/resume."""
+        if slot.engine is None:
+            return _unavailable(slot)
+        await slot.engine.pause()
+        return JSONResponse({"paused": True, "version": slot.engine.version})
+
+    @router.post("/resume")
+    async def resume() -> JSONResponse:
+        if slot.engine is None:
+            return _unavailable(slot)
+        await slot.engine.resume()
+        return JSONResponse({"paused": False, "version": slot.engine.version})
+
+    @router.get("/version")
+    async def version() -> JSONResponse:
+        """The serving version and the engine's state (paused, consistent, NCCL group...)."""
+        if slot.engine is None:
+            return JSONResponse({"version": None, "ready": False, "error": slot.error}, 503)
+        health = await slot.engine.health()
+        return JSONResponse({"version": slot.engine.version, "ready": bool(health.get("ok")),
+                             "paused": bool(health.get("paused")), "engine": health})
+
+    return router
