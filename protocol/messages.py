@@ -103,6 +103,10 @@ class PromptTask(Message):
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     policy_version: int = Field(0, ge=0, description="trainer version when the task was admitted")
     teacher: TeacherRequest = Field(default_factory=TeacherRequest)
+    reply_to: str | None = Field(
+        None, description="stream (under the bus prefix) for the RolloutGroup instead of the "
+        "rollout service's own out_stream: evaluation uses it to bypass verification/training",
+    )
     meta: dict[str, Any] = Field(default_factory=dict)
 
 
