@@ -4,9 +4,12 @@
 # /start_weight_update, /update_weights, /finish_weight_update, /pause, /resume) and the
 # /collective_rpc disk fallback only with VLLM_SERVER_DEV_MODE=1, and the NCCL transfer engine
 # only with --weight-transfer-config '{"backend":"nccl"}'. Those dev endpoints have no auth:
-# the server binds loopback and only the rlrt worker in the same container reaches it.
+# the server binds loopback by default, so only the rlrt worker in the same container reaches
+# it; with NCCL weight pushes the trainer calls it too (RLRT_ENGINE_HOST=0.0.0.0), and then
+# only the trainer may reach its port (docker network / NetworkPolicy, docs/deploy.md).
 #   RLRT_MODEL        HF model id or directory (required)
 #   RLRT_ENGINE_PORT  HTTP port (8000; the config's teacher.engine.url must name it)
+#   RLRT_ENGINE_HOST  bind address (127.0.0.1; 0.0.0.0 for NCCL pushes, see above)
 #   RLRT_ENGINE_TP    tensor-parallel size = GPUs of this server
 #   RLRT_ENGINE_ARGS  more flags, e.g. "--gpu-memory-utilization 0.85 --max-model-len 32768"
 set -eu
