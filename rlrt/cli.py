@@ -93,6 +93,75 @@ def serve_teacher(config: Optional[Path] = ConfigOpt, host: Optional[str] = Host
     run_teacher(cfg, _load("bus", config))
 
 
+@app.command("train")
+def train(config: Path = typer.Option(..., "--config", "-c", help="run config (YAML)"),
+          resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint")) -> None:
+    """Run a whole training run on this machine: embedded Redis, the verifier, rollout and
+    teacher services, and the DeepSpeed trainer as separate processes, with held-out
+    evaluation before and after and a report with plots."""
+    from rlrt.launch import LaunchError, LocalRun
+
+    try:
+        run = LocalRun(config, resume=resume, console=console)
+        run.train()
+    except LaunchError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        console.print("stopped. Continue with: rlrt train --config "
+                      f"{config} --resume")
+        raise typer.Exit(130) from None
+
+
+@app.command("run-trainer", hidden=True)
+def run_trainer_cmd(config: Path = typer.Option(..., "--config", "-c", help="run config (YAML)"),
+                    resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint")) -> None:
+    """Only the trainer process (services must be running; `rlrt train` starts everything)."""
+    from trainer.main import run_trainer
+
+    run_trainer(_load("trainer", config), _load("bus", config), resume=resume)
+
+
+@app.command("bootstrap")
+def bootstrap_cmd(out: Path = typer.Option(Path("runs/models/countdown-tiny"), "--out", help="output model directory"),
+                  seed: int = typer.Option(0, help="seed (the result is deterministic under it)"),
+                  steps: int = typer.Option(600, help="SFT steps")) -> None:
+    """Build a tiny Qwen3-architecture model + tokenizer and SFT it on Countdown (HF layout)."""
+    from trainer.bootstrap.run import bootstrap
+
+    metrics = bootstrap(out, seed=seed, steps=steps, log=lambda m: console.print(f"[dim]{m}[/]"))
+    typer.echo(json.dumps({k: metrics[k] for k in ("params", "heldout_accuracy_greedy",
+                                                   "heldout_accuracy_sampled")}))
+
+
+@app.command("eval")
+def eval_cmd(config: Path = typer.Option(..., "--config", "-c", help="run config (YAML)"),
+             data: str = typer.Option("countdown", help="'countdown' (held-out split) or a JSONL file with prompt/answer"),
+             model: Optional[Path] = typer.Option(None, help="model directory (default: trainer.model_path)"),
+             n: Optional[int] = typer.Option(None, help="evaluate only the first N prompts"),
+             k: int = typer.Option(16, help="samples per prompt (avg@k, pass@k)"),
+             temperature: float = typer.Option(0.7, help="sampling temperature"),
+             top_p: float = typer.Option(0.8, help="top-p"),
+             max_new_tokens: int = typer.Option(1024, help="response cap"),
+             task: str = typer.Option("math", help="verifier task for JSONL rows without a 'task' field"),
+             out: Optional[Path] = typer.Option(None, help="write the result JSON here")) -> None:
+    """avg@k and pass@k of a model through the rollout and verifier services (started here,
+    on the config's ports; paper defaults k=16, temperature 0.7, top-p 0.8)."""
+    from rlrt.launch import LaunchError, LocalRun
+
+    if model is not None:
+        os.environ["RLRT_TRAINER__MODEL_PATH"] = str(model)
+    try:
+        run = LocalRun(config, services=("verifier", "rollout"), console=console)
+        result = run.evaluate_once(data, n=n, k=k, temperature=temperature, top_p=top_p,
+                                   max_new_tokens=max_new_tokens, task=task)
+    except (LaunchError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    text = json.dumps(result, indent=2)
+    if out:
+        out.write_text(text + "\n")
+    typer.echo(text)
+
+
 @app.command("redis")
 def redis_cmd(directory: Path = typer.Option(Path("runs/redis"), help="data + AOF directory"),
               port: int = typer.Option(6379, help="TCP port on 127.0.0.1 (0 = unix socket only)")) -> None:
