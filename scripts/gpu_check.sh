@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Start SGLang and vLLM on a small model, run the GPU tests against them, stop them.
+# Usage: RLRT_GPU_MODEL=/path/to/small-hf-model scripts/gpu_check.sh   (see tests/gpu/README.md)
+set -euo pipefail
+: "${RLRT_GPU_MODEL:?set RLRT_GPU_MODEL to a small HF model directory (e.g. Qwen3-0.6B)}"
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+SGLANG_PYTHON=${SGLANG_PYTHON:-$PY}
+VLLM_PYTHON=${VLLM_PYTHON:-$PY}
+SGLANG_PORT=${SGLANG_PORT:-30000}
+VLLM_PORT=${VLLM_PORT:-8000}
+FRACTION=${GPU_MEM_FRACTION:-0.3}
+LOG_DIR=${LOG_DIR:-/tmp/rlrt-gpu-check}
+mkdir -p "$LOG_DIR"
+
+"$SGLANG_PYTHON" -m sglang.launch_server --model-path "$RLRT_GPU_MODEL" --host 127.0.0.1 \
+    --port "$SGLANG_PORT" --mem-fraction-static "$FRACTION" --context-length 4096 \
+    >"$LOG_DIR/sglang.log" 2>&1 &
+SGLANG_PID=$!
+VLLM_SERVER_DEV_MODE=1 "$VLLM_PYTHON" -m vllm.entrypoints.openai.api_server \
+    --model "$RLRT_GPU_MODEL" --host 127.0.0.1 --port "$VLLM_PORT" \
+    --gpu-memory-utilization "$FRACTION" --max-model-len 4096 \
+    --weight-transfer-config '{"backend":"nccl"}' >"$LOG_DIR/vllm.log" 2>&1 &
+VLLM_PID=$!
+cleanup() { kill "$SGLANG_PID" "$VLLM_PID" 2>/dev/null || true; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+wait_up() {  # url pid name
+    for _ in $(seq 1 600); do
+        if curl -sf "$1/health" >/dev/null 2>&1; then return 0; fi
+        if ! kill -0 "$2" 2>/dev/null; then
+            echo "$3 exited; log tail:"; tail -50 "$LOG_DIR/$3.log"; return 1
+        fi
+        sleep 1
+    done
+    echo "$3 not up after 600 s"; tail -50 "$LOG_DIR/$3.log"; return 1
+}
+wait_up "http://127.0.0.1:$SGLANG_PORT" "$SGLANG_PID" sglang
+wait_up "http://127.0.0.1:$VLLM_PORT" "$VLLM_PID" vllm
+
+RLRT_SGLANG_URL="http://127.0.0.1:$SGLANG_PORT" RLRT_VLLM_URL="http://127.0.0.1:$VLLM_PORT" \
+    "$PY" -m pytest -m gpu tests/gpu -o addopts="" -p no:cacheprovider -v "$@"
