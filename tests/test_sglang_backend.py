@@ -289,3 +289,19 @@ async def test_restarted_service_adopts_engine_version(fake_sglang: Fake, model_
 async def test_unreachable_server_fails_at_start() -> None:
     with pytest.raises(UpstreamError, match="ConnectError"):
         await make_engine(EngineConfig(kind="sglang", url="http://127.0.0.1:9", connect_timeout_s=1))
+
+
+async def test_server_restart_is_detected(fake_sglang: Fake, model_dir, weights_v1) -> None:
+    eng = await engine_for(fake_sglang, model_dir)
+    try:
+        await eng.update_weights(disk_update(weights_v1))
+        # the SGLang server restarts: base weights, weight_version "default"
+        httpx.post(f"{fake_sglang.url}/update_weight_version", json={"new_version": "default"})
+        with pytest.raises(UpstreamError, match="server restarted"):
+            await eng.generate(PROMPT, 1, SamplingParams(max_new_tokens=2))
+        assert not eng.consistent and not (await eng.health())["ok"]
+        await eng.update_weights(disk_update(weights_v1).model_copy(update={"version": 2}))
+        outs = await eng.generate(PROMPT, 1, SamplingParams(max_new_tokens=2))
+        assert outs[0].weight_version == 2 and (await eng.health())["ok"]
+    finally:
+        await eng.close()

@@ -210,3 +210,17 @@ async def test_nccl_update_http_sequence(fake_vllm: Fake, model_dir) -> None:
     finishes = [c["body"] for c in fake_vllm.calls("/finish_weight_update")]
     assert finishes == [{"weight_version": "4"}, {}, {"weight_version": "6"}]
     assert fake_vllm.server.weight_version == "6"
+
+
+async def test_server_restart_is_detected_by_health(fake_vllm: Fake, model_dir, weights_v1) -> None:
+    eng = await engine_for(fake_vllm, model_dir)
+    try:
+        await eng.update_weights(disk_update(weights_v1))
+        assert (await eng.health())["ok"]
+        httpx.post(f"{fake_vllm.url}/update_weight_version", json={"new_version": "0"})
+        health = await eng.health()
+        assert not health["ok"] and "restarted" in health["last_error"]
+        with pytest.raises(UpstreamError, match="inconsistent"):
+            await eng.score(SEQS, OFFSETS)
+    finally:
+        await eng.close()

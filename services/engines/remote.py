@@ -81,8 +81,9 @@ class RemoteEngine(Engine):
         self._closed = False
 
     # ------------------------------------------------------------------ hooks
-    async def _srv_version(self) -> int | None:
-        """The server's current version, if it carries one of ours."""
+    async def _srv_reported(self) -> tuple[bool, int | None]:
+        """(the server reports a weight version, that version if it is one of ours).
+        (True, None) = a version that is not ours, e.g. SGLang's "default" after a restart."""
         raise NotImplementedError
 
     async def _srv_context_len(self) -> int | None:
@@ -111,7 +112,7 @@ class RemoteEngine(Engine):
     async def start(self) -> None:
         """Learn what we can from the server: its version (a restarted service adopts the
         engine's) and its context window. Raises UpstreamError if it does not answer."""
-        v = await self._srv_version()
+        _known, v = await self._srv_reported()
         self._version = v if v is not None else 0
         VERSION.labels(self.kind).set(self._version)
         INCONSISTENT.labels(self.kind).set(0)
@@ -156,9 +157,29 @@ class RemoteEngine(Engine):
         if not self._lock.locked():  # an update in progress reopens the gate when done
             self._gate.set()
 
+    def _stamp(self, reported: int | None) -> int:
+        """Check a version the server reports against ours. A mismatch outside an update
+        means the server lost our weights (restarted: back to its base model) or someone
+        else changed them: quarantine rather than stamp samples with a wrong version."""
+        v = 0 if reported is None else reported
+        if v != self._version and not self._lock.locked():
+            msg = (f"{self.kind} server reports weight version {reported} but this service "
+                   f"loaded {self._version} (server restarted?); push the weights again")
+            if self._consistent:
+                log.error(msg)
+            self._consistent = False
+            self._last_error = msg
+            INCONSISTENT.labels(self.kind).set(1)
+            raise UpstreamError(msg)
+        return v
+
     async def health(self) -> dict[str, Any]:
         try:
             up = await self._srv_healthy()
+            if up and self._consistent and not self._lock.locked():
+                known, reported = await self._srv_reported()
+                if known:
+                    self._stamp(reported)
         except EngineError:
             up = False
         return {

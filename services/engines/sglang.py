@@ -120,10 +120,12 @@ class SGLangEngine(RemoteEngine):
                                 "output_token_logprobs")
         if ftype not in _FINISH:
             raise UpstreamError(f"malformed sglang result {i}: finish_reason {finish!r}")
-        v = parse_version(meta.get("weight_version"))
+        # Every response carries the server's weight_version: check it is ours.
+        v = (self._stamp(parse_version(meta["weight_version"])) if "weight_version" in meta
+             else self._version)
         return GenOutput(token_ids=np.asarray(ids), logprobs=np.asarray(lps),
                          finish_reason=_FINISH[ftype],  # type: ignore[arg-type]
-                         weight_version=self._version if v is None else v,
+                         weight_version=v,
                          text=str(r.get("text") or ""),
                          meta={"prompt_tokens": meta.get("prompt_tokens"),
                                "cached_tokens": meta.get("cached_tokens")})
@@ -156,12 +158,17 @@ class SGLangEngine(RemoteEngine):
         return out
 
     # ------------------------------------------------------------------ weight hooks
-    async def _srv_version(self) -> int | None:
+    async def _srv_reported(self) -> tuple[bool, int | None]:
         data = await self.http.get("/get_weight_version", timeout_s=30)
-        return parse_version(data.get("weight_version") if isinstance(data, dict) else None)
+        return True, parse_version(data.get("weight_version") if isinstance(data, dict) else None)
+
+    async def _srv_version(self) -> int | None:
+        return (await self._srv_reported())[1]
 
     async def _srv_healthy(self) -> bool:
-        await self.http.get("/health", timeout_s=30, expect_json=False)
+        # /get_weight_version, not /health: sglang's /health runs a generation (slow, and a
+        # readiness probe must be cheap); the version is checked against ours by health().
+        await self.http.get("/get_weight_version", timeout_s=10)
         return True
 
     async def _srv_pause(self) -> None:

@@ -163,12 +163,12 @@ class VLLMEngine(RemoteEngine):
         return outs
 
     # ------------------------------------------------------------------ weight hooks
-    async def _srv_version(self) -> int | None:
+    async def _srv_reported(self) -> tuple[bool, int | None]:
         try:
             data = await self.http.get("/weight_info", timeout_s=30)
-        except InvalidRequest:  # dev endpoints off (404): no version to adopt
-            return None
-        return parse_version(data.get("weight_version") if isinstance(data, dict) else None)
+        except InvalidRequest:  # dev endpoints off (404): the server says nothing
+            return False, None
+        return True, parse_version(data.get("weight_version") if isinstance(data, dict) else None)
 
     async def _srv_healthy(self) -> bool:
         await self.http.get("/health", timeout_s=30, expect_json=False)
