@@ -1,0 +1,313 @@
+"""TrainerConfig: every knob of the trainer process. Section `trainer` of the run's YAML,
+environment `RLRT_TRAINER__*` (nested with `__`, e.g. `RLRT_TRAINER__ALGORITHM__LAM=0.3`,
+`RLRT_TRAINER__PUSH__EVERY=2`).
+
+    trainer:
+      model_path: runs/boot/model
+      algorithm: {preset: rlrt, eps_w: 0.5}
+      data: {source: countdown, num_prompts: 20000}
+      prompts_per_step: 16
+      group_size: 8
+      sampling: {max_new_tokens: 64, temperature: 1.0}
+      lr: 1.0e-6
+      push: {services: [{name: rollout, url: "http://127.0.0.1:8101"}]}
+      checkpoint: {every: 10}
+      total_steps: 200
+
+Sub-sections are plain pydantic models; their fields are documented where declared.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from protocol.config import RLRTSettings
+from protocol.messages import SamplingParams
+from trainer.algorithm import AlgorithmConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    """Where the prompts come from and how they become `PromptTask.prompt_ids`."""
+
+    source: Literal["jsonl", "parquet", "countdown"] = Field(
+        "countdown",
+        description="jsonl / parquet: local file(s) read with `datasets` (fields `prompt`, "
+        "`answer`, optional `solution`, optional `id`); countdown: the built-in synthetic task "
+        "(protocol.tasks.countdown), generated deterministically from `seed`",
+    )
+    path: list[str] = Field(
+        default_factory=list,
+        description="jsonl / parquet files (globs allowed, as `datasets` data_files)",
+    )
+    task: str = Field(
+        "math",
+        description="verifier task name stamped into PromptTask.task for file data ('math' or "
+        "a synthetic task name); the countdown source always uses 'countdown'",
+    )
+    prompt_field: str = Field("prompt", description="column holding the question")
+    answer_field: str = Field("answer", description="column holding the reference final answer")
+    solution_field: str = Field(
+        "solution", description="column holding an optional reference solution (teacher context)"
+    )
+    id_field: str = Field(
+        "id", description="column holding a stable prompt id; absent = '<file row index>'"
+    )
+    num_prompts: int = Field(
+        10_000, ge=1, description="countdown: how many distinct training problems to generate"
+    )
+    countdown_knobs: dict[str, int | str] = Field(
+        default_factory=dict,
+        description="countdown difficulty (num_numbers, max_number, min_target, max_target, "
+        "ops); empty = the generator's defaults",
+    )
+    system_prompt: str | None = Field(
+        None, description="optional system message rendered before the user turn"
+    )
+    chat_template_kwargs: dict[str, object] = Field(
+        default_factory=dict,
+        description="extra apply_chat_template arguments (e.g. {'enable_thinking': False}); "
+        "also sent to the teacher so it renders its context the same way",
+    )
+    max_prompt_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="a rendered prompt longer than this is reported and skipped; None = "
+        "max_seq_len - sampling.max_new_tokens",
+    )
+    shuffle: bool = Field(True, description="reshuffle the rows every epoch (seeded)")
+
+
+class ServiceEndpoint(_Section):
+    """One service the trainer pushes weights to (POST {url}/v1/weights)."""
+
+    name: str = Field(description="for logs and metrics, e.g. 'rollout' or 'teacher'")
+    url: str = Field(description="base URL of the service's control API, e.g. http://127.0.0.1:8101")
+    engine: Literal["sglang", "vllm"] | None = Field(
+        None,
+        description="nccl mode only: the kind of inference server behind the service, which "
+        "decides the update protocol (engine-apis.md section 1 or 2)",
+    )
+    engine_url: str | None = Field(
+        None, description="nccl mode only: base URL of that SGLang / vLLM server itself"
+    )
+    engine_world_size: int | None = Field(
+        None,
+        ge=1,
+        description="nccl mode only: GPUs of that server (SGLang tp*dp); None = ask the server "
+        "(vLLM GET /get_world_size) or 1",
+    )
+
+
+class PushConfig(_Section):
+    """How new weights reach the services after an optimizer step."""
+
+    every: int = Field(1, ge=1, description="push after every `every` optimizer steps")
+    mode: Literal["disk", "nccl"] = Field(
+        "disk",
+        description="disk: write an atomic safetensors directory (sha256 manifest) and POST "
+        "its path to each service's /v1/weights (CPU and GPU); nccl: bucketed NCCL broadcast "
+        "into the SGLang / vLLM servers (GPU only, see docs/trainer.md), then POST the version",
+    )
+    services: list[ServiceEndpoint] = Field(
+        default_factory=list, description="services to update; empty = none (offline training)"
+    )
+    control_token: str | None = Field(
+        None, description="bearer token of the services' control API (the run's control_token)"
+    )
+    weights_dir: str | None = Field(
+        None, description="where pushed weight directories go; None = <output_dir>/weights"
+    )
+    keep: int = Field(
+        2, ge=1, description="pushed weight directories kept on disk (a service may still be loading the previous one)"
+    )
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="dtype of pushed weights; auto = the training dtype"
+    )
+    on_start: bool = Field(
+        True,
+        description="push the current weights once before the first step (brings a restarted "
+        "service, or one left at a newer version by a killed run, to the trainer's version)",
+    )
+    timeout_s: float = Field(
+        300.0, gt=0, description="per-request HTTP timeout of one /v1/weights call"
+    )
+    connect_timeout_s: float = Field(5.0, gt=0, description="HTTP connect timeout")
+    retries: int = Field(3, ge=1, description="attempts per service before the push is reported failed")
+    retry_backoff_s: float = Field(1.0, ge=0, description="first retry delay (doubles, capped at 30 s)")
+    deadline_s: float = Field(
+        900.0, gt=0, description="hard bound on one push to all services, retries included"
+    )
+    on_failure: Literal["warn", "raise"] = Field(
+        "warn",
+        description="a service still failing after its retries: warn = report (log + metrics) "
+        "and keep training (its samples turn stale and are dropped); raise = stop the run",
+    )
+    bucket_mb: int = Field(
+        512, ge=1, description="nccl mode: size of one broadcast bucket, in MiB (sized by ds_numel)"
+    )
+    master_address: str = Field(
+        "127.0.0.1", description="nccl mode: address the trainer's rendezvous store listens on"
+    )
+    master_port: int = Field(
+        29600, ge=1, le=65535, description="nccl mode: first port (one per engine: port + index)"
+    )
+    nccl_timeout_s: float = Field(600.0, gt=0, description="nccl mode: group init / broadcast timeout")
+
+
+class CheckpointConfig(_Section):
+    """Resumable checkpoints: model, optimizer, scheduler, RNG, data cursor, in-flight state."""
+
+    dir: str | None = Field(None, description="None = <output_dir>/checkpoints")
+    every: int = Field(
+        50, ge=0, description="checkpoint every `every` steps (0 = only at SIGTERM and at the end)"
+    )
+    keep: int = Field(2, ge=1, description="completed checkpoints kept on disk")
+    on_sigterm: bool = Field(True, description="write a checkpoint when SIGTERM/SIGINT arrives")
+
+
+class MetricsConfig(_Section):
+    tensorboard: bool = Field(True, description="write TensorBoard events to <output_dir>/tb")
+    prometheus_port: int | None = Field(
+        None, ge=0, le=65535, description="serve Prometheus /metrics on this port (0 = any free port); None = off"
+    )
+    progress: bool = Field(True, description="rich progress bar with ETA on stderr")
+    log_every: int = Field(1, ge=1, description="print a one-line summary every n steps")
+
+
+class TrainerConfig(RLRTSettings):
+    """The trainer process: model, data, batch, optimizer, staleness, pushes, checkpoints."""
+
+    section: ClassVar[str] = "trainer"
+    model_config = SettingsConfigDict(env_prefix="RLRT_TRAINER__")
+
+    run_id: str = Field("rlrt", description="run id stamped on every PromptTask (and its ids)")
+    model_path: str = Field(description="local HF causal LM directory (config.json + safetensors)")
+    tokenizer_path: str | None = Field(None, description="None = model_path")
+    algorithm: AlgorithmConfig = Field(
+        default_factory=AlgorithmConfig, description="preset and knobs (trainer/algorithm)"
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+
+    # ---- batch -------------------------------------------------------------------------------
+    prompts_per_step: int = Field(8, ge=1, description="groups (prompts) per optimizer step")
+    group_size: int = Field(8, ge=1, description="G: responses sampled per prompt")
+    sampling: SamplingParams = Field(
+        default_factory=SamplingParams,
+        description="sent with every PromptTask; a set `seed` becomes seed + task index",
+    )
+    max_seq_len: int | None = Field(
+        None, ge=2, description="prompt + response token cap; None = the model's max_position_embeddings"
+    )
+    micro_batch_size: int = Field(
+        4, ge=1, description="sequences per forward/backward (gradient accumulation over them)"
+    )
+    logprob_chunk_size: int = Field(
+        1024, ge=1, description="rows of hidden states per lm_head chunk (bounds the [N,V] logits)"
+    )
+    logprob_temperature: float | None = Field(
+        None,
+        gt=0,
+        description="temperature the trainer's log-probs divide logits by; None = "
+        "sampling.temperature (1.0 when greedy). Must match how the engine reports log-probs",
+    )
+    gradient_checkpointing: bool = Field(False, description="HF activation checkpointing")
+
+    # ---- optimizer ---------------------------------------------------------------------------
+    lr: float = Field(1e-6, gt=0, description="AdamW peak learning rate (paper: 1e-6)")
+    warmup_steps: int = Field(10, ge=0, description="linear warm-up from 0 (paper: 10)")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="after warm-up: constant, or decay to min_lr_ratio * lr by total_steps"
+    )
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="floor of cosine / linear decay")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay (paper: 0.01); not on biases/norms")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW eps")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping by global norm; 0 = off")
+
+    # ---- engine ------------------------------------------------------------------------------
+    zero_stage: Literal[0, 2, 3] = Field(
+        2, description="DeepSpeed ZeRO stage: 0 (replicated), 2 (sharded optimizer + grads), 3 (+ params)"
+    )
+    dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="training dtype; auto = bf16 on GPU, fp32 on CPU"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto = cuda when available (nccl), else cpu (gloo)"
+    )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU: torch intra-op threads; None = torch's default. On a CPU shared with "
+        "the services, 1-2 avoids OpenMP oversubscription (tiny models run 10-50x slower "
+        "oversubscribed)",
+    )
+    deterministic: bool = Field(
+        False, description="torch.use_deterministic_algorithms: bitwise-reproducible CPU runs"
+    )
+
+    # ---- data flow ---------------------------------------------------------------------------
+    max_staleness: int = Field(
+        1,
+        ge=0,
+        description="a group sampled at policy version v is trained at version t only if "
+        "t - v <= max_staleness; tasks are admitted at most this many versions ahead",
+    )
+    zero_variance: Literal["keep", "drop", "backfill"] = Field(
+        "drop",
+        description="groups whose rewards are all equal (advantage 0): keep them in the batch, "
+        "drop them (smaller step), or drop and admit a replacement prompt",
+    )
+    backfill_max: int = Field(
+        8, ge=0, description="backfill: at most this many replacement prompts per step"
+    )
+    wait_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="longest wait for the next ScoredGroup before the run fails with an error "
+        "naming the stream and the tasks in flight (never hang)",
+    )
+    publish_timeout_s: float = Field(60.0, gt=0, description="longest wait to publish one PromptTask")
+
+    # ---- run ---------------------------------------------------------------------------------
+    total_steps: int = Field(100, ge=1, description="optimizer steps of the run")
+    seed: int = Field(0, description="seeds data order, sampling seeds and torch")
+    output_dir: str = Field("runs/default/trainer", description="metrics, weights, checkpoints, final model")
+    export_final: bool = Field(True, description="save_pretrained the final model to <output_dir>/final")
+    push: PushConfig = Field(default_factory=PushConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainerConfig:
+        if self.push.mode == "nccl":
+            for s in self.push.services:
+                if s.engine is None or s.engine_url is None:
+                    raise ValueError(f"push.mode=nccl needs engine and engine_url for service {s.name!r}")
+        return self
+
+    # ---- derived paths -------------------------------------------------------------------------
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir)
+
+    @property
+    def weights_root(self) -> Path:
+        return Path(self.push.weights_dir) if self.push.weights_dir else self.out / "weights"
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.out / "checkpoints"
+
+    @property
+    def temperature(self) -> float:
+        if self.logprob_temperature is not None:
+            return self.logprob_temperature
+        return self.sampling.temperature if self.sampling.temperature > 0 else 1.0

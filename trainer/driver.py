@@ -1,0 +1,202 @@
+"""The driver: decides which prompts go out and which scored groups a step trains on.
+
+Versions. The trainer's policy version is the number of optimizer steps taken; step t trains
+at version t and produces version t+1. A group sampled by weights of version v is usable at
+step t only if 0 <= t - v <= max_staleness (S). Older groups are dropped and counted
+("stale"); a group *newer* than the trainer ("future") can only come from weights of a run
+that was killed and resumed from an earlier checkpoint, and is dropped too.
+
+Admission control. Task k (the k-th admitted prompt) is meant for step k // P (P prompts per
+step); at version t the driver admits tasks up to step t + S, i.e. keeps the number admitted
+at (t + S + 1) * P plus one replacement per dropped group that must be replaced. So never
+more is in flight than can still be used fresh, and with S = 0 the run is synchronous.
+
+Zero-variance groups (all rewards equal, advantage 0): `keep` trains on them, `drop` spends
+the step's slot on them (a smaller step), `backfill` drops them and admits a replacement, at
+most `backfill_max` per step (then it falls back to `drop`).
+
+Ids. Task k's msg_id and group_id derive from (run_id, nonce, k): a resumed run that
+re-admits task k publishes the same msg_id, which the bus drops as a duplicate, so no prompt
+goes out twice. The nonce is new for each fresh run (kept in checkpoints), so a fresh run on
+the same Redis never collides with an old one; groups of other runs are dropped ("foreign").
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from protocol.bus import Bus
+from protocol.messages import PromptTask, SamplingParams, ScoredGroup, TeacherRequest, derive_id
+from trainer.data import PromptSource
+from trainer.inbox import Inbox, InboxTimeout
+
+log = logging.getLogger("rlrt.trainer.driver")
+
+
+class DriverError(RuntimeError):
+    """The data flow is stuck or broken (the message says what was waited for)."""
+
+
+@dataclass
+class DriverState:
+    """Everything the driver needs to continue after a restart (saved in checkpoints)."""
+
+    nonce: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    admitted: int = 0  # tasks published so far = the next task index
+    data_cursor: int = 0  # stream position of the next row (skipped rows advance it too)
+    replacements: int = 0  # extra admissions earned by dropped groups
+    inflight: dict[int, int] = field(default_factory=dict)  # task index -> admission version
+    totals: dict[str, int] = field(default_factory=dict)  # drop / keep counters, whole run
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["inflight"] = {str(k): v for k, v in self.inflight.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DriverState:
+        d = dict(d)
+        d["inflight"] = {int(k): int(v) for k, v in d.get("inflight", {}).items()}
+        return cls(**d)
+
+
+@dataclass
+class Collected:
+    """What one step trains on, and what happened while collecting it."""
+
+    groups: list[ScoredGroup]  # sorted by task index
+    consumed: list[str]  # msg_ids of every group taken off the inbox (used or dropped)
+    counts: Counter[str]  # stale, future, foreign, zero_var_kept/dropped, backfilled
+    wait_s: float
+
+
+def task_index(g: ScoredGroup) -> int:
+    return int(g.task.meta.get("task_index", -1))
+
+
+def zero_variance(g: ScoredGroup) -> bool:
+    rewards = [v.reward for v in g.verifications]
+    return max(rewards) == min(rewards)
+
+
+class Driver:
+    def __init__(self, *, bus: Bus, prompts_stream: str, inbox: Inbox, source: PromptSource,
+                 run_id: str, prompts_per_step: int, group_size: int, max_staleness: int,
+                 zero_variance: str, backfill_max: int, sampling: SamplingParams,
+                 teacher: TeacherRequest, wait_timeout_s: float, publish_timeout_s: float,
+                 state: DriverState | None = None) -> None:
+        self.bus = bus
+        self.stream = prompts_stream
+        self.inbox = inbox
+        self.source = source
+        self.run_id = run_id
+        self.P = prompts_per_step
+        self.G = group_size
+        self.S = max_staleness
+        self.zero_variance = zero_variance
+        self.backfill_max = backfill_max
+        self.sampling = sampling
+        self.teacher = teacher
+        self.wait_timeout_s = wait_timeout_s
+        self.publish_timeout_s = publish_timeout_s
+        self.state = state or DriverState()
+
+    # ------------------------------------------------------------------ admission
+    def allowance(self, version: int) -> int:
+        return (version + self.S + 1) * self.P + self.state.replacements
+
+    def make_task(self, k: int, version: int) -> PromptTask:
+        drawn = self.source.draw(self.state.data_cursor)
+        self.state.data_cursor = drawn.cursor + 1
+        sampling = self.sampling
+        if sampling.seed is not None:  # reproducible, yet different for every task
+            sampling = sampling.model_copy(update={"seed": sampling.seed + k})
+        base = f"{self.run_id}/{self.state.nonce}"
+        return PromptTask(
+            run_id=self.run_id, msg_id=derive_id(base, f"task/{k}"),
+            prompt_id=drawn.row.prompt_id, group_id=derive_id(base, f"group/{k}"),
+            prompt_text=drawn.row.prompt, prompt_ids=drawn.prompt_ids, answer=drawn.row.answer,
+            solution=drawn.row.solution, task=drawn.row.task, group_size=self.G,
+            sampling=sampling, policy_version=version, teacher=self.teacher,
+            meta={"task_index": k, "nonce": self.state.nonce, "row": drawn.index,
+                  "epoch": drawn.epoch},
+        )
+
+    async def top_up(self, version: int) -> int:
+        """Publish tasks until the admission allowance at `version` is reached."""
+        n = 0
+        while self.state.admitted < self.allowance(version):
+            k = self.state.admitted
+            task = self.make_task(k, version)
+            await self.bus.publish(self.stream, task, timeout_s=self.publish_timeout_s)
+            self.state.inflight[k] = version
+            self.state.admitted += 1
+            n += 1
+        return n
+
+    # ------------------------------------------------------------------ consumption
+    def _count(self, counts: Counter[str], key: str) -> None:
+        counts[key] += 1
+        self.state.totals[key] = self.state.totals.get(key, 0) + 1
+
+    async def collect(self, version: int, stop: Any = None) -> Collected | None:
+        """The groups step `version` trains on (None if `stop` was set while waiting).
+        Raises DriverError when no group arrives within wait_timeout_s."""
+        t0 = time.perf_counter()
+        used: list[ScoredGroup] = []
+        consumed: list[str] = []
+        counts: Counter[str] = Counter()
+        slots = self.P
+        backfilled = 0
+        while slots > 0:
+            await self.top_up(version)
+            try:
+                g = await self.inbox.get(self.wait_timeout_s, stop)
+            except InboxTimeout:
+                raise DriverError(
+                    f"waited {self.wait_timeout_s:.0f} s for a ScoredGroup for step {version} "
+                    f"({len(used)}/{self.P} received; {len(self.state.inflight)} tasks in flight "
+                    f"on '{self.stream}'): is every service (rollout, verifier, teacher) running? "
+                    f"Check the dead-letter streams '<stream>:dead'."
+                ) from None
+            if g is None:
+                return None
+            consumed.append(g.msg_id)
+            k = task_index(g)
+            if g.task.meta.get("nonce") != self.state.nonce or k not in self.state.inflight:
+                self._count(counts, "foreign")  # another run's group, or one already used
+                continue
+            del self.state.inflight[k]
+            staleness = version - g.engine_version
+            if staleness < 0 or staleness > self.S:
+                self._count(counts, "future" if staleness < 0 else "stale")
+                self.state.replacements += 1
+                continue
+            if zero_variance(g):
+                if self.zero_variance == "keep":
+                    self._count(counts, "zero_var_kept")
+                    used.append(g)
+                elif self.zero_variance == "backfill" and backfilled < self.backfill_max:
+                    self._count(counts, "backfilled")
+                    backfilled += 1
+                    self.state.replacements += 1
+                    continue
+                else:
+                    self._count(counts, "zero_var_dropped")
+                    if slots == 1 and not used:
+                        # Never an empty step (it would have no update, yet a version):
+                        # the last slot waits for a group with signal, on a replacement.
+                        self.state.replacements += 1
+                        continue
+                slots -= 1
+                continue
+            used.append(g)
+            slots -= 1
+        used.sort(key=task_index)  # arrival order varies; the batch must not
+        return Collected(groups=used, consumed=consumed, counts=counts,
+                         wait_s=time.perf_counter() - t0)

@@ -1,0 +1,139 @@
+"""Per-step metrics to `metrics.jsonl`, TensorBoard and Prometheus, plus a rich progress bar.
+
+`metrics.jsonl` has one JSON object per step (`step` = 0-based index of the optimizer step,
+`version` = the policy version it produced). On resume, lines of steps that will be redone
+are removed first, so the file always describes one consistent history.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from trainer.config import MetricsConfig
+
+log = logging.getLogger("rlrt.trainer.metrics")
+
+_GAUGES: dict[str, Any] = {}  # process-wide: prometheus_client refuses a second registration
+
+
+def _gauge(key: str) -> Any:
+    from prometheus_client import Gauge
+
+    name = "rlrt_trainer_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+    if name not in _GAUGES:
+        _GAUGES[name] = Gauge(name, f"trainer metric {key} (last step)")
+    return _GAUGES[name]
+
+
+def truncate_jsonl(path: Path, before_step: int) -> None:
+    """Keep only the records of steps < before_step (the steps a resumed run will not redo)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", -1) < before_step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+def _scalar(v: Any) -> float | None:
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, (int, float)) and math.isfinite(float(v)):
+        return float(v)
+    return None
+
+
+class MetricsSink:
+    """Rank 0 only. `log(record)` once per step; `close()` at the end."""
+
+    def __init__(self, out_dir: str | Path, cfg: MetricsConfig, *, total_steps: int,
+                 start_step: int) -> None:
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        self.jsonl = self.out / "metrics.jsonl"
+        self.trained = self.out / "trained.jsonl"
+        for p in (self.jsonl, self.trained):
+            truncate_jsonl(p, start_step)
+        self.tb = None
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out / "tb"), purge_step=start_step)
+        self.prometheus_port: int | None = None
+        if cfg.prometheus_port is not None:
+            from prometheus_client import start_http_server
+
+            server, _ = start_http_server(cfg.prometheus_port)
+            self.prometheus_port = int(server.server_port)
+            self._server = server
+        self.progress = None
+        if cfg.progress:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                TextColumn("{task.description}"), console=Console(stderr=True), transient=False,
+            )
+            self.progress.start()
+            self._task = self.progress.add_task("", total=total_steps, completed=start_step)
+
+    def log(self, record: dict[str, Any], *, staleness: list[int] | None = None,
+            trained: dict[str, Any] | None = None) -> None:
+        step = int(record["step"])
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        if trained is not None:
+            with open(self.trained, "a") as f:
+                f.write(json.dumps({"step": step, **trained}) + "\n")
+        for k, v in record.items():
+            x = _scalar(v)
+            if x is None:
+                continue
+            if self.tb is not None:
+                self.tb.add_scalar(k, x, step)
+            if self.prometheus_port is not None:
+                _gauge(k).set(x)
+        if self.tb is not None and staleness:
+            import numpy as np
+
+            self.tb.add_histogram("staleness", np.asarray(staleness), step)
+        if self.progress is not None:
+            desc = (f"reward {record.get('reward_mean', float('nan')):.3f} "
+                    f"loss {record.get('loss', float('nan')):.4f} "
+                    f"{record.get('tokens_per_s', 0):.0f} tok/s")
+            self.progress.update(self._task, completed=step + 1, description=desc)
+        if (step + 1) % self.cfg.log_every == 0:
+            log.info("step %d: reward %.3f acc %.3f loss %.4f len %.1f stale %.2f %.1fs",
+                     step, record.get("reward_mean", float("nan")),
+                     record.get("accuracy", float("nan")), record.get("loss", float("nan")),
+                     record.get("response_len_mean", float("nan")),
+                     record.get("staleness_mean", float("nan")), record.get("time_step_s", 0.0))
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        if self.tb is not None:
+            self.tb.close()
+        if self.prometheus_port is not None:
+            self._server.shutdown()

@@ -1,0 +1,326 @@
+"""The policy: any HF causal LM from a local directory, inside a DeepSpeed engine.
+
+- ZeRO stage 0, 2 or 3; fp32 on CPU (gloo), bf16 on GPU (nccl); one code path for both.
+- The optimizer is a client `torch.optim.AdamW`: DeepSpeed's own Adam kernels JIT-compile
+  (minutes on 2 CPU cores); the torch one needs nothing built. Clipping is DeepSpeed's
+  (`gradient_clipping`), the warm-up schedule a `LambdaLR` stepped by the engine.
+- Gradient accumulation is unmanaged (`managed_gradient_accumulation: false`): the number of
+  micro-batches changes from step to step (zero-variance drops, response lengths), so
+  `backward()` only accumulates and `step()` reduces and updates, whatever the count.
+- ZeRO-3 builds the model inside `deepspeed.zero.Init` and loads the safetensors shard by
+  shard into the partitions (what `HfDeepSpeedConfig` + `from_pretrained` does, minus its
+  `accelerate` dependency), so no rank ever holds the whole model before training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.algorithm import token_logprobs
+from trainer.config import TrainerConfig
+
+log = logging.getLogger("rlrt.trainer.model")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_device(cfg: TrainerConfig) -> str:
+    if cfg.device != "auto":
+        return cfg.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(cfg: TrainerConfig, device: str) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return DTYPES[cfg.dtype]
+
+
+class PolicyModel(nn.Module):
+    """The HF model wrapped so that the engine's forward returns the log-probs (and entropy)
+    of given tokens, computed by the algorithm's memory-safe chunked `token_logprobs`.
+
+    Why a wrapper: that function reads `lm_head.weight` directly (F.linear per chunk). Under
+    ZeRO-3 a parameter is only whole while a module that owns it runs; inside this module's
+    forward, DeepSpeed catches the access as an "external parameter", gathers it for the
+    forward and again for the backward. Called from outside any forward it would see an
+    empty partition. Returning plain tensors (not a dataclass) lets ZeRO-3 hook the outputs.
+    """
+
+    def __init__(self, model: nn.Module, *, chunk_size: int, temperature: float) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        self.temperature = temperature
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                logprob_mask: torch.Tensor, with_entropy: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = token_logprobs(self.model, input_ids, attention_mask, logprob_mask=logprob_mask,
+                             temperature=self.temperature, chunk_size=self.chunk_size,
+                             with_entropy=with_entropy)
+        ent = out.entropy if out.entropy is not None else out.logprobs.new_zeros(0)
+        return out.logprobs, ent
+
+
+def ds_config(cfg: TrainerConfig, world_size: int, dtype: torch.dtype) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage == 3:
+        # The pushed / exported weights are gathered by us per bucket, not by DeepSpeed.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        # Bookkeeping values only: we feed micro-batches ourselves and step when we decide.
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world_size,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": cfg.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {path} (only safetensors checkpoints are loaded)")
+    return files
+
+
+def _load_zero3(path: Path, ds_cfg: dict[str, Any], dtype: torch.dtype, rank: int) -> nn.Module:
+    import deepspeed
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.from_pretrained(path)
+    # No `dtype=` here: deepspeed 0.19.8's zero.Init ignores an explicit dtype on CPU
+    # (operator precedence in Init._set_dtype picks bf16); with only the config it uses fp32,
+    # or bf16 when the config enables bf16 -- which is what we want.
+    # no_init_weights: the random init would be overwritten anyway, and HF's init indexes
+    # rows of (empty) partitions. It also skips the tying done by init_weights: redo it.
+    with deepspeed.zero.Init(config_dict_or_path=ds_cfg), no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.tie_weights()
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    loaded: set[str] = set()
+    for file in _safetensors_files(path):
+        with safe_open(str(file), "pt") as f:
+            keys = list(f.keys())
+            for i in range(0, len(keys), 64):  # a few params per gather: fewer collectives
+                chunk = [k for k in keys[i:i + 64] if k in params]
+                with deepspeed.zero.GatheredParameters([params[k] for k in chunk], modifier_rank=0):
+                    if rank == 0:
+                        for k in chunk:
+                            params[k].data.copy_(f.get_tensor(k))
+                loaded.update(chunk)
+                for k in keys[i:i + 64]:
+                    if k in buffers:
+                        buffers[k].copy_(f.get_tensor(k))
+                        loaded.add(k)
+                    elif k not in params:
+                        log.warning("checkpoint tensor %s matches no parameter; ignored", k)
+    missing = set(params) - loaded
+    if missing:
+        raise ValueError(f"{path}: no weights for {sorted(missing)[:8]} ({len(missing)} params)")
+    return model
+
+
+def load_hf_model(path: str, dtype: torch.dtype, *, zero3_ds_config: dict[str, Any] | None,
+                  rank: int) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if zero3_ds_config is not None:
+        return _load_zero3(Path(path), zero3_ds_config, dtype, rank)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def _shape(p: nn.Parameter) -> tuple[int, ...]:
+    return tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitions report an empty shape
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: biases and norm scales (1-D) are not shrunk toward 0."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if len(_shape(p)) >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(cfg: TrainerConfig) -> Callable[[int], float]:
+    """Multiplier of the peak lr at optimizer step `s` (0-based): linear warm-up that never
+    starts at 0 ((s+1)/warmup), then constant or a decay to min_lr_ratio at total_steps."""
+    warm, total, floor = cfg.warmup_steps, cfg.total_steps, cfg.min_lr_ratio
+
+    def f(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        if cfg.lr_schedule == "constant" or total <= warm:
+            return 1.0
+        frac = min(1.0, (s - warm) / max(1, total - warm))
+        if cfg.lr_schedule == "linear":
+            return floor + (1 - floor) * (1 - frac)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+
+    return f
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+@dataclass
+class Policy:
+    engine: Any  # deepspeed.DeepSpeedEngine wrapping a PolicyModel
+    hf_model: nn.Module  # the HF model inside it (for names, config, export)
+    device: str
+    dtype: torch.dtype
+    zero_stage: int
+    rank: int
+    world_size: int
+
+    @property
+    def zero3(self) -> bool:
+        return self.zero_stage == 3
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                logprob_mask: torch.Tensor, with_entropy: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.device if self.device == "cpu" else self.engine.device
+        return self.engine(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
+                           logprob_mask=logprob_mask.to(dev), with_entropy=with_entropy)
+
+
+def build_policy(cfg: TrainerConfig, *, rank: int, world_size: int, device: str) -> Policy:
+    import deepspeed
+
+    dtype = resolve_dtype(cfg, device)
+    ds = ds_config(cfg, world_size, dtype)
+    hf = load_hf_model(cfg.model_path, dtype, zero3_ds_config=ds if cfg.zero_stage == 3 else None,
+                       rank=rank)
+    if cfg.gradient_checkpointing:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf.config.use_cache = False
+    wrapper = PolicyModel(hf, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature)
+    opt = torch.optim.AdamW(param_groups(hf, cfg.weight_decay), lr=cfg.lr,
+                            betas=cfg.adam_betas, eps=cfg.adam_eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    engine, _, _, _ = deepspeed.initialize(model=wrapper, optimizer=opt, lr_scheduler=sched,
+                                           config=ds, dist_init_required=False)
+    engine.train()
+    if cfg.zero_stage == 0:
+        _record_grad_norm(engine)
+    return Policy(engine=engine, hf_model=hf, device=device, dtype=dtype,
+                  zero_stage=cfg.zero_stage, rank=rank, world_size=world_size)
+
+
+def _record_grad_norm(engine: Any) -> None:
+    """Stage 0 in fp32 clips with `clip_fp32_gradients` and throws the norm away (ZeRO
+    optimizers keep theirs); keep it, so `get_global_grad_norm()` answers on every stage."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip() -> None:
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                    max_norm=engine.gradient_clipping(),
+                                                    mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip
+
+
+# --------------------------------------------------------------------------- full weights
+
+
+def named_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Parameters (tied ones once, as save_pretrained writes them) and persistent buffers."""
+    out: list[tuple[str, torch.Tensor]] = list(model.named_parameters())
+    persistent = set(model.state_dict().keys())
+    out += [(n, b) for n, b in model.named_buffers() if n in persistent]
+    return out
+
+
+def numel_of(t: torch.Tensor) -> int:
+    """Real element count: under ZeRO-3 `numel()` is the local partition (often 0)."""
+    return int(getattr(t, "ds_numel", t.numel()))
+
+
+def iter_gathered(policy: Policy, bucket_bytes: int, dtype: torch.dtype | None = None
+                  ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Full weights, a bucket of about `bucket_bytes` at a time, as CPU-or-device tensors
+    valid until the next bucket. A collective under ZeRO-3: every rank must iterate; only
+    rank 0's tensors are meaningful. Buckets are sized by `ds_numel` (under ZeRO-3 `numel()`
+    is the partition, and sizing by it would gather the whole model in one bucket)."""
+    import deepspeed
+
+    items = named_weights(policy.hf_model)
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+
+    def emit(chunk: list[tuple[str, torch.Tensor]]) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        params = [t for _, t in chunk if hasattr(t, "ds_id")]
+        with deepspeed.zero.GatheredParameters(params, enabled=policy.zero3 and bool(params)):
+            yield [(n, t.detach().to(dtype) if dtype is not None else t.detach()) for n, t in chunk]
+
+    for name, t in items:
+        nbytes = numel_of(t) * (dtype or t.dtype).itemsize
+        if bucket and size + nbytes > bucket_bytes:
+            yield from emit(bucket)
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += nbytes
+    if bucket:
+        yield from emit(bucket)
+
+
+def full_state_dict(policy: Policy, dtype: torch.dtype | None = None,
+                    bucket_bytes: int = 512 * 1024**2) -> dict[str, torch.Tensor] | None:
+    """The whole model as CPU tensors on rank 0 (None elsewhere). Collective under ZeRO-3."""
+    out: dict[str, torch.Tensor] = {}
+    for bucket in iter_gathered(policy, bucket_bytes, dtype):
+        if policy.rank == 0:
+            for name, t in bucket:
+                out[name] = t.to("cpu", copy=True).contiguous()
+    return out if policy.rank == 0 else None
+
+
+def export_pretrained(policy: Policy, out_dir: str | Path, tokenizer: Any | None) -> Path | None:
+    """save_pretrained layout (config.json, generation_config.json, model*.safetensors,
+    tokenizer files): what SGLang and vLLM load. Written beside the target and renamed in."""
+    sd = full_state_dict(policy)
+    if policy.rank != 0:
+        return None
+    out = Path(out_dir)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    policy.hf_model.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

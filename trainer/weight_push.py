@@ -1,0 +1,167 @@
+"""Weight push, disk path (CPU and GPU): write the weights once as an atomic safetensors
+directory with a sha256 manifest (protocol.weights), then tell every service where it is:
+
+    POST {service}/v1/weights   Authorization: Bearer <token>
+    body: WeightUpdate{version, format: "safetensors_dir", location: <dir>, sha256: <digest>}
+
+All services are called concurrently. A call that fails (connection error, timeout, 5xx,
+408/409/429) is retried with exponential backoff up to `retries` times; other 4xx (bad token,
+bad request) are not retried. A service still failing is *reported* -- returned in the
+result, logged, counted in the metrics -- and the trainer goes on (or stops, with
+on_failure=raise); its samples then come back stale and the driver drops them. Every call
+has a timeout and the whole push a deadline: a service can slow the trainer down, never hang it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import torch
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from protocol.messages import WeightUpdate
+from protocol.weights import save_weights_dir
+from trainer.config import PushConfig, ServiceEndpoint
+
+log = logging.getLogger("rlrt.trainer.push")
+
+_RETRY_STATUS = {408, 409, 425, 429}
+
+
+class PushError(RuntimeError):
+    """One service refused or failed an update; `retryable` says whether to try again."""
+
+    def __init__(self, msg: str, retryable: bool) -> None:
+        super().__init__(msg)
+        self.retryable = retryable
+
+
+def _retryable(e: BaseException) -> bool:
+    if isinstance(e, PushError):
+        return e.retryable
+    return isinstance(e, httpx.TransportError)  # connect / read timeouts, refused, reset
+
+
+@dataclass
+class PushResult:
+    version: int
+    location: str | None = None
+    sha256: str | None = None
+    ok: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)
+    write_s: float = 0.0
+    notify_s: float = 0.0
+
+
+def _check_reply(svc: ServiceEndpoint, r: httpx.Response) -> None:
+    if r.status_code >= 300:
+        detail = r.text[:500]
+        retry = r.status_code >= 500 or r.status_code in _RETRY_STATUS
+        raise PushError(f"{svc.name}: HTTP {r.status_code}: {detail}", retry)
+    try:
+        body = r.json()
+    except ValueError:
+        return
+    if isinstance(body, dict) and (body.get("ok") is False or body.get("success") is False):
+        raise PushError(f"{svc.name}: refused: {body}", True)
+
+
+class WeightPusher:
+    """Writes weight directories under `root` and notifies the services."""
+
+    def __init__(self, cfg: PushConfig, root: str | Path, run_id: str,
+                 extra_files: dict[str, bytes | str] | None = None) -> None:
+        self.cfg = cfg
+        self.root = Path(root)
+        self.run_id = run_id
+        self.extra_files = extra_files or {}
+
+    # ------------------------------------------------------------------ disk
+    def dir_for(self, version: int) -> Path:
+        return self.root / f"v{version:08d}"
+
+    def write(self, state_dict: dict[str, torch.Tensor], version: int) -> tuple[Path, str]:
+        path = self.dir_for(version)
+        sha = save_weights_dir(state_dict, path, version=version, extra_files=self.extra_files)
+        self.prune()
+        return path, sha
+
+    def prune(self) -> None:
+        dirs = sorted(p for p in self.root.glob("v*") if p.is_dir())
+        for old in dirs[: -self.cfg.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # ------------------------------------------------------------------ HTTP
+    def _headers(self) -> dict[str, str]:
+        h = {"content-type": "application/json"}
+        if self.cfg.control_token:
+            h["authorization"] = f"Bearer {self.cfg.control_token}"
+        return h
+
+    async def _post_one(self, client: httpx.AsyncClient, svc: ServiceEndpoint,
+                        update: WeightUpdate, attempts: dict[str, int]) -> None:
+        body = update.model_dump_json()
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.cfg.retries),
+            wait=wait_exponential(multiplier=self.cfg.retry_backoff_s, max=30),
+            retry=retry_if_exception(_retryable),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                attempts[svc.name] = attempt.retry_state.attempt_number
+                r = await client.post(f"{svc.url.rstrip('/')}/v1/weights", content=body,
+                                      headers=self._headers())
+                _check_reply(svc, r)
+
+    async def notify(self, update: WeightUpdate, services: list[ServiceEndpoint] | None = None
+                     ) -> PushResult:
+        """POST `update` to every service concurrently; never raises for a service failure."""
+        services = self.cfg.services if services is None else services
+        res = PushResult(version=update.version, location=update.location, sha256=update.sha256)
+        if not services:
+            return res
+        t0 = time.perf_counter()
+        timeout = httpx.Timeout(self.cfg.timeout_s, connect=self.cfg.connect_timeout_s)
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            tasks = {s.name: asyncio.ensure_future(self._post_one(client, s, update, res.attempts))
+                     for s in services}
+            done, pending = await asyncio.wait(tasks.values(), timeout=self.cfg.deadline_s)
+            for f in pending:
+                f.cancel()
+            for name, f in tasks.items():
+                if f in pending:
+                    res.failed[name] = f"no success within the push deadline of {self.cfg.deadline_s:.0f} s"
+                elif f.exception() is not None:
+                    e = f.exception()
+                    res.failed[name] = f"{type(e).__name__}: {e}"
+                else:
+                    res.ok.append(name)
+        res.notify_s = time.perf_counter() - t0
+        for name, why in res.failed.items():
+            log.error("weight push v%d to %s failed after %d attempt(s): %s", update.version,
+                      name, res.attempts.get(name, 0), why)
+        return res
+
+    async def push(self, state_dict: dict[str, torch.Tensor], version: int) -> PushResult:
+        """Write the directory (in a thread: it is disk and hashing work), then notify."""
+        t0 = time.perf_counter()
+        path, sha = await asyncio.to_thread(self.write, state_dict, version)
+        write_s = time.perf_counter() - t0
+        update = WeightUpdate(run_id=self.run_id, version=version, format="safetensors_dir",
+                              location=str(path.resolve()), sha256=sha)
+        res = await self.notify(update)
+        res.write_s = write_s
+        return res
