@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 from collections.abc import Awaitable, Callable
 
 from protocol.bus import Bus
@@ -57,23 +59,27 @@ async def serve_verifier(cfg: VerifierConfig, bus_cfg: BusSettings | None = None
         except Exception:
             return False
 
-    async def shutdown() -> None:
-        if bus is not None:
-            await bus.close()
-        await asyncio.to_thread(pool.close)
-
     app = build_app(cfg, pool, jobs, ready=ready)
     log.info("verifier on http://%s:%d (%d workers, redis %s)", cfg.host, cfg.port, cfg.workers, url or "none")
     try:
         if cfg.http:
-            await serve(app, cfg.host, cfg.port, workers, stop=stop, on_shutdown=shutdown)
-        else:
-            stop = stop or asyncio.Event()
-            await asyncio.gather(*(w(stop) for w in workers))
-            await shutdown()
+            await serve(app, cfg.host, cfg.port, workers, stop=stop)
+        else:  # worker-only replica
+            await serve_workers(workers, stop or asyncio.Event())
     finally:
-        if pool.ready:
-            await asyncio.to_thread(pool.close)
+        # After the HTTP server and the workers have finished their in-flight work.
+        if bus is not None:
+            await bus.close()
+        await asyncio.to_thread(pool.close)
+
+
+async def serve_workers(workers: list[Callable[[asyncio.Event], Awaitable[object]]], stop: asyncio.Event) -> None:
+    """Run the workers without HTTP until `stop` or SIGTERM/SIGINT."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    await asyncio.gather(*(w(stop) for w in workers))
 
 
 def run_verifier(cfg: VerifierConfig, bus_cfg: BusSettings | None = None) -> None:
