@@ -49,9 +49,18 @@ async def consume(bus: Bus, engine: Engine, stop: asyncio.Event, *, in_stream: s
                   out_stream: str, group: str, consumer: str, concurrency: int = 8) -> int:
     """Run until `stop`; returns the number of tasks finished (published or dead-lettered)."""
 
+    prefix = bus.cfg.prefix + ":"
+
     async def handle(task: PromptTask) -> None:
+        # Evaluation traffic names its own reply stream; it must stay inside this run's
+        # namespace so a message cannot make the worker write to arbitrary keys.
+        target = out_stream
+        if task.reply_to:
+            if not task.reply_to.startswith(prefix):
+                raise ValueError(f"reply_to {task.reply_to!r} is outside the bus prefix {prefix!r}")
+            target = task.reply_to
         out = await rollout_group(engine, task)
-        await bus.publish(out_stream, out)
+        await bus.publish(target, out)
         GROUPS.inc()
 
     return await bus.consume(in_stream, group, consumer, handle, PromptTask, stop,
