@@ -2,7 +2,7 @@
 2,000 requests from 32 concurrent clients, and jobs that survive a crash of the service.
 
 Both start real service processes and are marked slow (minutes on a busy 2-core machine); a
-320-request version of the load test runs by default."""
+160-request (32 clients x 5) version of the load test runs by default."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ async def _hammer(url: str, n_requests: int) -> tuple[dict[int, dict], int]:
     return results, throttled
 
 
-@pytest.mark.parametrize("n_requests", [320, pytest.param(2000, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("n_requests", [160, pytest.param(2000, marks=pytest.mark.slow)])
 def test_many_requests_from_32_clients(service: VerifierProcess, n_requests: int) -> None:
     results, throttled = asyncio.run(_hammer(service.url, n_requests))
     assert sorted(results) == list(range(n_requests)), "every request answered exactly once"
