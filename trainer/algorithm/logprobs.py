@@ -18,6 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+# Rows per chunk. 256 rows x V = 151,936 is 156 MB of float32 logits; a chunk's backward holds
+# a few such buffers at once (logits, softmax, their gradient), so the transient stays under
+# ~1 GB whatever T is, while each chunk is still a large matmul for the GPU.
+DEFAULT_CHUNK = 256
+
 
 def _chunk_logprobs(
     hidden: Tensor,
@@ -51,7 +56,7 @@ def logprobs_from_hidden(
     bias: Tensor | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = DEFAULT_CHUNK,
     with_entropy: bool = False,
     use_checkpoint: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
@@ -105,7 +110,7 @@ def token_logprobs(
     logprob_mask: Tensor | None = None,
     position_ids: Tensor | None = None,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int = DEFAULT_CHUNK,
     with_entropy: bool = False,
     use_checkpoint: bool = True,
 ) -> TokenLogProbs:
