@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from fakes.fixtures import *  # noqa: F403 - fixtures: fake_sglang, model_dir, weights_v1
 from fakes.fixtures import Fake
+from fakes.models import CONTEXT_LEN
 from fakes.reference import token_logprobs
 from fakes.services import free_port, running, take
 from transformers import AutoTokenizer
@@ -84,7 +85,7 @@ async def test_prompt_to_rollout_group_and_weight_update(redis_url: str, prefix:
 async def test_poison_tasks_are_dead_lettered_and_service_stays_up(
         redis_url: str, prefix: str, fake_sglang: Fake, model_dir) -> None:  # noqa: ANN001
     cfg, bus_cfg = settings(redis_url, prefix, sglang_engine(fake_sglang, model_dir,
-                                                             request_timeout_s=0.5))
+                                                             request_timeout_s=1.5))
     url = f"http://127.0.0.1:{cfg.port}"
     bus = Bus.from_url(redis_url, bus_cfg)
     prompts = bus_cfg.stream("prompts")
@@ -93,7 +94,7 @@ async def test_poison_tasks_are_dead_lettered_and_service_stays_up(
             good = make_task(model_dir)
             bad = [make_task(model_dir, prompt_ids=np.asarray([], dtype=np.int32), prompt_id="empty"),
                    make_task(model_dir, prompt_ids=np.asarray([5, 99_999]), prompt_id="oov"),
-                   make_task(model_dir, prompt_ids=np.full(200, 5), prompt_id="long")]
+                   make_task(model_dir, prompt_ids=np.full(CONTEXT_LEN + 10, 5), prompt_id="long")]
             for t in bad:
                 await bus.publish(prompts, t)
             # an engine that times out: retried, then dead-lettered too

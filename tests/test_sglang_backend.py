@@ -113,7 +113,7 @@ async def test_server_side_validation_maps_to_invalid_request(fake_sglang: Fake,
                                         ("hang", "no answer within")])
 async def test_upstream_failures_are_upstream_errors(fake_sglang: Fake, model_dir, mode: str,
                                                      match: str) -> None:
-    eng = await engine_for(fake_sglang, model_dir, request_timeout_s=0.5)
+    eng = await engine_for(fake_sglang, model_dir, request_timeout_s=1.0)
     try:
         fake_sglang.config(mode=mode)
         with pytest.raises(UpstreamError, match=match):

@@ -7,6 +7,7 @@ import httpx
 import numpy as np
 from fakes.fixtures import *  # noqa: F403 - fixtures: fake_vllm, model_dir, weights_v1
 from fakes.fixtures import Fake
+from fakes.models import CONTEXT_LEN
 from fakes.reference import token_logprobs
 from fakes.services import free_port, running, take
 from transformers import AutoTokenizer
@@ -118,8 +119,8 @@ async def test_too_long_context_is_left_unscored(redis_url: str, prefix: str, fa
     url = f"http://127.0.0.1:{cfg.port}"
     bus = Bus.from_url(redis_url, bus_cfg)
     # The teacher context is question + reference solution + the response: the long response
-    # overflows the 96-token window, the short one fits. The group must still go through.
-    group = make_group(model_dir, ["5 " * 30, "5", "7"], [True, True, False],
+    # overflows the context window, the short one fits. The group must still go through.
+    group = make_group(model_dir, ["5 " * (CONTEXT_LEN // 2), "5", "7"], [True, True, False],
                        context_mode="reference_solution")
     try:
         async with running(lambda s: serve_teacher(cfg, bus_cfg, s), url):
@@ -128,7 +129,7 @@ async def test_too_long_context_is_left_unscored(redis_url: str, prefix: str, fa
     finally:
         await bus.close()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    fits = [len(teacher_context_for_group(group, i, tok).input_ids) < 96 for i in (0, 1)]
+    fits = [len(teacher_context_for_group(group, i, tok).input_ids) < CONTEXT_LEN for i in (0, 1)]
     assert fits == [False, True]  # the case this test is about
     assert [t is not None for t in sg.teacher] == [False, True, False]
     assert sg.teacher[1].context_mode == "reference_solution"

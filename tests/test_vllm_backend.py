@@ -108,7 +108,7 @@ async def test_bad_sequences(fake_vllm: Fake, model_dir) -> None:
 
 async def test_server_side_errors(fake_vllm: Fake) -> None:
     # a wrong context_len setting: the server's own check answers (400 -> InvalidRequest)
-    eng = await make_engine(EngineConfig(kind="vllm", url=fake_vllm.url, request_timeout_s=0.5,
+    eng = await make_engine(EngineConfig(kind="vllm", url=fake_vllm.url, request_timeout_s=1.0,
                                          context_len=4096))
     try:
         with pytest.raises(InvalidRequest, match="maximum context length"):

@@ -3,15 +3,39 @@ rlrt weight directories (safetensors + sha256 manifest) holding different weight
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from protocol.weights import save_weights_dir
-from trainer.bootstrap.tokenizer import build_tokenizer
 
-CONTEXT_LEN = 96  # small, so "longer than the context window" is cheap to provoke
+CONTEXT_LEN = 256  # small, so "longer than the context window" is cheap to provoke
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]
+# Qwen-style chat template: <|im_start|>{role}\n{content}<|im_end|>\n ... <|im_start|>assistant\n
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level (every printable ASCII character is a token; BPE without merges), so
+    any ASCII text round-trips exactly; the chat markers are special tokens."""
+    vocab: dict[str, int] = {}
+    for t in [*SPECIALS, *string.printable]:
+        vocab.setdefault(t, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|unk|>", ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<|unk|>",
+                                   additional_special_tokens=["<|im_start|>"],
+                                   chat_template=CHAT_TEMPLATE)
 
 
 def tiny_config(tok: PreTrainedTokenizerFast) -> Qwen3Config:
