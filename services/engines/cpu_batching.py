@@ -96,7 +96,6 @@ class DecodeBatch:
         self.store = SlotStore(dtype)
         self.cache = SlotCache(self.store, runner.num_layers)
         self.rows: list[Row] = []
-        self._shapes: list[tuple[int, int]] = []  # (kv_heads, head_dim) per layer
         self._spec: BatchSampling | None = None  # rebuilt when the batch composition changes
         self._seeded: list[tuple[torch.Generator, torch.Tensor]] = []
         self._cols = torch.arange(0)
@@ -210,17 +209,9 @@ class DecodeBatch:
             rows_cap = max(s.rows_cap, min(max(need_rows, 2 * s.rows_cap), max(self.max_rows, need_rows)))
             headroom = max(_MIN_HEADROOM, max_new, s.span // 2)
             cols_cap = max(s.cols_cap, need_ptr + headroom + 1)
-            s.reshape(self._shapes or self._probe_shapes(), rows_cap, cols_cap, need_ptr)
+            s.reshape(self.runner.kv_shapes, rows_cap, cols_cap, need_ptr)
         elif need_ptr > s.ptr:
             s.shift(need_ptr)
-
-    def _probe_shapes(self) -> list[tuple[int, int]]:
-        """(kv_heads, head_dim) per layer, from a one-token forward."""
-        cache = self.runner.new_cache()
-        one = torch.zeros(1, 1, dtype=torch.long)
-        self.runner.forward(one, torch.ones(1, 1, dtype=torch.long), one, cache, 1)
-        self._shapes = [(layer.keys.shape[1], layer.keys.shape[3]) for layer in cache.layers]
-        return self._shapes
 
     def _ensure_write_column(self) -> None:
         """Before a step: make sure column `ptr` exists, moving the live region back to the
@@ -233,7 +224,7 @@ class DecodeBatch:
         if span + headroom < s.cols_cap:
             s.shift(span)
         else:
-            s.reshape(self._shapes, s.rows_cap, span + headroom + 1, span)
+            s.reshape(self.runner.kv_shapes, s.rows_cap, span + headroom + 1, span)
 
     # ------------------------------------------------------------------ decode
     def step(self) -> None:

@@ -57,6 +57,7 @@ class ModelRunner:
         cfg = model.config
         self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
         self.num_layers = int(cfg.num_hidden_layers)
+        self.kv_shapes: list[tuple[int, int]] = []  # (kv_heads, head_dim) per layer, by check_supported
 
     def forward(
         self,
@@ -84,7 +85,8 @@ class ModelRunner:
 
 
 def check_supported(runner: ModelRunner) -> None:
-    """Prefill two tokens and check the cache is per-layer full-attention K/V."""
+    """Prefill two tokens, check the cache is per-layer full-attention K/V, and record each
+    layer's K/V shape in `runner.kv_shapes`."""
     cache = runner.new_cache()
     with torch.inference_mode():
         ids = torch.zeros(1, 2, dtype=torch.long)
@@ -96,6 +98,7 @@ def check_supported(runner: ModelRunner) -> None:
         )
     if len(cache.layers) != runner.num_layers:
         raise EngineError(f"cache has {len(cache.layers)} layers, config says {runner.num_layers}")
+    runner.kv_shapes = [(layer.keys.shape[1], layer.keys.shape[3]) for layer in cache.layers]
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: Any) -> set[int]:
