@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from protocol.messages import TeacherRequest, VerifiedGroup
+from protocol.messages import ScoredGroup, TeacherRequest, VerifiedGroup
 
 Scope = Literal["none", "correct_mixed", "nonzero_adv", "all"]
 ContextMode = Literal["sibling", "reference_solution", "reference_answer"]
@@ -136,6 +136,18 @@ def teacher_needed_for_group(group: VerifiedGroup) -> list[bool]:
         has_answer=bool(group.task.answer),
         fallback_to_solution=req.fallback_to_solution,
     )
+
+
+def missing_teacher_scores(group: ScoredGroup) -> list[int]:
+    """Indices of responses the contract says need a teacher score but arrived without one
+    (the trainer trains them as plain GRPO and counts them; a non-empty list on every group
+    means the teacher service and the trainer disagree)."""
+    needed = teacher_needed_for_group(group)
+    return [
+        i
+        for i, (need, t) in enumerate(zip(needed, group.teacher, strict=True))
+        if need and t is None
+    ]
 
 
 # --------------------------------------------------------------------------- the demonstration

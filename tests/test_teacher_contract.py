@@ -9,11 +9,20 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from protocol.messages import PromptTask, Response, TeacherRequest, Verification, VerifiedGroup
+from protocol.messages import (
+    PromptTask,
+    Response,
+    ScoredGroup,
+    TeacherRequest,
+    TeacherScores,
+    Verification,
+    VerifiedGroup,
+)
 from protocol.teacher import (
     DEFAULT_TEMPLATE,
     Demonstration,
     build_teacher_context,
+    missing_teacher_scores,
     pick_demonstration,
     pick_sibling,
     render_teacher_prompt,
@@ -116,6 +125,15 @@ def test_teacher_needed_for_group_reads_the_request():
     assert teacher_needed_for_group(make_group(["a", "b"], [T, F])) == [F, F]
     rlsd = AlgorithmConfig.from_preset("rlsd").teacher_request()
     assert teacher_needed_for_group(make_group(["a", "b"], [T, F], request=rlsd)) == [T, T]
+
+
+def test_missing_teacher_scores():
+    g = make_group(["a", "b", "c", "d"], [T, F, T, F])
+    score = TeacherScores(logprobs=np.full(4, -1.0), context_mode="sibling", demo_index=2)
+    full = ScoredGroup(**g.model_dump(), teacher=[score, None, score, None])
+    assert missing_teacher_scores(full) == []
+    part = ScoredGroup(**g.model_dump(), teacher=[score, None, None, None])
+    assert missing_teacher_scores(part) == [2]
 
 
 def test_trainer_and_contract_agree_on_what_is_needed():

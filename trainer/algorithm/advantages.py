@@ -164,7 +164,7 @@ def token_advantages(
     has_teacher = has_teacher.bool().to(device)
     if teacher_logprobs is None:
         has_teacher = torch.zeros_like(has_teacher)
-    if cfg.uses_teacher and teacher_logprobs is not None and student_logprobs is None:
+    if teacher_logprobs is not None and student_logprobs is None:
         raise ValueError("teacher log-probs need the student log-probs s_t too")
 
     g = group_advantages(
