@@ -79,7 +79,8 @@ class _Collective:
             from trainer.weight_sync_nccl import nccl_push_all
 
             return nccl_push_all(self.policy, self.cfg.push, version=args[0],
-                                 dtype=_push_dtype(self.cfg, self.policy))
+                                 dtype=_push_dtype(self.cfg, self.policy),
+                                 run_id=self.cfg.run_id)
         if op == "ckpt":
             step, state = args
             return self.ckpt.save(self.policy, step, state)
@@ -179,9 +180,9 @@ class _Lead:
         cfg = self.cfg.push
         if cfg.mode == "nccl":
             res: PushResult = await self._all("nccl", version)
-            return res
-        sd = await self._all("gather")
-        res = await self.pusher.push(sd, version)
+        else:
+            sd = await self._all("gather")
+            res = await self.pusher.push(sd, version)
         if res.failed and cfg.on_failure == "raise":
             raise TrainerError(f"weight push v{version} failed: {res.failed}")
         return res

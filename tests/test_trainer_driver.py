@@ -1,0 +1,224 @@
+"""The driver against real Redis: admission bounded by max_staleness, stale / future /
+foreign groups dropped and replaced, the zero-variance policies, the durable inbox, and a
+clear error (never a hang) when nothing comes back.
+
+The PromptTasks the driver publishes are read back from the real prompts stream; the test
+answers each with a hand-made ScoredGroup (chosen rewards and engine version) handed to the
+inbox exactly as the bus handler would."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from helpers.tiny_policy import tiny_tokenizer
+
+from protocol.bus import Bus
+from protocol.config import BusSettings
+from protocol.messages import (
+    PromptTask,
+    Response,
+    SamplingParams,
+    ScoredGroup,
+    TeacherRequest,
+    Verification,
+    derive_id,
+)
+from trainer.config import DataConfig
+from trainer.data import PromptSource
+from trainer.driver import Driver, DriverError, DriverState
+from trainer.inbox import Inbox
+
+P, G = 3, 2
+
+
+@pytest.fixture(scope="module")
+def source():
+    return PromptSource(DataConfig(source="countdown", num_prompts=40), tiny_tokenizer(),
+                        max_prompt_tokens=200, seed=0)
+
+
+@pytest.fixture
+async def bus(redis_url, prefix):
+    b = Bus.from_url(redis_url, BusSettings(prefix=prefix))
+    yield b
+    await b.close()
+
+
+def make_driver(bus: Bus, source: PromptSource, *, S: int = 0, zero_variance: str = "drop",
+                backfill_max: int = 2, state: DriverState | None = None,
+                wait_timeout_s: float = 30.0) -> Driver:
+    inbox = Inbox(bus.r, f"{bus.cfg.prefix}:trainer:{(state or DriverState()).nonce}")
+    return Driver(bus=bus, prompts_stream=bus.cfg.stream("prompts"), inbox=inbox, source=source,
+                  run_id="t", prompts_per_step=P, group_size=G, max_staleness=S,
+                  zero_variance=zero_variance, backfill_max=backfill_max,
+                  sampling=SamplingParams(max_new_tokens=4, seed=10),
+                  teacher=TeacherRequest(scope="correct_mixed"), wait_timeout_s=wait_timeout_s,
+                  publish_timeout_s=5, state=state or DriverState())
+
+
+async def published(bus: Bus, n: int) -> list[PromptTask]:
+    """Take the next `n` PromptTasks off the prompts stream (as a rollout worker would)."""
+    got: list[PromptTask] = []
+
+    async def h(t: PromptTask) -> None:
+        got.append(t)
+
+    await asyncio.wait_for(bus.consume(bus.cfg.stream("prompts"), "rollout", "w", h, PromptTask,
+                                       asyncio.Event(), max_messages=n), timeout=10)
+    return got
+
+
+def answer(task: PromptTask, rewards: list[float], engine_version: int) -> ScoredGroup:
+    resp = [Response(token_ids=np.array([5, 6], np.int32),
+                     logprobs=np.array([-1.0, -1.0], np.float32), finish_reason="stop")
+            for _ in rewards]
+    return ScoredGroup(run_id=task.run_id, msg_id=derive_id(task.msg_id, "scored"), task=task,
+                       responses=resp, engine_version=engine_version,
+                       verifications=[Verification(reward=r, correct=r == 1) for r in rewards],
+                       teacher=[None] * len(rewards), teacher_version=engine_version)
+
+
+async def test_admission_is_bounded_by_staleness_and_tasks_are_complete(bus, source):
+    d = make_driver(bus, source, S=0)
+    assert await d.top_up(0) == P
+    assert await d.top_up(0) == 0  # nothing more until the version moves
+    assert await bus.backlog(bus.cfg.stream("prompts")) == P
+    tasks = await published(bus, P)
+    assert [t.meta["task_index"] for t in tasks] == [0, 1, 2]
+    t = tasks[1]
+    assert t.group_size == G and t.policy_version == 0 and t.task == "countdown"
+    assert t.sampling.seed == 11  # seed + task index: reproducible yet distinct
+    assert t.teacher.scope == "correct_mixed"
+    assert t.answer.startswith("numbers=") and t.solution and len(t.prompt_ids) > 0
+    assert t.msg_id == derive_id(f"t/{d.state.nonce}", "task/1")
+    assert await d.top_up(1) == P  # version 1 admits the next step's prompts
+
+    d2 = make_driver(bus, source, S=2)
+    assert await d2.top_up(0) == 3 * P  # versions 0, 1, 2 may all be trained fresh
+
+
+async def test_stale_and_future_groups_are_dropped_and_replaced(bus, source):
+    d = make_driver(bus, source, S=1)
+    await d.top_up(0)  # versions 0 and 1 may train fresh: 2P tasks
+    tasks = await published(bus, 2 * P)
+    # collected at version 2: staleness 0, 2 (stale), -1 (future), 1 (ok with S=1), 0, 0
+    for t, v in zip(tasks, [2, 0, 3, 1, 2, 2], strict=True):
+        await d.inbox.receive(answer(t, [1.0, 0.0], v))
+    coll = await d.collect(2)
+    assert [g.task.meta["task_index"] for g in coll.groups] == [0, 3, 4]
+    assert dict(coll.counts) == {"stale": 1, "future": 1}
+    assert d.state.totals == {"stale": 1, "future": 1}
+    assert d.state.replacements == 2
+    # version 2 admits up to step 3 (2P more) plus one replacement per dropped group
+    assert d.state.admitted == 4 * P + 2
+    assert await bus.backlog(bus.cfg.stream("prompts")) == 2 * P + 2
+    assert d.inbox.pending() == 1  # group 5 waits for the next step
+
+
+async def test_foreign_groups_are_ignored(bus, source):
+    d = make_driver(bus, source, S=0)
+    await d.top_up(0)
+    tasks = await published(bus, P)
+    foreign = tasks[0].model_copy(update={"meta": {**tasks[0].meta, "nonce": "old-run"},
+                                          "msg_id": "old"})
+    await d.inbox.receive(answer(foreign, [1.0, 0.0], 0))
+    for t in tasks:
+        await d.inbox.receive(answer(t, [1.0, 0.0], 0))
+    coll = await d.collect(0)
+    assert [g.task.meta["task_index"] for g in coll.groups] == [0, 1, 2]
+    assert coll.counts == {"foreign": 1}
+    assert len(coll.consumed) == P + 1 and not d.state.inflight
+
+
+@pytest.mark.parametrize("mode,expect_used,expect_counts,expect_replacements", [
+    ("keep", 3, {"zero_var_kept": 2}, 0),
+    ("drop", 1, {"zero_var_dropped": 2}, 0),
+    ("backfill", 3, {"backfilled": 2}, 2),
+])
+async def test_zero_variance_policies(bus, source, mode, expect_used, expect_counts,
+                                      expect_replacements):
+    d = make_driver(bus, source, zero_variance=mode, backfill_max=2)
+    await d.top_up(0)
+    tasks = await published(bus, P)
+    for t, rewards in zip(tasks, [[1.0, 1.0], [0.0, 1.0], [0.0, 0.0]], strict=True):
+        await d.inbox.receive(answer(t, rewards, 0))
+
+    async def feed_replacements() -> None:  # published by collect() itself, as it drops
+        for t in await published(bus, expect_replacements):
+            await d.inbox.receive(answer(t, [1.0, 0.0], 0))
+
+    feeder = asyncio.create_task(feed_replacements())
+    coll = await d.collect(0)
+    await feeder
+    assert len(coll.groups) == expect_used
+    assert dict(coll.counts) == expect_counts
+    assert d.state.replacements == expect_replacements
+
+
+async def test_backfill_cap_then_drop_and_never_an_empty_step(bus, source):
+    d = make_driver(bus, source, zero_variance="backfill", backfill_max=1)
+    await d.top_up(0)
+    for t in await published(bus, P):
+        await d.inbox.receive(answer(t, [0.0, 0.0], 0))  # all three without signal
+    # one backfill (cap 1), then drops; the last slot waits for a group with signal
+    answered = 0
+
+    async def feed() -> None:
+        nonlocal answered
+        for _ in range(2):  # each replacement is published only once the last is answered
+            (t,) = await published(bus, 1)
+            answered += 1
+            rewards = [0.0, 0.0] if t.meta["task_index"] == 3 else [1.0, 0.0]
+            await d.inbox.receive(answer(t, rewards, 0))
+
+    feeder = asyncio.create_task(feed())
+    coll = await d.collect(0)
+    await feeder
+    assert [g.task.meta["task_index"] for g in coll.groups] == [4]
+    assert dict(coll.counts) == {"backfilled": 1, "zero_var_dropped": 3}
+    assert answered == 2
+
+
+async def test_inbox_is_durable_ordered_and_idempotent(bus, source):
+    d = make_driver(bus, source)
+    await d.top_up(0)
+    tasks = await published(bus, P)
+    groups = [answer(t, [1.0, 0.0], 0) for t in tasks]
+    for g in reversed(groups):
+        await d.inbox.receive(g)
+    await d.inbox.receive(groups[0])  # redelivered after a crash: not queued twice
+    assert d.inbox.pending() == P
+    # a new process restores the same groups in arrival order
+    again = Inbox(bus.r, d.inbox.hkey.removesuffix(":groups"))
+    assert await again.restore() == P
+    assert [again.queue.get_nowait().msg_id for _ in range(P)] == [g.msg_id for g in reversed(groups)]
+    await d.inbox.commit([groups[0].msg_id])
+    third = Inbox(bus.r, d.inbox.hkey.removesuffix(":groups"))
+    assert await third.restore() == P - 1
+    await third.receive(groups[0])  # a committed group never comes back
+    assert third.pending() == P - 1
+
+
+async def test_resumed_driver_republishes_nothing(bus, source):
+    d = make_driver(bus, source)
+    saved = DriverState.from_dict(d.state.to_dict())
+    await d.top_up(0)
+    await d.top_up(1)
+    assert await bus.backlog(bus.cfg.stream("prompts")) == 2 * P
+    again = make_driver(bus, source, state=saved)  # restarted from the checkpointed state
+    await again.top_up(0)
+    await again.top_up(1)
+    assert again.state.admitted == 2 * P
+    assert again.state.data_cursor == d.state.data_cursor
+    assert await bus.backlog(bus.cfg.stream("prompts")) == 2 * P  # duplicates dropped
+
+
+async def test_waiting_fails_with_a_clear_error_and_stop_interrupts(bus, source):
+    d = make_driver(bus, source, wait_timeout_s=0.3)
+    with pytest.raises(DriverError, match=r"ScoredGroup for step 0 .*3 tasks in flight"):
+        await d.collect(0)
+    stop = asyncio.Event()
+    stop.set()
+    assert await make_driver(bus, source).collect(0, stop) is None
