@@ -27,7 +27,8 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends g++=4:12.2.0-3 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 rlrt \
-    && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin rlrt
+    && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin rlrt \
+    && install -d -o 10001 -g 10001 /home/rlrt/runs
 
 # Install order (scripts/setup.sh): torch, then DeepSpeed without build isolation (so it builds
 # against this torch instead of pulling a CUDA one), then the project.

@@ -17,8 +17,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# /shared: a fresh named volume mounted there takes this owner, so user 10001 can write it.
 RUN groupadd --gid 10001 rlrt \
-    && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin rlrt
+    && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin rlrt \
+    && mkdir -p /shared && chown 10001:10001 /shared
 
 # The worker's venv: made without pip (the image's python may lack ensurepip), filled by the
 # image's pip through --python. Its torch is the CPU build: the worker never touches a GPU.

@@ -27,7 +27,8 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-dev git \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 rlrt \
-    && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin rlrt
+    && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin rlrt \
+    && mkdir -p /shared && chown 10001:10001 /shared
 
 # Install order (scripts/setup.sh): torch, then DeepSpeed without build isolation, then rlrt.
 COPY deploy/docker/constraints.txt /tmp/rlrt/
