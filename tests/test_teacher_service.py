@@ -7,6 +7,7 @@ import httpx
 import numpy as np
 from fakes.fixtures import *  # noqa: F403 - fixtures: fake_vllm, model_dir, weights_v1
 from fakes.fixtures import Fake
+from fakes.groups import make_group
 from fakes.models import CONTEXT_LEN
 from fakes.reference import token_logprobs
 from fakes.services import free_port, running, take
@@ -15,11 +16,7 @@ from transformers import AutoTokenizer
 from protocol.bus import Bus
 from protocol.config import BusSettings
 from protocol.messages import (
-    PromptTask,
-    Response,
     ScoredGroup,
-    TeacherRequest,
-    Verification,
     VerifiedGroup,
     derive_id,
 )
@@ -29,25 +26,6 @@ from services.teacher.config import TeacherConfig
 from services.teacher.main import serve_teacher
 
 TOKEN = "tok"
-QUESTION = "What is 2+3?"
-
-
-def make_group(model_dir, texts: list[str], correct: list[bool], scope: str = "correct_mixed",  # noqa: ANN001
-               group_id: str = "g1", **teacher: str) -> VerifiedGroup:
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    prompt = tok.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=True,
-                                     add_generation_prompt=True, return_dict=False)
-    task = PromptTask(run_id="r", prompt_id="p", group_id=group_id, prompt_text=QUESTION,
-                      prompt_ids=np.asarray(prompt), answer="5", solution="2+3=5",
-                      group_size=len(texts),
-                      teacher=TeacherRequest(scope=scope, **teacher))  # type: ignore[arg-type]
-    responses = []
-    for t in texts:
-        ids = tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        responses.append(Response(token_ids=np.asarray(ids), logprobs=np.zeros(len(ids)),
-                                  finish_reason="stop", text=t))
-    return VerifiedGroup(run_id="r", task=task, responses=responses, engine_version=0,
-                         verifications=[Verification(reward=float(c), correct=c) for c in correct])
 
 
 def settings(redis_url: str, prefix: str, engine: EngineConfig) -> tuple[TeacherConfig, BusSettings]:
