@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from fastapi import APIRouter, FastAPI, HTTPException, Path, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
-from services.common import ControlAuth, create_app
+from services.common import create_app, require_token
 from services.common.app import Ready
 from services.verifier import metrics
 from services.verifier.config import VerifierConfig
@@ -68,6 +68,13 @@ def to_items(cfg: VerifierConfig, reqs: Sequence[VerifyRequest], loc: tuple = ()
     return items
 
 
+async def _auth(request: Request) -> None:
+    # The shared `require_token` is a plain function, which FastAPI would run in its thread
+    # pool on every request (a thread hop and GIL hand-off per call); calling it from an async
+    # dependency keeps the check on the event loop.
+    require_token(request)
+
+
 def _result(v: Verdict) -> VerifyResult:
     return VerifyResult.model_validate(v.model_dump())
 
@@ -78,7 +85,7 @@ def build_app(cfg: VerifierConfig, pool: VerifyPool, jobs: JobStore | None = Non
     app = create_app("verifier", token=cfg.token, max_body_bytes=cfg.max_request_bytes,
                      ready=ready or (lambda: pool.ready))
     metrics.track(pool)
-    v1 = APIRouter(prefix="/v1", dependencies=[ControlAuth], tags=["verify"])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth)], tags=["verify"])
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -103,12 +103,14 @@ class _Queue:
             if limit is not None and len(self._dq) + len(jobs) > limit:
                 raise QueueFull(len(self._dq), limit, retry_after_s=1.0)
             self._dq.extend(jobs)
-            self._cv.notify_all()
+            # Wake only as many slot threads as there is work for: each woken thread competes
+            # for the GIL with the event loop.
+            self._cv.notify(len(jobs))
 
     def put_front(self, jobs: Sequence[_Job]) -> None:
         with self._cv:
             self._dq.extendleft(reversed(jobs))
-            self._cv.notify_all()
+            self._cv.notify(len(jobs))
 
     def take(self, workers: int, batch_max: int) -> list[_Job] | None:
         """Block for work; return a fair share of the queue (≤ batch_max), None once closed."""
