@@ -241,7 +241,7 @@ async def test_failed_bucket_rolls_back_to_last_dir(fake_sglang: Fake, model_dir
 
 async def test_failed_bucket_without_rollback_quarantines(fake_sglang: Fake, model_dir,
                                                           weights_v2) -> None:
-    eng = await engine_for(fake_sglang, model_dir)
+    eng = await engine_for(fake_sglang, model_dir, quarantine_wait_s=0.2)
     try:
         fake_sglang.config(fail_bucket_at=0)
         with pytest.raises(WeightUpdateError, match="refuses requests"):
@@ -303,5 +303,21 @@ async def test_server_restart_is_detected(fake_sglang: Fake, model_dir, weights_
         await eng.update_weights(disk_update(weights_v1).model_copy(update={"version": 2}))
         outs = await eng.generate(PROMPT, 1, SamplingParams(max_new_tokens=2))
         assert outs[0].weight_version == 2 and (await eng.health())["ok"]
+    finally:
+        await eng.close()
+
+
+async def test_requests_wait_out_a_quarantine(fake_sglang: Fake, model_dir, weights_v1) -> None:
+    eng = await engine_for(fake_sglang, model_dir)  # default quarantine_wait_s: minutes
+    try:
+        fake_sglang.config(fail_bucket_at=0)
+        with pytest.raises(WeightUpdateError):
+            await eng.update_weights(nccl_update(1, model_dir))
+        task = asyncio.create_task(eng.generate(PROMPT, 2, SamplingParams(max_new_tokens=3)))
+        for _ in range(5):
+            await asyncio.sleep(0)  # parked on the quarantine (no I/O before it)
+        assert not task.done() and not fake_sglang.calls("/generate")
+        await eng.update_weights(disk_update(weights_v1))
+        assert {o.weight_version for o in await task} == {1}
     finally:
         await eng.close()

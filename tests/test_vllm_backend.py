@@ -167,7 +167,7 @@ async def test_partial_reload_rolls_back(fake_vllm: Fake, model_dir, weights_v1,
 
 async def test_partial_reload_without_rollback_quarantines(fake_vllm: Fake, model_dir,
                                                            weights_v1) -> None:
-    eng = await engine_for(fake_vllm, model_dir)
+    eng = await engine_for(fake_vllm, model_dir, quarantine_wait_s=0.2)
     try:
         fake_vllm.config(fail_weight_load=True)
         with pytest.raises(WeightUpdateError, match="refuses requests"):
@@ -213,7 +213,7 @@ async def test_nccl_update_http_sequence(fake_vllm: Fake, model_dir) -> None:
 
 
 async def test_server_restart_is_detected_by_health(fake_vllm: Fake, model_dir, weights_v1) -> None:
-    eng = await engine_for(fake_vllm, model_dir)
+    eng = await engine_for(fake_vllm, model_dir, quarantine_wait_s=0.2)
     try:
         await eng.update_weights(disk_update(weights_v1))
         assert (await eng.health())["ok"]

@@ -32,6 +32,9 @@ class EngineConfig(BaseModel):
     verify_weights: bool = Field(
         True, description="check a weight directory's manifest and sha256 before loading it; "
         "turn off only when the directory is not visible from this service (the server loads it)")
+    quarantine_wait_s: float = Field(
+        300.0, gt=0, description="after a failed update left the server's weights unusable, "
+        "requests wait this long for a successful update before failing (then the bus retries)")
     abort_retries: int = Field(
         3, ge=0, description="SGLang: regenerate a group aborted by a weight update's pause this often")
     flush_retries: int = Field(60, ge=1, description="SGLang: flush_cache attempts while it is busy")

@@ -45,7 +45,8 @@ async def make_engine(cfg: EngineConfig) -> Engine:
     common: dict[str, Any] = dict(
         vocab_size=cfg.vocab_size or vocab, context_len=cfg.context_len or ctx,
         verify_weights=cfg.verify_weights, weight_timeout_s=cfg.weight_update_timeout_s,
-        abort_retries=cfg.abort_retries, engine_world_size=cfg.engine_world_size)
+        abort_retries=cfg.abort_retries, engine_world_size=cfg.engine_world_size,
+        quarantine_wait_s=cfg.quarantine_wait_s)
     engine: Engine
     if cfg.kind == "sglang":
         from services.engines.sglang import SGLangEngine

@@ -9,8 +9,9 @@ The transaction (one at a time):
    weights, e.g. SGLang's disk-load rollback): keep the old version, report the error.
    Anything else (timeout, 5xx, NCCL bucket failure, vLLM reload error) may have left the
    server's weights half-written: reload the last known-good weight directory if we have one;
-   otherwise mark the engine *inconsistent*, which makes every generate/score call fail and
-   /readyz report not-ready until a later update succeeds. Never serve mixed weights.
+   otherwise mark the engine *inconsistent* (quarantine): generate/score calls wait for a
+   later successful update (up to `quarantine_wait_s`, then fail) and /readyz reports
+   not-ready meanwhile. Never serve mixed weights.
 4. Always resume the server and reopen the gate (unless the operator paused us).
 """
 
@@ -59,7 +60,7 @@ class RemoteEngine(Engine):
     def __init__(self, http: EngineHTTP, *, vocab_size: int | None = None,
                  context_len: int | None = None, verify_weights: bool = True,
                  weight_timeout_s: float = 600.0, abort_retries: int = 3,
-                 engine_world_size: int = 1) -> None:
+                 engine_world_size: int = 1, quarantine_wait_s: float = 300.0) -> None:
         self.http = http
         self.vocab_size = vocab_size
         self.context_len = context_len
@@ -67,10 +68,12 @@ class RemoteEngine(Engine):
         self.weight_timeout_s = weight_timeout_s
         self.abort_retries = abort_retries
         self.engine_world_size = engine_world_size
+        self.quarantine_wait_s = quarantine_wait_s
         self._version = 0
         self._sha: str | None = None
         self._last_dir: str | None = None  # weights we can reload to undo a failed update
-        self._consistent = True
+        self._usable = asyncio.Event()  # set = consistent: the weights are one known version
+        self._usable.set()
         self._last_error: str | None = None
         self._group: GroupKey | None = None
         self._gate = asyncio.Event()
@@ -131,17 +134,36 @@ class RemoteEngine(Engine):
 
     @property
     def consistent(self) -> bool:
-        return self._consistent
+        return self._usable.is_set()
+
+    @property
+    def _consistent(self) -> bool:
+        return self._usable.is_set()
+
+    def _quarantine(self, msg: str) -> None:
+        if self._usable.is_set():
+            log.error("%s engine quarantined: %s", self.kind, msg)
+        self._usable.clear()
+        self._last_error = msg
+        INCONSISTENT.labels(self.kind).set(1)
 
     @contextlib.asynccontextmanager
     async def _request_slot(self) -> AsyncIterator[None]:
-        """Wait for the gate, refuse while the weights are unusable, count in-flight."""
-        await self._gate.wait()
-        if self._closed:
-            raise EngineClosed(f"{self.kind} engine is closed")
-        if not self._consistent:
-            raise UpstreamError(f"{self.kind} engine weights are inconsistent after a failed "
-                                f"update ({self._last_error}); waiting for a successful update")
+        """Wait for the gate; while the weights are unusable (quarantine) wait up to
+        `quarantine_wait_s` for the update that fixes them -- the message stays with this
+        worker instead of burning its bus retries -- then fail. Counts in-flight requests."""
+        while True:
+            await self._gate.wait()
+            if self._closed:
+                raise EngineClosed(f"{self.kind} engine is closed")
+            if self._usable.is_set():
+                break
+            try:
+                await asyncio.wait_for(self._usable.wait(), self.quarantine_wait_s)
+            except asyncio.TimeoutError:
+                raise UpstreamError(
+                    f"{self.kind} engine weights are inconsistent ({self._last_error}); no "
+                    f"successful update within {self.quarantine_wait_s:g}s") from None
         self._inflight += 1
         try:
             yield
@@ -165,11 +187,7 @@ class RemoteEngine(Engine):
         if v != self._version and not self._lock.locked():
             msg = (f"{self.kind} server reports weight version {reported} but this service "
                    f"loaded {self._version} (server restarted?); push the weights again")
-            if self._consistent:
-                log.error(msg)
-            self._consistent = False
-            self._last_error = msg
-            INCONSISTENT.labels(self.kind).set(1)
+            self._quarantine(msg)
             raise UpstreamError(msg)
         return v
 
@@ -246,8 +264,8 @@ class RemoteEngine(Engine):
         self._version = update.version
         self._sha = update.sha256
         self._last_dir = update.location if spec is None else None
-        self._consistent = True
         self._last_error = None
+        self._usable.set()
         VERSION.labels(self.kind).set(self._version)
         INCONSISTENT.labels(self.kind).set(0)
 
@@ -266,9 +284,6 @@ class RemoteEngine(Engine):
                                         f"from {self._last_dir}") from None
         else:
             msg += "; no known-good weight directory to roll back to"
-        self._consistent = False
-        self._last_error = msg
-        INCONSISTENT.labels(self.kind).set(1)
-        log.error("%s engine quarantined: %s", self.kind, msg)
+        self._quarantine(msg)
         raise WeightUpdateError(f"{msg}; the engine refuses requests until a successful "
                                 "update") from None
