@@ -11,6 +11,7 @@ from fakes.fixtures import *  # noqa: F403 - fixtures: fake_sglang, model_dir, w
 from fakes.fixtures import Fake
 from fakes.serve import serve_app_here
 
+from protocol.messages import WeightUpdate
 from services.engines.config import EngineConfig
 from services.engines.control_api import EngineSlot
 from services.engines.factory import make_engine
@@ -84,9 +85,11 @@ async def test_update_pause_resume_version(service, fake_sglang: Fake, weights_v
         assert (await c.post("/v1/pause")).json()["paused"] is True
         assert (await c.get("/v1/version")).json()["paused"] is True
         assert (await c.post("/v1/resume")).json()["paused"] is False
-        # the same update again is answered without touching the server
+        # the same update again, as the trainer's WeightUpdate message, is answered without
+        # touching the server
         n = len(fake_sglang.calls("/update_weights_from_disk"))
-        assert (await c.post("/v1/weights", json=body(weights_v1))).status_code == 200
+        msg = WeightUpdate(run_id="run", version=1, location=weights_v1.path, sha256=weights_v1.sha256)
+        assert (await c.post("/v1/weights", json=msg.model_dump(mode="json"))).status_code == 200
         assert len(fake_sglang.calls("/update_weights_from_disk")) == n
 
 

@@ -49,6 +49,11 @@ class WeightsRequest(BaseModel):
                                description="digest of the directory's manifest.json (protocol.weights)")
     meta: dict[str, Any] = Field(default_factory=dict, description='e.g. {"nccl": {...}} (docs/engines.md)')
     run_id: str = Field("control", max_length=200)
+    # The rest of protocol.messages.WeightUpdate's envelope, so `update.model_dump(mode="json")`
+    # can be posted as is.
+    msg_id: str | None = Field(None, max_length=200)
+    created_at: float | None = None
+    schema_version: int | None = None
 
 
 class EngineSlot:
@@ -94,8 +99,7 @@ def control_router(slot: EngineSlot) -> APIRouter:
             if req.version < previous:
                 return JSONResponse({"detail": f"stale update: version {req.version} < serving "
                                      f"{previous}", "version": previous}, 409)
-            update = WeightUpdate(run_id=req.run_id, version=req.version, format=req.format,
-                                  location=req.location, sha256=req.sha256, meta=req.meta)
+            update = WeightUpdate.model_validate(req.model_dump(exclude_none=True))
             start = time.perf_counter()
             try:
                 version = await engine.update_weights(update)

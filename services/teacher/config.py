@@ -23,7 +23,9 @@ class TeacherConfig(RLRTSettings):
     host: str = Field("127.0.0.1", description="bind address (loopback by default)")
     port: int = Field(8320, ge=0, le=65535, description="HTTP port")
     token: str | None = Field(None, description="bearer token required on /v1/* (control) when set")
-    max_body_bytes: int = Field(1024 * 1024, ge=1024, description="413 above this request body size")
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024,
+        description="413 above this request body size (an nccl update lists every tensor)")
 
     # --- engine -------------------------------------------------------------------------------
     engine: EngineConfig = Field(
