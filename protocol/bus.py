@@ -53,6 +53,12 @@ class BusError(RuntimeError):
     pass
 
 
+class PermanentError(Exception):
+    """Raise (or subclass) this from a handler when retrying cannot help (a malformed
+    request, a prompt longer than the context): the message is dead-lettered at once instead
+    of after `max_deliveries` attempts."""
+
+
 class BackpressureTimeout(BusError):
     """The stream stayed at its bound for longer than the publish timeout."""
 
@@ -258,8 +264,9 @@ class Bus:
                 error = f"{type(e).__name__}: {e}"
                 log.warning("handler failed on %s %s (attempt %d/%d): %s", stream, entry_id,
                             attempt, self.cfg.max_deliveries, error)
-                if attempt >= self.cfg.max_deliveries or stop.is_set():
-                    if attempt >= self.cfg.max_deliveries:
+                permanent = isinstance(e, PermanentError)
+                if permanent or attempt >= self.cfg.max_deliveries or stop.is_set():
+                    if permanent or attempt >= self.cfg.max_deliveries:
                         await self._dead_letter(stream, group, consumer, entry_id, fields,
                                                 attempt, error)
                     return  # on stop: leave it pending for another consumer

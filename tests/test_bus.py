@@ -211,3 +211,23 @@ async def test_stop_finishes_in_flight_and_takes_no_more(redis_url: str, prefix:
     assert n == 1 and handled == [0]
     assert await bus.backlog(s) == 4 and await bus.pending(s, "g") == 0
     await bus.close()
+
+
+async def test_permanent_error_dead_letters_at_once(redis_url: str, prefix: str) -> None:
+    from protocol.bus import PermanentError
+
+    bus = _bus(redis_url, prefix, max_deliveries=5, retry_backoff_s=0.01)
+    s = f"{prefix}:in"
+    await bus.publish(s, _msg(0))
+    calls: list[int] = []
+
+    async def handler(m: WeightUpdate) -> None:
+        calls.append(m.version)
+        raise PermanentError("prompt longer than the context window")
+
+    await asyncio.wait_for(bus.consume(s, "g", "c1", handler, WeightUpdate, asyncio.Event(),
+                                       max_messages=1), 30)
+    assert calls == [0]  # no retries
+    dead = await bus.dead_letters(s)
+    assert len(dead) == 1 and dead[0]["attempts"] == "1" and "context window" in dead[0]["error"]
+    await bus.close()
