@@ -116,13 +116,19 @@ def _load_zero3(path: Path, ds_cfg: dict[str, Any], dtype: torch.dtype, rank: in
     from transformers.initialization import no_init_weights
 
     config = AutoConfig.from_pretrained(path)
-    # No `dtype=` here: deepspeed 0.19.8's zero.Init ignores an explicit dtype on CPU
-    # (operator precedence in Init._set_dtype picks bf16); with only the config it uses fp32,
-    # or bf16 when the config enables bf16 -- which is what we want.
+    # Resolve (import) the model class and enter no_init_weights BEFORE zero.Init: zero.Init
+    # patches torch.Tensor.__new__, and a module imported under the patch that pulls in
+    # torch._dynamo fails its signature check.
+    import torch._dynamo  # noqa: F401
+
+    model_cls = AutoModelForCausalLM._model_mapping[type(config)]
     # no_init_weights: the random init would be overwritten anyway, and HF's init indexes
     # rows of (empty) partitions. It also skips the tying done by init_weights: redo it.
-    with deepspeed.zero.Init(config_dict_or_path=ds_cfg), no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # No `dtype=` for zero.Init: deepspeed 0.19.8 ignores an explicit dtype on CPU (operator
+    # precedence in Init._set_dtype picks bf16); from the config alone it uses fp32, or bf16
+    # when the config enables bf16 -- which is what we want.
+    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_cfg):
+        model = model_cls._from_config(config, dtype=dtype)
         model.tie_weights()
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
