@@ -8,13 +8,13 @@ import re
 import time
 from pathlib import Path
 
-import torch
-
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 HEADER = "# Benchmarks\n\nEach section is written by `python bench/NAME.py` (or `rlrt bench NAME`).\n"
 
 
 def machine() -> str:
+    import torch  # lazily: benchmarks without torch (bus, verifier) stay light
+
     return (f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
             f"python {platform.python_version()}, torch {torch.__version__}")
 

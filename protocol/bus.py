@@ -172,24 +172,32 @@ class Bus:
 
         # Entries are read only when a handler slot is free, so nothing sits fetched-but-idle
         # in this process: on stop, everything not in flight is still free for others.
-        while not stop.is_set() and (max_messages is None or started < max_messages):
-            if room() <= 0:
-                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                continue
-            if not backlog and time.monotonic() >= next_claim:
-                backlog = await self._reclaim(stream, group, consumer, room())
-                fresh = False
-                next_claim = time.monotonic() + self.cfg.claim_idle_ms / 2000
-            if not backlog:
-                backlog = await self._read(stream, group, consumer, ">", room(),
-                                           block_ms=self.cfg.block_ms)
-                fresh = True
-            while backlog and room() > 0 and not stop.is_set():
-                entry_id, fields = backlog.pop(0)
-                t = asyncio.create_task(run_one(entry_id, fields, fresh))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-                started += 1
+        try:
+            while not stop.is_set() and (max_messages is None or started < max_messages):
+                if room() <= 0:
+                    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                if not backlog and time.monotonic() >= next_claim:
+                    backlog = await self._reclaim(stream, group, consumer, room())
+                    fresh = False
+                    next_claim = time.monotonic() + self.cfg.claim_idle_ms / 2000
+                if not backlog:
+                    backlog = await self._read(stream, group, consumer, ">", room(),
+                                               block_ms=self.cfg.block_ms)
+                    fresh = True
+                while backlog and room() > 0 and not stop.is_set():
+                    entry_id, fields = backlog.pop(0)
+                    t = asyncio.create_task(run_one(entry_id, fields, fresh))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+                    started += 1
+        except asyncio.CancelledError:
+            # Cancelled rather than stopped: leave no handler running detached. Their entries
+            # stay pending (nothing was acked) and are reclaimed later.
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         return finished

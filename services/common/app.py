@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -73,7 +74,7 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": resp.body})
 
 
-def require_token(request: Request) -> None:
+async def require_token(request: Request) -> None:
     """Dependency for control endpoints: `Authorization: Bearer <token>` when a token is set."""
     token = getattr(request.app.state, "token", None)
     if not token:
@@ -106,6 +107,15 @@ def create_app(name: str, *, token: str | None = None, max_body_bytes: int = 16 
         return response
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        # FastAPI's default 422 echoes every bad input back: an input holding a lone surrogate
+        # then cannot be encoded (the 422 becomes a 500) and a huge input comes back whole.
+        # Where and why is what a client needs.
+        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")),
+                   "type": str(e.get("type", ""))} for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict:
