@@ -15,10 +15,11 @@ Zero-variance groups (all rewards equal, advantage 0): `keep` trains on them, `d
 the step's slot on them (a smaller step), `backfill` drops them and admits a replacement, at
 most `backfill_max` per step (then it falls back to `drop`).
 
-Ids. Task k's msg_id and group_id derive from (run_id, nonce, k): a resumed run that
-re-admits task k publishes the same msg_id, which the bus drops as a duplicate, so no prompt
-goes out twice. The nonce is new for each fresh run (kept in checkpoints), so a fresh run on
-the same Redis never collides with an old one; groups of other runs are dropped ("foreign").
+Ids. Task k's msg_id derives from (run_id, nonce, k): a resumed run that re-admits task k
+publishes the same msg_id, which the bus drops as a duplicate, so no prompt goes out twice.
+The nonce is new for each fresh run (kept in checkpoints), so a fresh run on the same Redis
+never collides with an old one; groups of other runs are dropped ("foreign"). The group_id
+derives from (run_id, k) only, so reruns with the same run id and seed are reproducible.
 """
 
 from __future__ import annotations
@@ -119,7 +120,9 @@ class Driver:
         base = f"{self.run_id}/{self.state.nonce}"
         return PromptTask(
             run_id=self.run_id, msg_id=derive_id(base, f"task/{k}"),
-            prompt_id=drawn.row.prompt_id, group_id=derive_id(base, f"group/{k}"),
+            # Without the nonce: downstream seeds hang off the group id (the teacher's choice
+            # of sibling), so a rerun of the same run id and seed reproduces the same groups.
+            prompt_id=drawn.row.prompt_id, group_id=derive_id(self.run_id, f"group/{k}"),
             prompt_text=drawn.row.prompt, prompt_ids=drawn.prompt_ids, answer=drawn.row.answer,
             solution=drawn.row.solution, task=drawn.row.task, group_size=self.G,
             sampling=sampling, policy_version=version, teacher=self.teacher,
