@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from protocol.bus import PermanentError
 from protocol.messages import FinishReason, Response, SamplingParams, WeightUpdate
 
 LogprobsMode = Literal["processed", "raw"]
@@ -30,9 +31,9 @@ class EngineError(Exception):
     """Base of every engine failure; services map subclasses to HTTP status codes."""
 
 
-class InvalidRequest(EngineError):
+class InvalidRequest(EngineError, PermanentError):
     """The request itself is bad (empty prompt, out-of-vocabulary ids, too long...): a 4xx,
-    retrying it unchanged cannot succeed."""
+    retrying it unchanged cannot succeed (so the bus dead-letters it at once)."""
 
 
 class UpstreamError(EngineError):
