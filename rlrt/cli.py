@@ -162,6 +162,26 @@ def eval_cmd(config: Path = typer.Option(..., "--config", "-c", help="run config
     typer.echo(text)
 
 
+@app.command("experiment")
+def experiment_cmd(config: Path = typer.Option(Path("configs/countdown-tiny.yaml"), "--config", "-c", help="base run config"),
+                   presets: str = typer.Option("grpo,rlrt,rlsd,teacher_upweight", help="comma-separated presets"),
+                   seeds: str = typer.Option("0,1,2", help="comma-separated trainer seeds"),
+                   steps: Optional[int] = typer.Option(None, help="override trainer.total_steps"),
+                   out: Path = typer.Option(Path("runs/experiment"), help="output directory")) -> None:
+    """Toy-scale study: every preset x seed as a full `rlrt train` run with identical budgets;
+    writes results.md (table), results.json and results.png. Finished runs are kept, so an
+    interrupted study continues where it stopped."""
+    from rlrt.experiment import run_experiment
+    from rlrt.launch import LaunchError
+
+    try:
+        table = run_experiment(config, [p.strip() for p in presets.split(",") if p.strip()],
+                               [int(s) for s in seeds.split(",") if s.strip()], out, steps, console)
+    except LaunchError as e:
+        fail(str(e))
+    typer.echo(table)
+
+
 @app.command("redis")
 def redis_cmd(directory: Path = typer.Option(Path("runs/redis"), help="data + AOF directory"),
               port: int = typer.Option(6379, help="TCP port on 127.0.0.1 (0 = unix socket only)")) -> None:

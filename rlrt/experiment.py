@@ -1,0 +1,153 @@
+"""`rlrt experiment`: the toy-scale study. Every preset x every seed is one full `rlrt train`
+run with an identical budget (same model, data, steps, batch, evaluation); the results table
+holds held-out accuracy mean +- std over seeds, pass@k, the RLRT diagnostics, teacher tokens
+scored and wall time, with plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from rlrt.launch import LocalRun
+from rlrt.report import read_metrics
+
+DIAGNOSTICS = ("self_driven_share", "mean_D_correct", "weight_mean", "clip_low_share",
+               "clip_high_share", "entropy", "mismatch_kl")
+
+
+def _mean_metric(rows: list[dict], name: str) -> float | None:
+    vals = [v for r in rows for k, v in r.items()
+            if k.split("/")[-1] == name and isinstance(v, (int, float)) and v == v]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _sum_metric(rows: list[dict], fragment: str) -> float:
+    return float(sum(v for r in rows for k, v in r.items()
+                     if fragment in k and isinstance(v, (int, float)) and v == v))
+
+
+def _run_one(config: Path, preset: str, seed: int, out: Path, steps: int | None,
+             console: Console) -> dict[str, Any]:
+    run_dir = out / f"{preset}-s{seed}"
+    overrides = {
+        "RLRT_TRAINER__ALGORITHM__PRESET": preset,
+        "RLRT_TRAINER__SEED": str(seed),
+        "RLRT_RUN__SEED": "0",  # the same held-out set for every run
+        "RLRT_RUN__DIR": str(run_dir),
+        "RLRT_TRAINER__OUTPUT_DIR": str(run_dir / "trainer"),
+        "RLRT_BUS__PREFIX": f"exp-{preset}-{seed}",
+    }
+    if steps:
+        overrides["RLRT_TRAINER__TOTAL_STEPS"] = str(steps)
+    saved = {k: os.environ.get(k) for k in overrides}
+    os.environ.update(overrides)
+    t0 = time.perf_counter()
+    try:
+        report = LocalRun(config, console=console).train()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    rows = read_metrics(run_dir / "trainer" / "metrics.jsonl")
+    res = {"preset": preset, "seed": seed, "wall_s": time.perf_counter() - t0,
+           "before": report.get("eval_before"), "after": report.get("eval_after"),
+           "teacher_tokens_scored": _sum_metric(rows, "teacher_tokens_scored"),
+           "steps": len(rows)}
+    for d in DIAGNOSTICS:
+        res[d] = _mean_metric(rows, d)
+    (run_dir / "result.json").write_text(json.dumps(res, indent=2) + "\n")
+    return res
+
+
+def _fmt(xs: list[float]) -> str:
+    if not xs:
+        return "n/a"
+    if len(xs) == 1:
+        return f"{xs[0]:.3f}"
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+
+
+def summarize(results: list[dict], out: Path) -> str:
+    presets = list(dict.fromkeys(r["preset"] for r in results))
+    k = next((r["after"]["k"] for r in results if r.get("after")), None)
+    lines = [f"| preset | seeds | held-out avg@{k} before | after | gain | pass@{k} after | "
+             "self-driven share | mean D (correct) | mean w | teacher tokens scored | wall (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in presets:
+        rs = [r for r in results if r["preset"] == p and r.get("after") and r.get("before")]
+        before = [r["before"][f"avg@{k}"] for r in rs]
+        after = [r["after"][f"avg@{k}"] for r in rs]
+        gain = [a - b for a, b in zip(after, before, strict=True)]
+        passk = [r["after"][f"pass@{k}"] for r in rs]
+
+        def col(name: str, rs: list[dict] = rs) -> str:
+            vals = [r[name] for r in rs if r.get(name) is not None]
+            return _fmt(vals) if vals else "—"
+
+        lines.append(f"| {p} | {len(rs)} | {_fmt(before)} | {_fmt(after)} | {_fmt(gain)} | "
+                     f"{_fmt(passk)} | {col('self_driven_share')} | {col('mean_D_correct')} | "
+                     f"{col('weight_mean')} | {col('teacher_tokens_scored')} | {col('wall_s')} |")
+    table = "\n".join(lines)
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    _plot(results, presets, out)
+    return table
+
+
+def _plot(results: list[dict], presets: list[str], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for p in presets:
+        curves = []
+        for r in results:
+            if r["preset"] != p:
+                continue
+            rows = read_metrics(out / f"{p}-s{r['seed']}" / "trainer" / "metrics.jsonl")
+            ys = [row.get("reward/mean") for row in rows if isinstance(row.get("reward/mean"), (int, float))]
+            if ys:
+                curves.append(ys)
+        if curves:
+            n = min(len(c) for c in curves)
+            mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
+            axes[0].plot(range(n), mean, label=p)
+    axes[0].set_title("training reward (mean over seeds)")
+    axes[0].set_xlabel("step")
+    axes[0].legend()
+    k = next((r["after"]["k"] for r in results if r.get("after")), None)
+    gains = {p: [r["after"][f"avg@{k}"] - r["before"][f"avg@{k}"] for r in results
+                 if r["preset"] == p and r.get("after") and r.get("before")] for p in presets}
+    axes[1].boxplot([gains[p] or [0.0] for p in presets], tick_labels=presets)
+    axes[1].axhline(0, color="grey", lw=0.8)
+    axes[1].set_title(f"held-out avg@{k} gain per seed")
+    fig.tight_layout()
+    fig.savefig(out / "results.png", dpi=110)
+    plt.close(fig)
+
+
+def run_experiment(config: Path, presets: list[str], seeds: list[int], out: Path,
+                   steps: int | None = None, console: Console | None = None) -> str:
+    console = console or Console(stderr=True)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for seed in seeds:  # seeds outermost: a partial study still compares every preset
+        for preset in presets:
+            done = out / f"{preset}-s{seed}" / "result.json"
+            if done.exists():  # resumable: finished runs are kept
+                results.append(json.loads(done.read_text()))
+                continue
+            console.rule(f"{preset}, seed {seed}")
+            results.append(_run_one(config, preset, seed, out, steps, console))
+            summarize(results, out)
+    return summarize(results, out)
