@@ -67,6 +67,13 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def default_threads() -> int:
+    """Half the CPUs this process may use: the rollout and teacher engines usually share one
+    machine, and oversubscribed OpenMP threads spin-wait on each other -- measured here (2
+    cores, other jobs running) 2 threads were ~10x slower than 1."""
+    return max(1, available_cpus() // 2)
+
+
 @dataclass(eq=False)
 class _ScoreRequest:
     sequences: list[list[int]]
@@ -87,7 +94,7 @@ class CpuEngine(Engine):
     Knobs: `logprobs_mode` ("processed" | "raw"), `max_batch_rows` (concurrent sequences),
     `max_model_len` (context window; default the model's max_position_embeddings),
     `prefill_token_budget` / `score_token_budget` (padded tokens per forward), `num_threads`
-    (torch intra-op threads, default: the CPUs this process may use), `seed` (for requests
+    (torch intra-op threads, process-wide; default `default_threads()`), `seed` (for requests
     without their own seed), `dtype`, `detokenize` (fill GenOutput.text when a tokenizer exists).
     """
 
@@ -112,7 +119,7 @@ class CpuEngine(Engine):
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         if max_batch_rows < 1:
             raise ValueError("max_batch_rows must be >= 1")
-        torch.set_num_threads(num_threads or available_cpus())
+        torch.set_num_threads(num_threads or default_threads())
         self.model_dir = str(model_dir)
         self.model, self.tokenizer = load_model(model_dir, _DTYPES[dtype])
         self.runner = ModelRunner(self.model)

@@ -4,15 +4,15 @@ RL rollouts are G samples of one prompt whose lengths spread widely (a few token
 `model.generate()` prefills the prompt G times, pads every prompt to the longest and keeps
 computing finished rows until the longest one ends. Here instead:
 - each request's prompt is prefilled once, unpadded (requests of similar length are prefilled
-  together, sorted by length), and its K/V is broadcast into the G rows;
-- a row that finishes leaves the batch at once (its slot is refilled by the last row);
-- new requests join the running batch whenever slots are free (continuous batching).
+  together, sorted by length), and its K/V is stored once for its G rows (cpu_kv.py), which
+  attend to it together (cpu_attention.py);
+- a row that finishes leaves the batch at once (the last row takes its slot);
+- new requests join the running batch whenever rows are free (continuous batching).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,13 +21,12 @@ import torch
 
 from protocol.messages import SamplingParams
 from services.engines.base import GenOutput, LogprobsMode
-from services.engines.cpu_kv import SlotCache, SlotStore
+from services.engines.cpu_attention import DecodeContext, decoding
+from services.engines.cpu_kv import DecodeCache, KVStore
 from services.engines.cpu_model import ModelRunner
 from services.engines.cpu_sampler import BatchSampling, RowSampling, sample
 
-log = logging.getLogger(__name__)
-
-_MIN_HEADROOM = 64
+_NEG_INF = float("-inf")
 
 
 @dataclass(eq=False)
@@ -56,13 +55,25 @@ class GenRequest:
 
 
 @dataclass(eq=False, slots=True)
-class Row:
+class Group:
+    """A request's prompt in the KV store, shared by its live rows."""
+
     req: GenRequest
+    slot: int
+    prompt_len: int
+    live: int
+
+
+@dataclass(eq=False, slots=True)
+class Row:
+    group: Group
     index: int  # which of the request's n samples
-    seq_len: int  # tokens already in the KV cache
-    next_token: int  # sampled, not yet fed to the model
-    tokens: list[int]
+    tokens: list[int]  # sampled so far; all but the last are in the KV store
     logprobs: list[float]
+
+    @property
+    def req(self) -> GenRequest:
+        return self.group.req
 
 
 def _resolve(fut: concurrent.futures.Future, result=None, exc: BaseException | None = None) -> None:
@@ -92,12 +103,12 @@ class DecodeBatch:
         self.mode: LogprobsMode = logprobs_mode
         self.gen = generator
         self.detokenize = detokenize
-        dtype = next(runner.model.parameters()).dtype
-        self.store = SlotStore(dtype)
-        self.cache = SlotCache(self.store, runner.num_layers)
+        self.dtype = next(runner.model.parameters()).dtype
+        self.store = KVStore(runner.kv_shapes, self.dtype)
+        self.cache = DecodeCache(self.store)
         self.rows: list[Row] = []
-        self._spec: BatchSampling | None = None  # rebuilt when the batch composition changes
-        self._seeded: list[tuple[torch.Generator, torch.Tensor]] = []
+        self.groups: list[Group] = []
+        self._layout: tuple | None = None  # per-composition tensors, rebuilt after changes
         self._cols = torch.arange(0)
 
     # ------------------------------------------------------------------ state
@@ -106,32 +117,45 @@ class DecodeBatch:
         return self.max_rows - len(self.rows)
 
     def running_requests(self) -> set[GenRequest]:
-        return {r.req for r in self.rows}
+        return {g.req for g in self.groups}
 
     def _changed(self) -> None:
-        self._spec = None
+        self._layout = None
 
-    def _sampling_state(self) -> tuple[BatchSampling, list[tuple[torch.Generator, torch.Tensor]]]:
-        if self._spec is None:
-            self._spec = BatchSampling([r.req.sampling for r in self.rows], self.runner.vocab_size)
-            by_req: dict[GenRequest, list[tuple[int, int]]] = {}
+    def _composition(self):
+        """Tensors that only change when rows join or leave: sampling settings, seeded row
+        sets, and the group <-> row maps and prompt mask of the cascade attention."""
+        if self._layout is None:
+            b = len(self.rows)
+            spec = BatchSampling([r.req.sampling for r in self.rows], self.runner.vocab_size)
+            members: list[list[int]] = [[] for _ in self.groups]
             for slot, r in enumerate(self.rows):
-                if r.req.generator is not None:
-                    by_req.setdefault(r.req, []).append((r.index, slot))
-            # Seeded rows draw from their request's own generator, in sample-index order, so a
-            # seeded request's draws do not depend on which other requests share the batch.
-            self._seeded = [
-                (req.generator, torch.tensor([s for _, s in sorted(pairs)], dtype=torch.long))
-                for req, pairs in by_req.items()
-            ]
-        return self._spec, self._seeded
+                members[r.group.slot].append(slot)
+            gmax = max(len(m) for m in members)
+            q_index = torch.full((len(self.groups), gmax), b, dtype=torch.long)
+            row_pos = torch.empty(b, dtype=torch.long)
+            seeded = []
+            for g, rows in enumerate(members):
+                rows.sort(key=lambda s: self.rows[s].index)
+                q_index[g, : len(rows)] = torch.tensor(rows, dtype=torch.long)
+                row_pos[rows] = g * gmax + torch.arange(len(rows))
+                gen = self.groups[g].req.generator
+                if gen is not None:
+                    # A seeded request draws from its own generator, for its live rows in
+                    # sample order: its draws do not depend on which requests share the batch.
+                    seeded.append((gen, torch.tensor(rows, dtype=torch.long)))
+            plen = torch.tensor([g.prompt_len for g in self.groups])
+            pmax = int(plen.max())
+            pmask = torch.zeros(len(self.groups), 1, 1, pmax, dtype=self.dtype)
+            pmask.masked_fill_((torch.arange(pmax) >= plen[:, None]).view(len(self.groups), 1, 1, pmax), _NEG_INF)
+            self._layout = (spec, seeded, gmax, q_index.view(-1), row_pos, pmax, pmask)
+        return self._layout
 
-    def _noise(self, b: int, seeded: list[tuple[torch.Generator, torch.Tensor]]) -> torch.Tensor:
-        v = self.runner.vocab_size
-        noise = torch.empty(b, v).exponential_(generator=self.gen)
+    def _uniforms(self, b: int, seeded: list[tuple[torch.Generator, torch.Tensor]]) -> torch.Tensor:
+        u = torch.rand(b, dtype=torch.float64, generator=self.gen)
         for g, idx in seeded:
-            noise[idx] = torch.empty(len(idx), v).exponential_(generator=g)
-        return noise
+            u[idx] = torch.rand(len(idx), dtype=torch.float64, generator=g)
+        return u
 
     # ------------------------------------------------------------------ admission
     def admit(self, reqs: list[GenRequest], prefill_token_budget: int) -> None:
@@ -139,13 +163,12 @@ class DecodeBatch:
         their rows to the batch. Caller guarantees sum(n) <= free_rows."""
         if not reqs:
             return
-        # Size the buffers once for the whole admission: every new row, the longest prompt, and
-        # room for the longest response, so the decode loop rarely has to move the cache.
-        self._make_room(
-            sum(r.n for r in reqs),
-            max(len(r.prompt) for r in reqs),
-            max(r.max_new for r in reqs),
-        )
+        s = self.store
+        live_resp = max((len(r.tokens) for r in self.rows), default=0)
+        s.reserve_groups(len(self.groups) + len(reqs), max(len(r.prompt) for r in reqs),
+                         len(self.groups), max((g.prompt_len for g in self.groups), default=0))
+        s.reserve_rows(len(self.rows) + sum(r.n for r in reqs), max(r.max_new for r in reqs),
+                       len(self.rows), live_resp, self.max_rows)
         reqs = sorted(reqs, key=lambda r: len(r.prompt))
         i = 0
         while i < len(reqs):
@@ -173,82 +196,53 @@ class DecodeBatch:
             self._start_request(req, logits[k], kv)
 
     def _start_request(self, req: GenRequest, logits: torch.Tensor, kv) -> None:
-        """Sample each of the n first tokens from the prompt's last logits, then place the rows
-        that continue into slots sharing the prompt's K/V."""
+        """Sample each of the n first tokens from the prompt's last logits, then store the
+        prompt K/V once for the rows that continue."""
         spec = BatchSampling([req.sampling] * req.n, self.runner.vocab_size)
-        noise = None
+        u = None
         if not spec.all_greedy:
-            noise = torch.empty(req.n, self.runner.vocab_size).exponential_(
-                generator=req.generator if req.generator is not None else self.gen
-            )
-        tok, lp = sample(logits.unsqueeze(0).expand(req.n, -1), spec, noise, self.mode)
-        p = len(req.prompt)
-        live: list[Row] = []
+            g = req.generator if req.generator is not None else self.gen
+            u = torch.rand(req.n, dtype=torch.float64, generator=g)
+        tok, lp = sample(logits.unsqueeze(0).expand(req.n, -1), spec, u, self.mode)
+        group = Group(req, len(self.groups), len(req.prompt), 0)
+        live = []
         for idx, (t, logp) in enumerate(zip(tok.tolist(), lp.tolist(), strict=True)):
-            row = Row(req, idx, p, t, [t], [logp])
+            row = Row(group, idx, [t], [logp])
             if not self._maybe_finish(row):
                 live.append(row)
         if not live:
             return
-        slot0 = self.store.rows
-        self.store.write_rows(slot0, len(live), kv)
-        self.store.rows += len(live)
+        group.live = len(live)
+        self.store.write_prompt(group.slot, kv)
+        self.groups.append(group)
         self.rows.extend(live)
-        self.store.start = min(self.store.start, self.store.ptr - p)
         self._changed()
-
-    def _make_room(self, extra_rows: int, prompt_len: int, max_new: int) -> None:
-        """Ensure `extra_rows` free slots, ptr >= prompt_len (a new prompt's K/V ends at ptr), and
-        write columns for the next `max_new` steps if a reallocation is needed anyway."""
-        s = self.store
-        if not self.rows:
-            s.rows, s.start, s.ptr = 0, 0, 0
-        need_rows = s.rows + extra_rows
-        need_ptr = max(s.ptr, prompt_len)
-        if need_rows > s.rows_cap or need_ptr >= s.cols_cap:
-            rows_cap = max(s.rows_cap, min(max(need_rows, 2 * s.rows_cap), max(self.max_rows, need_rows)))
-            headroom = max(_MIN_HEADROOM, max_new, s.span // 2)
-            cols_cap = max(s.cols_cap, need_ptr + headroom + 1)
-            s.reshape(self.runner.kv_shapes, rows_cap, cols_cap, need_ptr)
-        elif need_ptr > s.ptr:
-            s.shift(need_ptr)
-
-    def _ensure_write_column(self) -> None:
-        """Before a step: make sure column `ptr` exists, moving the live region back to the
-        left edge (or growing the buffers) when the write pointer reaches the end."""
-        s = self.store
-        if s.ptr < s.cols_cap:
-            return
-        span = s.span
-        headroom = max(_MIN_HEADROOM, span // 2)
-        if span + headroom < s.cols_cap:
-            s.shift(span)
-        else:
-            s.reshape(self.runner.kv_shapes, s.rows_cap, span + headroom + 1, span)
 
     # ------------------------------------------------------------------ decode
     def step(self) -> None:
         """One decode step for every live row, then retire the rows that finished."""
         if not self.rows:
             return
-        self._ensure_write_column()
-        s = self.store
-        b, span = s.rows, s.span
-        if self._cols.numel() < span + 1:
-            self._cols = torch.arange(max(span + 1, 2 * self._cols.numel()))
-        ids = torch.tensor([r.next_token for r in self.rows], dtype=torch.long).unsqueeze(1)
-        lens = torch.tensor([r.seq_len for r in self.rows], dtype=torch.long)
-        # row r's real columns (relative to `start`) are [span - len_r, span]; the rest is padding
-        mask = self._cols[: span + 1].unsqueeze(0) >= (span - lens).unsqueeze(1)
-        logits = self.runner.forward(ids, mask, lens.unsqueeze(1), self.cache, 1)[:, -1]
-        s.ptr += 1
-        spec, seeded = self._sampling_state()
-        noise = None if spec.all_greedy else self._noise(b, seeded)
-        tok, lp = sample(logits, spec, noise, self.mode)
+        b = len(self.rows)
+        spec, seeded, gmax, q_index, row_pos, pmax, pmask = self._composition()
+        # the token each row feeds now is its last sampled one; its K/V goes to column n-1
+        written = torch.tensor([len(r.tokens) - 1 for r in self.rows], dtype=torch.long)
+        rmax = int(written.max()) + 1
+        if self._cols.numel() < rmax:
+            self._cols = torch.arange(max(rmax, 2 * self._cols.numel()))
+        rmask = torch.zeros(b, 1, 1, rmax, dtype=self.dtype)
+        rmask.masked_fill_((self._cols[:rmax] > written[:, None]).view(b, 1, 1, rmax), _NEG_INF)
+        self.cache.rows = torch.arange(b)
+        self.cache.cols = written
+        ctx = DecodeContext(self.store, len(self.groups), gmax, q_index, row_pos, pmax, pmask, rmax, rmask)
+        ids = torch.tensor([r.tokens[-1] for r in self.rows], dtype=torch.long).unsqueeze(1)
+        pos = torch.tensor([r.group.prompt_len for r in self.rows], dtype=torch.long) + written
+        with decoding(ctx):
+            logits = self.runner.forward(ids, None, pos.unsqueeze(1), self.cache, 1)[:, -1]
+        u = None if spec.all_greedy else self._uniforms(b, seeded)
+        tok, lp = sample(logits, spec, u, self.mode)
         finished: list[int] = []
         for slot, (row, t, logp) in enumerate(zip(self.rows, tok.tolist(), lp.tolist(), strict=True)):
-            row.seq_len += 1
-            row.next_token = t
             row.tokens.append(t)
             row.logprobs.append(logp)
             if self._maybe_finish(row):
@@ -258,13 +252,13 @@ class DecodeBatch:
 
     def _maybe_finish(self, row: Row) -> bool:
         t = row.tokens[-1]
-        if t in row.req.stop_ids:
+        req = row.req
+        if t in req.stop_ids:
             reason = "stop"
-        elif len(row.tokens) >= row.req.max_new:
+        elif len(row.tokens) >= req.max_new:
             reason = "length"
         else:
             return False
-        req = row.req
         req.outputs[row.index] = GenOutput(
             token_ids=np.asarray(row.tokens, dtype=np.int32),
             logprobs=np.asarray(row.logprobs, dtype=np.float32),
@@ -278,21 +272,27 @@ class DecodeBatch:
         return True
 
     def _remove(self, slots: list[int]) -> None:
-        """Drop rows at `slots`, keeping live rows dense by moving tail rows into the holes."""
+        """Drop rows at `slots` (and groups left without rows), keeping both dense by moving
+        the last ones into the holes."""
         dead = set(slots)
+        resp_cols = max(len(r.tokens) for r in self.rows)
         keep = len(self.rows) - len(dead)
         holes = [i for i in sorted(dead) if i < keep]
         movers = [i for i in range(keep, len(self.rows)) if i not in dead]
-        self.store.move_rows(holes, movers)
+        for i in dead:
+            self.rows[i].group.live -= 1
+        self.store.move_rows(holes, movers, resp_cols)
         for h, m in zip(holes, movers, strict=True):
             self.rows[h] = self.rows[m]
         del self.rows[keep:]
-        s = self.store
-        s.rows = keep
-        if self.rows:
-            s.start = s.ptr - max(r.seq_len for r in self.rows)
-        else:
-            s.rows, s.start, s.ptr = 0, 0, 0
+        if any(g.live == 0 for g in self.groups):
+            pcols = max(g.prompt_len for g in self.groups)
+            kept = [g for g in self.groups if g.live > 0]
+            for new_slot, g in enumerate(kept):
+                if g.slot != new_slot:
+                    self.store.move_group(new_slot, g.slot, pcols)
+                    g.slot = new_slot
+            self.groups = kept
         self._changed()
 
     def drop_cancelled(self) -> int:
@@ -306,6 +306,5 @@ class DecodeBatch:
         for req in self.running_requests():
             _resolve(req.future, exc=exc)
         self.rows.clear()
-        s = self.store
-        s.rows, s.start, s.ptr = 0, 0, 0
+        self.groups.clear()
         self._changed()

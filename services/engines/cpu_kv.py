@@ -1,17 +1,24 @@
-"""A slot KV cache for continuous batching, plugged into HF models as a `Cache`.
+"""KV storage for the CPU engine's decode loop: one prompt cache per group, one response cache
+per row ("cascade" layout).
 
-Layout per layer: K and V buffers [rows_cap, kv_heads, cols_cap, head_dim]. Live rows occupy
-slots 0..B-1 (kept dense, so a decode step is one plain batch with no gather). All rows share
-one write column `ptr`: row r's real tokens are the columns [ptr - len_r, ptr), i.e. rows are
-left-padded, and a decode step writes every row's new K/V at column `ptr`. Attention reads
-the view [start, ptr] with start = ptr - max(len_r); the padding columns are masked.
+RL samples G responses per prompt, so a group's G rows share their whole prompt. Storing (and,
+in cpu_attention.py, reading) the prompt K/V once per group instead of once per row divides the
+attention memory traffic over the prompt by G, and storing each row's response K/V left-aligned
+in its own slot means rows of different lengths never pad each other and never move when
+others start or finish.
 
-Why not HF's DynamicCache: it appends with torch.cat (copying the whole cache every step) and
-cannot take in new rows mid-flight or drop finished ones without copying everything. Here a
-step writes one column, a finished row costs one row copy (the last row moves into its slot),
-a new group of G samples is prefilled once and its K/V broadcast into G slots, and the live
-region is only moved ("rebased") when the write column runs out of room or a new prompt is
-longer than the space left of `ptr`.
+Per layer:
+- prompt K/V [groups_cap, kv_heads, prompt_cap, head_dim]: group slot g holds its prompt at
+  columns [0, P_g);
+- response K/V [rows_cap, kv_heads, resp_cap, head_dim]: row slot r holds the K/V of the
+  tokens it has fed to the model so far at [0, n_r); a decode step writes column n_r.
+Live groups and live rows are kept dense (slots 0..n-1): a finished row or group is replaced
+by the last one, which costs one row's (group's) copy. Buffers grow by reallocation and are
+zero-initialised: masked-out columns are still read by the attention kernel and weighted by 0,
+so they must hold finite numbers.
+
+Why not HF's DynamicCache: it appends with torch.cat (copying the whole cache every step),
+stores the shared prompt G times, and cannot take in or drop rows without copying everything.
 """
 
 from __future__ import annotations
@@ -20,115 +27,110 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 
-class SlotStore:
-    """The buffers and the shared column bookkeeping for all layers."""
+def _grow(bufs: list[torch.Tensor], cap0: int, cap2: int, live0: int, live2: int) -> list[torch.Tensor]:
+    out = []
+    for b in bufs:
+        n = torch.zeros(cap0, b.shape[1], cap2, b.shape[3], dtype=b.dtype)
+        if live0 and live2:
+            n[:live0, :, :live2] = b[:live0, :, :live2]
+        out.append(n)
+    return out
 
-    def __init__(self, dtype: torch.dtype) -> None:
+
+class KVStore:
+    def __init__(self, shapes: list[tuple[int, int]], dtype: torch.dtype) -> None:
+        self.shapes = shapes  # (kv_heads, head_dim) per layer
         self.dtype = dtype
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self.rows = 0  # live rows B (slots 0..B-1)
-        self.ptr = 0  # next write column
-        self.start = 0  # first column any live row uses
+        empty = [torch.zeros(0, h, 0, d, dtype=dtype) for h, d in shapes]
+        self.pk, self.pv = list(empty), list(empty)
+        self.rk, self.rv = list(empty), list(empty)
 
     @property
-    def allocated(self) -> bool:
-        return bool(self.keys)
+    def groups_cap(self) -> int:
+        return self.pk[0].shape[0]
+
+    @property
+    def prompt_cap(self) -> int:
+        return self.pk[0].shape[2]
 
     @property
     def rows_cap(self) -> int:
-        return self.keys[0].shape[0] if self.keys else 0
+        return self.rk[0].shape[0]
 
     @property
-    def cols_cap(self) -> int:
-        return self.keys[0].shape[2] if self.keys else 0
-
-    @property
-    def span(self) -> int:
-        return self.ptr - self.start
+    def resp_cap(self) -> int:
+        return self.rk[0].shape[2]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        return sum(t.numel() * t.element_size() for t in self.pk + self.pv + self.rk + self.rv)
 
-    def reshape(self, shapes: list[tuple[int, int]], rows_cap: int, cols_cap: int, new_ptr: int) -> None:
-        """Reallocate to [rows_cap, H, cols_cap, D] per layer (`shapes` = (H, D) per layer) and
-        move the live region so that it ends at column `new_ptr`."""
-        span = self.span
-        if new_ptr < span or new_ptr >= cols_cap or rows_cap < self.rows:
-            raise ValueError(f"bad reshape: span {span}, ptr {new_ptr}, cols {cols_cap}, rows {rows_cap}")
-        new_start = new_ptr - span
-        keys, values = [], []
-        for i, (h, d) in enumerate(shapes):
-            k = torch.zeros(rows_cap, h, cols_cap, d, dtype=self.dtype)
-            v = torch.zeros(rows_cap, h, cols_cap, d, dtype=self.dtype)
-            if self.keys and self.rows and span:
-                k[: self.rows, :, new_start:new_ptr] = self.keys[i][: self.rows, :, self.start : self.ptr]
-                v[: self.rows, :, new_start:new_ptr] = self.values[i][: self.rows, :, self.start : self.ptr]
-            keys.append(k)
-            values.append(v)
-        self.keys, self.values = keys, values
-        self.start, self.ptr = new_start, new_ptr
+    def reserve_groups(self, groups: int, prompt_len: int, live: int, live_cols: int) -> None:
+        """Room for `groups` group slots of `prompt_len` columns (keeping `live` x `live_cols`)."""
+        if groups > self.groups_cap or prompt_len > self.prompt_cap:
+            g = max(groups, self.groups_cap if groups <= self.groups_cap else 2 * self.groups_cap)
+            p = max(prompt_len, self.prompt_cap)
+            self.pk = _grow(self.pk, g, p, live, live_cols)
+            self.pv = _grow(self.pv, g, p, live, live_cols)
 
-    def shift(self, new_ptr: int) -> None:
-        """Move the live region to end at `new_ptr` inside the current buffers."""
-        if new_ptr == self.ptr:
-            return
-        span = self.span
-        if self.rows and span:
-            src = slice(self.start, self.ptr)
-            dst = slice(new_ptr - span, new_ptr)
-            for buf in self.keys + self.values:
-                # clone: source and destination ranges may overlap
-                buf[: self.rows, :, dst] = buf[: self.rows, :, src].clone()
-        self.start, self.ptr = new_ptr - span, new_ptr
+    def reserve_rows(self, rows: int, resp_len: int, live: int, live_cols: int, limit: int) -> None:
+        """Room for `rows` row slots of `resp_len` columns; grows geometrically up to `limit`."""
+        if rows > self.rows_cap or resp_len > self.resp_cap:
+            r = self.rows_cap if rows <= self.rows_cap else max(rows, min(2 * self.rows_cap, limit))
+            n = max(resp_len, self.resp_cap)
+            self.rk = _grow(self.rk, r, n, live, live_cols)
+            self.rv = _grow(self.rv, r, n, live, live_cols)
 
-    def write_rows(self, slot0: int, n: int, layer_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Write prefilled K/V ([n or 1, H, P, D] per layer) into slots slot0..slot0+n-1, ending
-        at `ptr`. A batch of 1 is broadcast to all n slots: one prefill serves G samples."""
+    def write_prompt(self, slot: int, layer_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Prompt K/V ([1, H, P, D] per layer, from a prefill) into group slot `slot`."""
         for i, (k, v) in enumerate(layer_kv):
-            cols = slice(self.ptr - k.shape[2], self.ptr)
-            self.keys[i][slot0 : slot0 + n, :, cols] = k
-            self.values[i][slot0 : slot0 + n, :, cols] = v
+            p = k.shape[2]
+            self.pk[i][slot, :, :p] = k[0]
+            self.pv[i][slot, :, :p] = v[0]
 
-    def move_rows(self, dst: list[int], src: list[int]) -> None:
-        """Copy live columns of slots `src` into slots `dst` (filling holes left by finished rows)."""
-        if not dst:
+    def move_group(self, dst: int, src: int, cols: int) -> None:
+        for buf in self.pk + self.pv:
+            buf[dst, :, :cols] = buf[src, :, :cols]
+
+    def move_rows(self, dst: list[int], src: list[int], cols: int) -> None:
+        if not dst or not cols:
             return
         d = torch.tensor(dst, dtype=torch.long)
         s = torch.tensor(src, dtype=torch.long)
-        cols = slice(self.start, self.ptr)
-        for buf in self.keys + self.values:
-            buf[d, :, cols] = buf[s, :, cols]
+        for buf in self.rk + self.rv:
+            buf[d, :, :cols] = buf[s, :, :cols]
 
 
-class _SlotLayer(DynamicLayer):
-    """One layer's view of the store for a single-token decode step."""
+class _DecodeLayer(DynamicLayer):
+    """One layer's cache during a decode step: store the new token's K/V in each row's next
+    response column. Attention itself reads the store (cpu_attention.cascade_attention)."""
 
-    def __init__(self, store: SlotStore, idx: int) -> None:
+    def __init__(self, cache: DecodeCache, idx: int) -> None:
         super().__init__()
-        self.store = store
+        self.owner = cache
         self.idx = idx
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        s = self.store
-        if key_states.shape[2] != 1 or key_states.shape[0] != s.rows:
-            raise RuntimeError(f"slot cache takes one token per live row, got {tuple(key_states.shape)}")
-        k, v = s.keys[self.idx], s.values[self.idx]
-        k[: s.rows, :, s.ptr] = key_states[:, :, 0]
-        v[: s.rows, :, s.ptr] = value_states[:, :, 0]
-        return k[: s.rows, :, s.start : s.ptr + 1], v[: s.rows, :, s.start : s.ptr + 1]
+        c = self.owner
+        if key_states.shape[2] != 1 or key_states.shape[0] != c.rows.numel():
+            raise RuntimeError(f"decode cache takes one token per live row, got {tuple(key_states.shape)}")
+        c.store.rk[self.idx][c.rows, :, c.cols] = key_states[:, :, 0]
+        c.store.rv[self.idx][c.rows, :, c.cols] = value_states[:, :, 0]
+        return key_states, value_states
 
     def get_seq_length(self) -> int:
-        return self.store.span
+        return 0  # the model only sizes its (unused) mask with this
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.store.span + query_length, 0
+        return query_length, 0
 
 
-class SlotCache(Cache):
-    """What the model sees during a decode step; the caller advances `store.ptr` afterwards."""
+class DecodeCache(Cache):
+    """What the model sees as its cache during a decode step. `cols[r]` = the response column
+    row r writes this step; set by the decode loop before each forward."""
 
-    def __init__(self, store: SlotStore, num_layers: int) -> None:
-        super().__init__(layers=[_SlotLayer(store, i) for i in range(num_layers)])
+    def __init__(self, store: KVStore) -> None:
+        super().__init__(layers=[_DecodeLayer(self, i) for i in range(len(store.shapes))])
         self.store = store
+        self.rows = torch.zeros(0, dtype=torch.long)
+        self.cols = torch.zeros(0, dtype=torch.long)

@@ -18,17 +18,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from services.engines.base import EngineError
+from services.engines.cpu_attention import IMPLEMENTATION
 
 log = logging.getLogger(__name__)
 
 
 def load_model(model_dir: str | os.PathLike, dtype: torch.dtype) -> tuple[PreTrainedModel, Any]:
-    """Model (eval, sdpa attention) and tokenizer (None when the directory has none)."""
+    """Model (eval; SDPA attention, with cascade attention in decode steps) and tokenizer
+    (None when the directory has none)."""
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise EngineError(f"{path} has no config.json: not a local HF model directory")
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, attn_implementation="sdpa", local_files_only=True
+        str(path), dtype=dtype, attn_implementation=IMPLEMENTATION, local_files_only=True
     )
     model.eval()
     model.requires_grad_(False)

@@ -9,8 +9,11 @@ Log-prob modes (what `logprobs` holds for each sampled token):
 At temperature 0 (greedy) the sampled-from distribution is a point mass (log-prob 0), which
 carries no information, so both modes report the raw log-prob of the argmax token.
 
-Sampling uses the exponential race (argmax of p / E, E ~ Exp(1)), which draws exactly from p.
-All math is float32 whatever the model dtype.
+Sampling is by inverse CDF: one uniform u per row, token = first index whose float64
+cumulative probability exceeds u * total. That draws exactly from p (up to float64 rounding)
+and needs one random number per row; drawing one per vocabulary entry (the exponential race,
+or torch.multinomial) was ~15x slower for a 49k vocabulary here. Logit math is float32
+whatever the model dtype.
 """
 
 from __future__ import annotations
@@ -76,24 +79,30 @@ def filter_top_k_top_p(scaled: torch.Tensor, spec: BatchSampling) -> torch.Tenso
 def sample(
     logits: torch.Tensor,
     spec: BatchSampling,
-    noise: torch.Tensor | None,
+    uniforms: torch.Tensor | None,
     mode: LogprobsMode = "processed",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row of `logits` [B, V]. `noise` is Exp(1) noise [B, V] (ignored
+    """Sample one token per row of `logits` [B, V]. `uniforms` are U[0, 1) float64 [B] (ignored
     when every row is greedy). Returns (token ids int64 [B], log-probs float32 [B])."""
     logits = logits.float()
     raw_lp = torch.log_softmax(logits, dim=-1) if (mode == "raw" or spec.any_greedy) else None
     if spec.all_greedy:
         tok = logits.argmax(dim=-1)
         return tok, raw_lp.gather(1, tok.unsqueeze(1)).squeeze(1)
-    if noise is None:
-        raise ValueError("noise is required unless every row is greedy")
+    if uniforms is None:
+        raise ValueError("uniforms are required unless every row is greedy")
     scaled = logits * spec.inv_temps
     if spec.any_top_k or spec.any_top_p:
         scaled = filter_top_k_top_p(scaled, spec)
     proc_lp = torch.log_softmax(scaled, dim=-1)
-    # argmax(p / E) == argmax(log p - log E); filtered tokens have log p = -inf and never win.
-    tok = (proc_lp - noise.clamp_min(1e-30).log()).argmax(dim=-1)
+    probs = proc_lp.exp()
+    cdf = probs.double().cumsum_(dim=-1)
+    u = (uniforms.double() * cdf[:, -1]).unsqueeze(1)
+    tok = torch.searchsorted(cdf, u, right=True).squeeze(1)
+    # u * total can round up to total: clamp to the last token with non-zero probability
+    positive = probs > 0
+    last = probs.shape[-1] - 1 - positive.flip(-1).to(torch.uint8).argmax(dim=-1)
+    tok = torch.minimum(tok, last)
     if spec.any_greedy:
         tok = torch.where(spec.greedy, logits.argmax(dim=-1), tok)
     lp_src = raw_lp if mode == "raw" else proc_lp
