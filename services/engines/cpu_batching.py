@@ -126,29 +126,33 @@ class DecodeBatch:
         """Tensors that only change when rows join or leave: sampling settings, seeded row
         sets, and the group <-> row maps and prompt mask of the cascade attention."""
         if self._layout is None:
-            b = len(self.rows)
+            b, n_g = len(self.rows), len(self.groups)
             spec = BatchSampling([r.req.sampling for r in self.rows], self.runner.vocab_size)
-            members: list[list[int]] = [[] for _ in self.groups]
-            for slot, r in enumerate(self.rows):
-                members[r.group.slot].append(slot)
-            gmax = max(len(m) for m in members)
-            q_index = torch.full((len(self.groups), gmax), b, dtype=torch.long)
+            group = torch.tensor([r.group.slot for r in self.rows], dtype=torch.long)
+            index = torch.tensor([r.index for r in self.rows], dtype=torch.long)
+            # rows ordered by (group, sample index); each row's rank inside its group
+            order = torch.argsort(group * (int(index.max()) + 1) + index)
+            counts = torch.bincount(group, minlength=n_g)
+            gmax = int(counts.max())
+            starts = torch.cumsum(counts, 0) - counts
+            g_sorted = group[order]
+            flat = g_sorted * gmax + (torch.arange(b) - starts[g_sorted])
+            q_index = torch.full((n_g * gmax,), b, dtype=torch.long)
+            q_index[flat] = order
             row_pos = torch.empty(b, dtype=torch.long)
+            row_pos[order] = flat
+            # A seeded request draws from its own generator, for its live rows in sample
+            # order: its draws do not depend on which other requests share the batch.
             seeded = []
-            for g, rows in enumerate(members):
-                rows.sort(key=lambda s: self.rows[s].index)
-                q_index[g, : len(rows)] = torch.tensor(rows, dtype=torch.long)
-                row_pos[rows] = g * gmax + torch.arange(len(rows))
-                gen = self.groups[g].req.generator
-                if gen is not None:
-                    # A seeded request draws from its own generator, for its live rows in
-                    # sample order: its draws do not depend on which requests share the batch.
-                    seeded.append((gen, torch.tensor(rows, dtype=torch.long)))
+            for g in self.groups:
+                if g.req.generator is not None:
+                    slots = q_index[g.slot * gmax : g.slot * gmax + g.live]
+                    seeded.append((g.req.generator, slots))
             plen = torch.tensor([g.prompt_len for g in self.groups])
             pmax = int(plen.max())
-            pmask = torch.zeros(len(self.groups), 1, 1, pmax, dtype=self.dtype)
-            pmask.masked_fill_((torch.arange(pmax) >= plen[:, None]).view(len(self.groups), 1, 1, pmax), _NEG_INF)
-            self._layout = (spec, seeded, gmax, q_index.view(-1), row_pos, pmax, pmask)
+            pmask = torch.zeros(n_g, 1, 1, pmax, dtype=self.dtype)
+            pmask.masked_fill_((torch.arange(pmax) >= plen[:, None]).view(n_g, 1, 1, pmax), _NEG_INF)
+            self._layout = (spec, seeded, gmax, q_index, row_pos, pmax, pmask)
         return self._layout
 
     def _uniforms(self, b: int, seeded: list[tuple[torch.Generator, torch.Tensor]]) -> torch.Tensor:
