@@ -49,13 +49,14 @@ async def bus(redis_url, prefix):
 def make_driver(bus: Bus, source: PromptSource, *, S: int = 0, zero_variance: str = "drop",
                 backfill_max: int = 2, state: DriverState | None = None,
                 wait_timeout_s: float = 30.0) -> Driver:
-    inbox = Inbox(bus.r, f"{bus.cfg.prefix}:trainer:{(state or DriverState()).nonce}")
+    state = state or DriverState()
+    inbox = Inbox(bus.r, f"{bus.cfg.prefix}:trainer:{state.nonce}")
     return Driver(bus=bus, prompts_stream=bus.cfg.stream("prompts"), inbox=inbox, source=source,
                   run_id="t", prompts_per_step=P, group_size=G, max_staleness=S,
                   zero_variance=zero_variance, backfill_max=backfill_max,
                   sampling=SamplingParams(max_new_tokens=4, seed=10),
                   teacher=TeacherRequest(scope="correct_mixed"), wait_timeout_s=wait_timeout_s,
-                  publish_timeout_s=5, state=state or DriverState())
+                  publish_timeout_s=5, state=state)
 
 
 async def published(bus: Bus, n: int) -> list[PromptTask]:
@@ -99,22 +100,44 @@ async def test_admission_is_bounded_by_staleness_and_tasks_are_complete(bus, sou
     assert await d2.top_up(0) == 3 * P  # versions 0, 1, 2 may all be trained fresh
 
 
-async def test_stale_and_future_groups_are_dropped_and_replaced(bus, source):
+async def test_stale_groups_are_replaced_and_newer_ones_held_back(bus, source):
     d = make_driver(bus, source, S=1)
     await d.top_up(0)  # versions 0 and 1 may train fresh: 2P tasks
     tasks = await published(bus, 2 * P)
-    # collected at version 2: staleness 0, 2 (stale), -1 (future), 1 (ok with S=1), 0, 0
+    # collected at version 2: staleness 0, 2 (stale), -1 (newer weights), 1 (ok, S=1), 0, 0
     for t, v in zip(tasks, [2, 0, 3, 1, 2, 2], strict=True):
         await d.inbox.receive(answer(t, [1.0, 0.0], v))
     coll = await d.collect(2)
     assert [g.task.meta["task_index"] for g in coll.groups] == [0, 3, 4]
-    assert dict(coll.counts) == {"stale": 1, "future": 1}
-    assert d.state.totals == {"stale": 1, "future": 1}
-    assert d.state.replacements == 2
-    # version 2 admits up to step 3 (2P more) plus one replacement per dropped group
+    assert dict(coll.counts) == {"stale": 1, "deferred": 1}
+    assert d.state.replacements == 2 and d.state.deferred == [2]
+    # version 2 admits up to step 3 (2P more) plus one replacement per unusable group
     assert d.state.admitted == 4 * P + 2
     assert await bus.backlog(bus.cfg.stream("prompts")) == 2 * P + 2
-    assert d.inbox.pending() == 1  # group 5 waits for the next step
+    assert derive_id(tasks[2].msg_id, "scored") not in coll.consumed  # stays in the inbox
+
+    (t6,) = await published(bus, 1)
+    await d.inbox.receive(answer(t6, [1.0, 0.0], 3))
+    coll = await d.collect(3)  # the held group's version has come: it is trained now
+    assert [g.task.meta["task_index"] for g in coll.groups] == [2, 5, 6]
+    assert d.state.deferred == [] and d.state.replacements == 1
+
+
+async def test_a_service_stuck_at_another_version_stops_the_run(bus, source):
+    d = make_driver(bus, source, S=0)
+    d.max_dropped = 2
+    await d.top_up(0)
+    for t in await published(bus, P):
+        await d.inbox.receive(answer(t, [1.0, 0.0], 7))  # all from weights the trainer lacks
+
+    async def feed() -> None:
+        (t,) = await published(bus, 1)
+        await d.inbox.receive(answer(t, [1.0, 0.0], 7))
+
+    feeder = asyncio.create_task(feed())
+    with pytest.raises(DriverError, match=r"do not serve the trainer's version 0"):
+        await d.collect(0)
+    await feeder
 
 
 async def test_foreign_groups_are_ignored(bus, source):
@@ -222,3 +245,35 @@ async def test_waiting_fails_with_a_clear_error_and_stop_interrupts(bus, source)
     stop = asyncio.Event()
     stop.set()
     assert await make_driver(bus, source).collect(0, stop) is None
+
+
+async def test_a_held_group_is_not_replaced_twice_after_a_restart(bus, source):
+    d = make_driver(bus, source, S=0)
+    await d.top_up(0)
+    tasks = await published(bus, P)
+    for t, v in zip(tasks, [0, 1, 0], strict=True):
+        await d.inbox.receive(answer(t, [1.0, 0.0], v))
+
+    async def feed() -> None:
+        (t,) = await published(bus, 1)
+        await d.inbox.receive(answer(t, [1.0, 0.0], 0))
+
+    feeder = asyncio.create_task(feed())
+    coll = await d.collect(0)
+    await feeder
+    assert d.state.deferred == [1] and d.state.replacements == 1
+    saved = DriverState.from_dict(d.state.to_dict())  # the checkpoint ...
+    await d.inbox.commit(coll.consumed)  # ... and the inbox commit that follows it
+    # a restart from that state finds the held group again in the inbox
+    again = make_driver(bus, source, S=0, state=saved)
+    assert await again.inbox.restore() == 1
+
+    async def feed_two() -> None:
+        for t in await published(bus, P - 1):
+            await again.inbox.receive(answer(t, [1.0, 0.0], 1))
+
+    feeder = asyncio.create_task(feed_two())
+    coll = await again.collect(1)
+    await feeder
+    assert [g.task.meta["task_index"] for g in coll.groups] == [1, 4, 5]
+    assert again.state.deferred == [] and again.state.replacements == 0

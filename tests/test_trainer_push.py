@@ -106,3 +106,10 @@ async def test_a_stalled_service_times_out_instead_of_hanging(tmp_path, services
 async def test_unreachable_service_is_reported(tmp_path):
     res = await pusher(tmp_path, ["http://127.0.0.1:9"], retries=2).push(state(0), 1)
     assert "ConnectError" in res.failed["s0"]
+
+
+async def test_a_refusal_is_reported_without_retrying(tmp_path, services):
+    (a, ua), _ = services
+    a.controls.fail_times, a.controls.fail_status = 100, 409  # e.g. a stale version
+    res = await pusher(tmp_path, [ua], retries=3).push(state(0), 1)
+    assert "HTTP 409" in res.failed["s0"] and res.attempts["s0"] == 1

@@ -27,12 +27,12 @@ def batch():
     return case_batch()
 
 
-def ds_run(model_dir, batch, **kw) -> tuple[list[dict], dict[str, torch.Tensor]]:
+def ds_run(model_dir, batch, mode="reuse", **kw) -> tuple[list[dict], dict[str, torch.Tensor]]:
     cfg = case_config(model_dir, **kw)
     rank, world = dist.setup("cpu", 120)
     policy = build_policy(cfg, rank=rank, world_size=world, device="cpu")
-    ms = [update_step(policy, batch, cfg.algorithm, step=s, micro_batch_size=cfg.micro_batch_size)
-          for s in range(STEPS)]
+    ms = [update_step(policy, batch, cfg.algorithm, step=s, micro_batch_size=cfg.micro_batch_size,
+                      old_logprobs_mode=mode) for s in range(STEPS)]
     return ms, full_state_dict(policy)
 
 
@@ -76,8 +76,9 @@ def test_policy_logprobs_are_the_models(model_dir, batch):
     torch.testing.assert_close(ent[batch.response_mask], ref.entropy[batch.response_mask])
 
 
-def test_zero0_update_matches_plain_pytorch(model_dir, batch, reference):
-    run = ds_run(model_dir, batch, micro_batch_size=3)
+@pytest.mark.parametrize("mode", ["recompute", "reuse"])
+def test_zero0_update_matches_plain_pytorch(model_dir, batch, reference, mode):
+    run = ds_run(model_dir, batch, mode, micro_batch_size=3)
     assert_same(run, reference)
     m = run[0][0]
     for key in ("pg_loss", "clipfrac_low", "clipfrac_high", "mismatch_kl", "entropy",

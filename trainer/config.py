@@ -212,6 +212,13 @@ class TrainerConfig(RLRTSettings):
     logprob_chunk_size: int = Field(
         1024, ge=1, description="rows of hidden states per lm_head chunk (bounds the [N,V] logits)"
     )
+    old_logprobs: Literal["reuse", "recompute"] = Field(
+        "reuse",
+        description="how s_t (the behaviour policy's log-probs) is obtained: recompute = a "
+        "separate no-grad pass over the batch before the update; reuse = from the update's "
+        "own forward, detached, before each micro-batch's loss. Identical values (one "
+        "optimizer step per batch: the weights do not move in between), one pass fewer",
+    )
     logprob_temperature: float | None = Field(
         None,
         gt=0,
@@ -267,6 +274,13 @@ class TrainerConfig(RLRTSettings):
     )
     backfill_max: int = Field(
         8, ge=0, description="backfill: at most this many replacement prompts per step"
+    )
+    max_dropped_per_step: int | None = Field(
+        None,
+        ge=1,
+        description="unusable groups (too stale, or from weights newer than the trainer's) "
+        "tolerated while collecting one step before the run stops with an error naming the "
+        "versions seen; None = 8 * (max_staleness + 1) * prompts_per_step",
     )
     wait_timeout_s: float = Field(
         900.0,

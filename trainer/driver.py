@@ -3,8 +3,10 @@
 Versions. The trainer's policy version is the number of optimizer steps taken; step t trains
 at version t and produces version t+1. A group sampled by weights of version v is usable at
 step t only if 0 <= t - v <= max_staleness (S). Older groups are dropped and counted
-("stale"); a group *newer* than the trainer ("future") can only come from weights of a run
-that was killed and resumed from an earlier checkpoint, and is dropped too.
+("stale") and replaced by a new prompt. A group *newer* than the trainer can only come from
+a run killed after its last checkpoint and resumed: it is held back ("deferred") until the
+trainer reaches its version, so its prompt is not skipped. Too many unusable groups in one
+step (services stuck at another version) stop the run with an error instead of spinning.
 
 Admission control. Task k (the k-th admitted prompt) is meant for step k // P (P prompts per
 step); at version t the driver admits tasks up to step t + S, i.e. keeps the number admitted
@@ -52,6 +54,7 @@ class DriverState:
     data_cursor: int = 0  # stream position of the next row (skipped rows advance it too)
     replacements: int = 0  # extra admissions earned by dropped groups
     inflight: dict[int, int] = field(default_factory=dict)  # task index -> admission version
+    deferred: list[int] = field(default_factory=list)  # task indices held for a newer version
     totals: dict[str, int] = field(default_factory=dict)  # drop / keep counters, whole run
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,7 +93,7 @@ class Driver:
                  run_id: str, prompts_per_step: int, group_size: int, max_staleness: int,
                  zero_variance: str, backfill_max: int, sampling: SamplingParams,
                  teacher: TeacherRequest, wait_timeout_s: float, publish_timeout_s: float,
-                 state: DriverState | None = None) -> None:
+                 max_dropped: int | None = None, state: DriverState | None = None) -> None:
         self.bus = bus
         self.stream = prompts_stream
         self.inbox = inbox
@@ -106,6 +109,12 @@ class Driver:
         self.wait_timeout_s = wait_timeout_s
         self.publish_timeout_s = publish_timeout_s
         self.state = state or DriverState()
+        # Unusable groups tolerated in one step before the run stops with an error (a service
+        # stuck at another version would otherwise make the driver drop and replace forever).
+        self.max_dropped = (max_dropped if max_dropped is not None
+                            else 8 * (max_staleness + 1) * prompts_per_step)
+        self.deferred: list[ScoredGroup] = []
+        self._seen_versions: set[int] = set()
 
     # ------------------------------------------------------------------ admission
     def allowance(self, version: int) -> int:
@@ -147,9 +156,37 @@ class Driver:
         counts[key] += 1
         self.state.totals[key] = self.state.totals.get(key, 0) + 1
 
+    async def _next(self, version: int, stop: Any, used: int) -> ScoredGroup | None:
+        """A deferred group whose version has come, else the next arrival."""
+        for i, g in enumerate(self.deferred):
+            if g.engine_version <= version:
+                del self.deferred[i]
+                return g
+        try:
+            return await self.inbox.get(self.wait_timeout_s, stop)
+        except InboxTimeout:
+            raise DriverError(
+                f"waited {self.wait_timeout_s:.0f} s for a ScoredGroup for step {version} "
+                f"({used}/{self.P} received; {len(self.state.inflight)} tasks in flight on "
+                f"'{self.stream}'; {len(self.deferred)} held back as sampled by newer weights): "
+                f"is every service (rollout, verifier, teacher) running? Check the "
+                f"dead-letter streams '<stream>:dead'."
+            ) from None
+
+    def _defer(self, g: ScoredGroup) -> None:
+        """Hold a group sampled by weights newer than the trainer's (a run resumed from an
+        earlier checkpoint than the services' weights) until the trainer reaches that
+        version, instead of skipping its prompt; admit a replacement for now."""
+        self.deferred.append(g)
+        k = task_index(g)
+        if k not in self.state.deferred:  # held before a restart: replaced already
+            self.state.deferred.append(k)
+            self.state.replacements += 1
+
     async def collect(self, version: int, stop: Any = None) -> Collected | None:
         """The groups step `version` trains on (None if `stop` was set while waiting).
-        Raises DriverError when no group arrives within wait_timeout_s."""
+        Raises DriverError when no group arrives within wait_timeout_s, or when too many are
+        unusable (the services are not at the trainer's version)."""
         t0 = time.perf_counter()
         used: list[ScoredGroup] = []
         consumed: list[str] = []
@@ -157,27 +194,35 @@ class Driver:
         slots = self.P
         backfilled = 0
         while slots > 0:
-            await self.top_up(version)
-            try:
-                g = await self.inbox.get(self.wait_timeout_s, stop)
-            except InboxTimeout:
+            unusable = counts["stale"] + counts["deferred"]
+            if unusable > self.max_dropped:
                 raise DriverError(
-                    f"waited {self.wait_timeout_s:.0f} s for a ScoredGroup for step {version} "
-                    f"({len(used)}/{self.P} received; {len(self.state.inflight)} tasks in flight "
-                    f"on '{self.stream}'): is every service (rollout, verifier, teacher) running? "
-                    f"Check the dead-letter streams '<stream>:dead'."
-                ) from None
+                    f"step {version}: {counts['stale']} groups too stale and "
+                    f"{counts['deferred']} from newer weights (engine versions "
+                    f"{sorted(self._seen_versions)}): the services do not serve the trainer's "
+                    f"version {version}; check the weight pushes (push_failed in the metrics)")
+            await self.top_up(version)
+            g = await self._next(version, stop, len(used))
             if g is None:
                 return None
-            consumed.append(g.msg_id)
             k = task_index(g)
             if g.task.meta.get("nonce") != self.state.nonce or k not in self.state.inflight:
+                consumed.append(g.msg_id)
                 self._count(counts, "foreign")  # another run's group, or one already used
                 continue
-            del self.state.inflight[k]
             staleness = version - g.engine_version
-            if staleness < 0 or staleness > self.S:
-                self._count(counts, "future" if staleness < 0 else "stale")
+            self._seen_versions.add(g.engine_version)
+            if staleness < 0:
+                self._count(counts, "deferred")
+                self._defer(g)  # not consumed: it stays in the inbox until used
+                continue
+            consumed.append(g.msg_id)
+            del self.state.inflight[k]
+            if k in self.state.deferred:  # held earlier (maybe by a previous process)
+                self.state.deferred.remove(k)
+                self.state.replacements -= 1  # it takes the slot its replacement was for
+            if staleness > self.S:
+                self._count(counts, "stale")
                 self.state.replacements += 1
                 continue
             if zero_variance(g):
@@ -200,6 +245,7 @@ class Driver:
                 continue
             used.append(g)
             slots -= 1
+        self._seen_versions.clear()
         used.sort(key=task_index)  # arrival order varies; the batch must not
         return Collected(groups=used, consumed=consumed, counts=counts,
                          wait_s=time.perf_counter() - t0)

@@ -71,10 +71,12 @@ class _Collective:
         if op == "train":
             batch, step = args
             return update_step(self.policy, batch, self.cfg.algorithm, step=step,
-                               micro_batch_size=self.cfg.micro_batch_size)
+                               micro_batch_size=self.cfg.micro_batch_size,
+                               old_logprobs_mode=self.cfg.old_logprobs)
         if op == "gather":
+            # No copy: the push completes before the next optimizer step touches the weights.
             return full_state_dict(self.policy, _push_dtype(self.cfg, self.policy),
-                                   bucket_bytes=self.cfg.push.bucket_mb * 1024**2)
+                                   bucket_bytes=self.cfg.push.bucket_mb * 1024**2, copy=False)
         if op == "nccl":
             from trainer.weight_sync_nccl import nccl_push_all
 
@@ -227,7 +229,7 @@ class _Lead:
                 teacher=cfg.algorithm.teacher_request(
                     chat_template_kwargs=dict(cfg.data.chat_template_kwargs)),
                 wait_timeout_s=cfg.wait_timeout_s, publish_timeout_s=cfg.publish_timeout_s,
-                state=dstate)
+                max_dropped=cfg.max_dropped_per_step, state=dstate)
             self.pusher = WeightPusher(
                 cfg.push, cfg.weights_root, cfg.run_id,
                 extra_files={"config.json": self.policy.hf_model.config.to_json_string()})

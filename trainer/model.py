@@ -305,13 +305,19 @@ def iter_gathered(policy: Policy, bucket_bytes: int, dtype: torch.dtype | None =
 
 
 def full_state_dict(policy: Policy, dtype: torch.dtype | None = None,
-                    bucket_bytes: int = 512 * 1024**2) -> dict[str, torch.Tensor] | None:
-    """The whole model as CPU tensors on rank 0 (None elsewhere). Collective under ZeRO-3."""
+                    bucket_bytes: int = 512 * 1024**2, *, copy: bool = True
+                    ) -> dict[str, torch.Tensor] | None:
+    """The whole model as CPU tensors on rank 0 (None elsewhere). Collective under ZeRO-3.
+    copy=False may return the live CPU parameters themselves (ZeRO 0/2 on CPU): valid only
+    until the next optimizer step, and saves copying the whole model for a push that
+    completes before it."""
     out: dict[str, torch.Tensor] = {}
     for bucket in iter_gathered(policy, bucket_bytes, dtype):
         if policy.rank == 0:
             for name, t in bucket:
-                out[name] = t.to("cpu", copy=True).contiguous()
+                # a gathered ZeRO-3 tensor is freed after its bucket: always copy it
+                keep = copy or policy.zero3
+                out[name] = t.to("cpu", copy=keep).contiguous()
     return out if policy.rank == 0 else None
 
 

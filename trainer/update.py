@@ -3,6 +3,7 @@
 1. old log-probs: s_t under the current weights (no grad), micro-batch by micro-batch, with
    the entropy for the metrics. Each rank scores its own rows; a sum over ranks gives every
    rank the whole [B,T] (cheap: B*T floats) so that step 2 sees whole groups.
+   (`reuse` mode folds this pass into step 3, see update_step.)
 2. token advantages A_kt from the algorithm core (GRPO A_k from the rewards, re-weighted per
    token by the teacher where the preset says so), identical on every rank.
 3. micro-batched loss and backward. The loss of a micro-batch is normalised by the token /
@@ -12,9 +13,9 @@
 4. engine.step(): gradient reduction (ZeRO), clipping, AdamW, lr schedule.
 
 With one optimizer step per batch, s_t equals the log-probs of the update's own forward (the
-PPO ratio is 1 at the start); it is recomputed because the teacher weights need s_t before
-the loss (D_t = s_t - q_t), and the trainer's s_t, not the engine's e_t, is the behaviour
-policy of the spec.
+PPO ratio is 1): the trainer's s_t, not the engine's e_t, is the behaviour policy of the
+spec, and the teacher weights need it before the loss (D_t = s_t - q_t). "recompute" gets it
+from a separate pass; "reuse" from the same forward, before that micro-batch's loss.
 """
 
 from __future__ import annotations
@@ -88,23 +89,36 @@ LOSS_KEYS = ["pg_loss", "clipfrac_low", "clipfrac_high", "dual_clip_frac", "appr
 
 
 def update_step(policy: Policy, batch: TrainBatch, alg: AlgorithmConfig, *, step: int,
-                micro_batch_size: int) -> dict[str, float]:
+                micro_batch_size: int, old_logprobs_mode: str = "recompute") -> dict[str, float]:
     """Run steps 1-4 on `batch` (the whole batch, identical on every rank). Returns metrics
-    (identical on every rank) including seconds per phase and tokens/s."""
+    (identical on every rank) including seconds per phase and tokens/s.
+
+    old_logprobs_mode "recompute": step 1 is a separate no-grad pass. "reuse": s_t is taken
+    from the update's own forward (detached) micro-batch by micro-batch, and each
+    micro-batch's advantages are computed right before its loss; exactly the same numbers
+    (the weights do not change until step 4), one forward pass fewer."""
     rank, world = policy.rank, policy.world_size
     mine_rows = shard_rows(batch, rank, world)
     n_mb = num_micro_batches(batch.size, world, micro_batch_size)
     mine = micro_batches(mine_rows, micro_batch_size, n_mb)
     mask = batch.response_mask
+    reuse = old_logprobs_mode == "reuse"
+
+    def advantages(s: Tensor):  # noqa: ANN202 - TokenAdvantages
+        return token_advantages(alg, rewards=batch.rewards, group_ids=batch.group_ids,
+                                mask=mask, student_logprobs=s,
+                                teacher_logprobs=batch.teacher_logprobs,
+                                has_teacher=batch.has_teacher, correct=batch.correct, step=step)
 
     t0 = time.perf_counter()
-    s, entropy = old_logprobs(policy, batch, mine)
+    if reuse:
+        s = torch.zeros(mask.shape)
+        entropy = torch.zeros(mask.shape)
+    else:
+        s, entropy = old_logprobs(policy, batch, mine)
     t1 = time.perf_counter()
-
-    adv = token_advantages(alg, rewards=batch.rewards, group_ids=batch.group_ids, mask=mask,
-                           student_logprobs=s, teacher_logprobs=batch.teacher_logprobs,
-                           has_teacher=batch.has_teacher, correct=batch.correct, step=step)
-    t2 = time.perf_counter()
+    adv = None if reuse else advantages(s)
+    t_adv = time.perf_counter() - t1
 
     n_tokens = float(mask.sum())
     n_seqs = float((mask.sum(-1) > 0).sum())
@@ -116,8 +130,17 @@ def update_step(policy: Policy, batch: TrainBatch, alg: AlgorithmConfig, *, step
         idx = torch.as_tensor(rows or [0])
         T = mb.input_ids.shape[1]
         lp, h = policy.forward(mb.input_ids, mb.attention_mask, mb.response_mask,
-                               with_entropy=need_entropy)
+                               with_entropy=need_entropy or reuse)
         dev = lp.device
+        if reuse:
+            if rows:
+                _scatter_rows(s, rows, lp.detach())
+                _scatter_rows(entropy, rows, h.detach())
+            # A_kt of a row needs only its own s_t (and its group's rewards): the rows of
+            # this micro-batch are final, the others are not read.
+            ta = time.perf_counter()
+            adv = advantages(s)
+            t_adv += time.perf_counter() - ta
         out = policy_loss(
             lp, s[idx, :T].to(dev), adv.advantages[idx, :T].to(dev), mb.response_mask.to(dev),
             alg, engine_logprobs=mb.engine_logprobs.to(dev),
@@ -127,9 +150,14 @@ def update_step(policy: Policy, batch: TrainBatch, alg: AlgorithmConfig, *, step
         loss_total += float(out.loss.detach())
         sums.add(out.metrics, float(mb.response_mask.sum()))
     t3 = time.perf_counter()
+    lr = float(policy.engine.get_lr()[0])  # the lr this step uses (step() advances it)
     policy.engine.step()
     t4 = time.perf_counter()
-
+    if reuse:  # every rank's rows, for the batch-level diagnostics
+        all_reduce_sum(s)
+        all_reduce_sum(entropy)
+        adv = advantages(s)
+    t2 = t1 + t_adv
     all_reduce_sum(loss_total)
     metrics = sums.reduce(LOSS_KEYS)
     metrics["entropy"] = float((entropy * mask).sum() / max(n_tokens, 1.0))
@@ -138,14 +166,14 @@ def update_step(policy: Policy, batch: TrainBatch, alg: AlgorithmConfig, *, step
     gn = policy.engine.get_global_grad_norm()
     if gn is not None:
         metrics["grad_norm"] = float(gn)
-    metrics["lr"] = float(policy.engine.get_lr()[0])
+    metrics["lr"] = lr
     metrics["adv_std"] = float(adv.advantages[mask].std()) if n_tokens > 1 else 0.0
     metrics["train_tokens"] = n_tokens
     metrics["micro_batches"] = float(n_mb)
     metrics["time_old_logprobs_s"] = t1 - t0
     metrics["time_advantages_s"] = t2 - t1
-    metrics["time_fwd_bwd_s"] = t3 - t2
+    metrics["time_fwd_bwd_s"] = t3 - t1 - t_adv
     metrics["time_optimizer_s"] = t4 - t3
-    metrics["time_update_s"] = t4 - t0
+    metrics["time_update_s"] = time.perf_counter() - t0
     metrics["tokens_per_s"] = n_tokens / max(t4 - t0, 1e-9)
     return metrics

@@ -4,9 +4,10 @@ directory with a sha256 manifest (protocol.weights), then tell every service whe
     POST {service}/v1/weights   Authorization: Bearer <token>
     body: WeightUpdate{version, format: "safetensors_dir", location: <dir>, sha256: <digest>}
 
-All services are called concurrently. A call that fails (connection error, timeout, 5xx,
-408/409/429) is retried with exponential backoff up to `retries` times; other 4xx (bad token,
-bad request) are not retried. A service still failing is *reported* -- returned in the
+All services are called concurrently. A call that fails for a reason that may pass
+(connection error, timeout, 5xx -- 502 engine failed, 503 engine not up yet -- 408, 429) is
+retried with exponential backoff up to `retries` times. A refusal is not retried: 409 (hash
+mismatch, stale version: the old version keeps serving, docs/engines.md), 401, 413, 422. A service still failing is *reported* -- returned in the
 result, logged, counted in the metrics -- and the trainer goes on (or stops, with
 on_failure=raise); its samples then come back stale and the driver drops them. Every call
 has a timeout and the whole push a deadline: a service can slow the trainer down, never hang it.
@@ -36,7 +37,7 @@ from trainer.config import PushConfig, ServiceEndpoint
 
 log = logging.getLogger("rlrt.trainer.push")
 
-_RETRY_STATUS = {408, 409, 425, 429}
+_RETRY_STATUS = {408, 425, 429}
 
 
 class PushError(RuntimeError):
@@ -75,7 +76,7 @@ def _check_reply(svc: ServiceEndpoint, r: httpx.Response) -> None:
     except ValueError:
         return
     if isinstance(body, dict) and (body.get("ok") is False or body.get("success") is False):
-        raise PushError(f"{svc.name}: refused: {body}", True)
+        raise PushError(f"{svc.name}: refused: {body}", False)
 
 
 class WeightPusher:

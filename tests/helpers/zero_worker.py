@@ -22,8 +22,8 @@ def main(model_dir: str, stage: int, out: str) -> None:
     rank, world = dist.setup("cpu", 120)
     policy = build_policy(cfg, rank=rank, world_size=world, device="cpu")
     batch = case_batch()
-    ms = [update_step(policy, batch, cfg.algorithm, step=s, micro_batch_size=cfg.micro_batch_size)
-          for s in range(STEPS)]
+    ms = [update_step(policy, batch, cfg.algorithm, step=s, micro_batch_size=cfg.micro_batch_size,
+                      old_logprobs_mode="reuse") for s in range(STEPS)]
     sd = full_state_dict(policy)
     if rank == 0:
         save_file(sd, out + ".safetensors")
