@@ -1,0 +1,112 @@
+"""`rlrt train` end to end: embedded Redis, the three services and the DeepSpeed trainer as
+real processes on a tiny model; weights pushed every step; report written; nothing left
+running afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_model(out: Path) -> Path:
+    from trainer.bootstrap.model import build_model
+    from trainer.bootstrap.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    model = build_model(tok, seed=0, hidden=32, layers=2, heads=2, kv_heads=1)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def write_config(tmp_path: Path, model: Path, **trainer) -> Path:
+    run = tmp_path / "run"
+    cfg = {
+        "run": {"name": "e2e", "dir": str(run), "bootstrap": False, "eval_prompts": 4, "eval_k": 2,
+                "eval_max_new_tokens": 12},
+        "bus": {"prefix": "e2e", "claim_idle_ms": 5000},
+        "verifier": {"port": 0, "workers": 1},
+        "rollout": {"port": 0, "engine": {"kind": "cpu", "model_path": str(model),
+                                          "cpu": {"num_threads": 1}}},
+        "teacher": {"port": 0, "engine": {"kind": "cpu", "model_path": str(model),
+                                          "cpu": {"num_threads": 1}}},
+        "trainer": {
+            "run_id": "e2e", "model_path": str(model), "algorithm": {"preset": "rlrt"},
+            "data": {"source": "countdown", "num_prompts": 64},
+            "prompts_per_step": 2, "group_size": 4,
+            "sampling": {"temperature": 1.0, "max_new_tokens": 12},
+            "micro_batch_size": 8, "lr": 1e-4, "warmup_steps": 0, "zero_stage": 0,
+            "torch_threads": 1, "zero_variance": "keep", "total_steps": 2,
+            "output_dir": str(run / "trainer"), "checkpoint": {"every": 1},
+            **trainer,
+        },
+    }
+    p = tmp_path / "e2e.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def run_processes(marker: str) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in part for part in (p.info["cmdline"] or [])):
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+def test_rlrt_train_runs_the_whole_system(tmp_path: Path) -> None:
+    model = tiny_model(tmp_path / "model")
+    cfg = write_config(tmp_path, model)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-m", "rlrt.cli", "train", "--config", str(cfg)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run = tmp_path / "run"
+    rows = [json.loads(x) for x in (run / "trainer" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows][-2:] == [1, 2] or len(rows) == 2
+    report = json.loads((run / "report.json").read_text())
+    assert report["eval_before"]["n_prompts"] == 4 and report["eval_after"]["n_prompts"] == 4
+    # The services served the trainer's last weights during the final evaluation.
+    assert report["eval_after"]["engine_version"] == 2
+    assert (run / "training.png").stat().st_size > 1000
+    assert not run_processes(str(cfg))  # no orphan service or trainer
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_everything_and_resume_finishes(tmp_path: Path) -> None:
+    model = tiny_model(tmp_path / "model")
+    cfg = write_config(tmp_path, model, total_steps=6)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, "-m", "rlrt.cli", "train", "--config", str(cfg)]
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "run" / "trainer" / "metrics.jsonl"
+    deadline = time.monotonic() + 400
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None, proc.stdout.read()[-3000:] if proc.stdout else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-3000:]
+    assert "--resume" in out
+    assert not run_processes(str(cfg))
+    res = subprocess.run(argv + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert sorted(set(steps)) == list(range(1, 7))
