@@ -93,16 +93,14 @@ class ServiceEndpoint(_Section):
     engine: Literal["sglang", "vllm"] | None = Field(
         None,
         description="nccl mode only: the kind of inference server behind the service, which "
-        "decides the update protocol (engine-apis.md section 1 or 2)",
-    )
-    engine_url: str | None = Field(
-        None, description="nccl mode only: base URL of that SGLang / vLLM server itself"
+        "decides how the trainer joins the update group (torch group for SGLang, vLLM's "
+        "PyNccl helper for vLLM); docs/engines.md",
     )
     engine_world_size: int | None = Field(
         None,
         ge=1,
-        description="nccl mode only: GPUs of that server (SGLang tp*dp); None = ask the server "
-        "(vLLM GET /get_world_size) or 1",
+        description="nccl mode only: GPUs of that server; None = ask the service "
+        "(GET /v1/version -> engine.engine_world_size)",
     )
 
 
@@ -113,8 +111,9 @@ class PushConfig(_Section):
     mode: Literal["disk", "nccl"] = Field(
         "disk",
         description="disk: write an atomic safetensors directory (sha256 manifest) and POST "
-        "its path to each service's /v1/weights (CPU and GPU); nccl: bucketed NCCL broadcast "
-        "into the SGLang / vLLM servers (GPU only, see docs/trainer.md), then POST the version",
+        "its path to each service's /v1/weights (CPU and GPU); nccl: POST the bucket list "
+        "(format nccl) and broadcast the buckets into the services' SGLang / vLLM servers "
+        "(GPU only; docs/trainer.md, docs/engines.md)",
     )
     services: list[ServiceEndpoint] = Field(
         default_factory=list, description="services to update; empty = none (offline training)"
@@ -150,8 +149,15 @@ class PushConfig(_Section):
         description="a service still failing after its retries: warn = report (log + metrics) "
         "and keep training (its samples turn stale and are dropped); raise = stop the run",
     )
-    bucket_mb: int = Field(
-        512, ge=1, description="nccl mode: size of one broadcast bucket, in MiB (sized by ds_numel)"
+    bucket_mb: float = Field(
+        512, gt=0, description="nccl mode: size of one broadcast bucket, in MiB (sized by ds_numel)"
+    )
+    disk_every: int = Field(
+        10,
+        ge=0,
+        description="nccl mode: every n-th push goes by disk instead (and the first one, and a "
+        "retry for any service an NCCL push failed): the directory a failed NCCL update "
+        "rolls back to (docs/engines.md); 0 = only the first and the fallbacks",
     )
     master_address: str = Field(
         "127.0.0.1", description="nccl mode: address the trainer's rendezvous store listens on"
@@ -160,6 +166,11 @@ class PushConfig(_Section):
         29600, ge=1, le=65535, description="nccl mode: first port (one per engine: port + index)"
     )
     nccl_timeout_s: float = Field(600.0, gt=0, description="nccl mode: group init / broadcast timeout")
+    nccl_backend: Literal["nccl", "gloo"] = Field(
+        "nccl",
+        description="nccl mode, SGLang-kind services: torch backend of the update group; "
+        "gloo only to exercise the same sequence on CPU (tests)",
+    )
 
 
 class CheckpointConfig(_Section):
@@ -303,8 +314,8 @@ class TrainerConfig(RLRTSettings):
     def _check(self) -> TrainerConfig:
         if self.push.mode == "nccl":
             for s in self.push.services:
-                if s.engine is None or s.engine_url is None:
-                    raise ValueError(f"push.mode=nccl needs engine and engine_url for service {s.name!r}")
+                if s.engine is None:
+                    raise ValueError(f"push.mode=nccl needs engine (sglang|vllm) for service {s.name!r}")
         return self
 
     # ---- derived paths -------------------------------------------------------------------------

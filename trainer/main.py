@@ -76,7 +76,8 @@ class _Collective:
         if op == "gather":
             # No copy: the push completes before the next optimizer step touches the weights.
             return full_state_dict(self.policy, _push_dtype(self.cfg, self.policy),
-                                   bucket_bytes=self.cfg.push.bucket_mb * 1024**2, copy=False)
+                                   bucket_bytes=int(self.cfg.push.bucket_mb * 1024**2),
+                                   copy=False)
         if op == "nccl":
             from trainer.weight_sync_nccl import nccl_push_all
 
@@ -157,6 +158,7 @@ class _Lead:
         self.start_step = int(state["step"]) if state else 0
         self.stop = asyncio.Event()
         self.stop_reason: str | None = None
+        self.pushes = 0
 
     # ------------------------------------------------------------------ helpers
     async def _all(self, op: str, *args: Any) -> Any:
@@ -180,11 +182,21 @@ class _Lead:
 
     async def push(self, version: int) -> PushResult:
         cfg = self.cfg.push
-        if cfg.mode == "nccl":
-            res: PushResult = await self._all("nccl", version)
-        else:
+        by_disk = (cfg.mode == "disk" or self.pushes == 0
+                   or (cfg.disk_every and self.pushes % cfg.disk_every == 0))
+        self.pushes += 1
+        if by_disk:
             sd = await self._all("gather")
             res = await self.pusher.push(sd, version)
+        else:
+            res = await self._all("nccl", version)
+            if res.failed:  # fall back to the directory for those services
+                retry = [s for s in cfg.services if s.name in res.failed]
+                sd = await self._all("gather")
+                disk = await self.pusher.push(sd, version, services=retry)
+                res.ok += disk.ok
+                res.failed = {k: f"{v}; disk fallback: {disk.failed[k]}"
+                              for k, v in res.failed.items() if k in disk.failed}
         if res.failed and cfg.on_failure == "raise":
             raise TrainerError(f"weight push v{version} failed: {res.failed}")
         return res

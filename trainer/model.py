@@ -276,32 +276,43 @@ def numel_of(t: torch.Tensor) -> int:
     return int(getattr(t, "ds_numel", t.numel()))
 
 
-def iter_gathered(policy: Policy, bucket_bytes: int, dtype: torch.dtype | None = None
+def shape_of(t: torch.Tensor) -> list[int]:
+    """Real shape: under ZeRO-3 `shape` is empty outside GatheredParameters."""
+    return [int(x) for x in getattr(t, "ds_shape", t.shape)]
+
+
+def plan_buckets(items: list[tuple[str, torch.Tensor]], bucket_bytes: int,
+                 dtype: torch.dtype | None = None) -> list[list[int]]:
+    """Greedy, order-keeping buckets of about `bucket_bytes` (a bigger tensor gets its own),
+    sized by `ds_numel`: under ZeRO-3 `numel()` is the local partition, and sizing by it
+    would put the whole model in one bucket (one giant gather)."""
+    plan: list[list[int]] = []
+    size = 0
+    for i, (_, t) in enumerate(items):
+        nbytes = numel_of(t) * (dtype or t.dtype).itemsize
+        if not plan or (plan[-1] and size + nbytes > bucket_bytes):
+            plan.append([])
+            size = 0
+        plan[-1].append(i)
+        size += nbytes
+    return plan
+
+
+def iter_gathered(policy: Policy, bucket_bytes: int, dtype: torch.dtype | None = None,
+                  plan: list[list[int]] | None = None
                   ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Full weights, a bucket of about `bucket_bytes` at a time, as CPU-or-device tensors
-    valid until the next bucket. A collective under ZeRO-3: every rank must iterate; only
-    rank 0's tensors are meaningful. Buckets are sized by `ds_numel` (under ZeRO-3 `numel()`
-    is the partition, and sizing by it would gather the whole model in one bucket)."""
+    """Full weights, one bucket of `plan` (default: plan_buckets) at a time, as tensors on
+    the training device valid until the next bucket. A collective under ZeRO-3: every rank
+    must iterate; only rank 0's tensors are meaningful."""
     import deepspeed
 
     items = named_weights(policy.hf_model)
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-
-    def emit(chunk: list[tuple[str, torch.Tensor]]) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    for idx in plan if plan is not None else plan_buckets(items, bucket_bytes, dtype):
+        chunk = [items[i] for i in idx]
         params = [t for _, t in chunk if hasattr(t, "ds_id")]
         with deepspeed.zero.GatheredParameters(params, enabled=policy.zero3 and bool(params)):
-            yield [(n, t.detach().to(dtype) if dtype is not None else t.detach()) for n, t in chunk]
-
-    for name, t in items:
-        nbytes = numel_of(t) * (dtype or t.dtype).itemsize
-        if bucket and size + nbytes > bucket_bytes:
-            yield from emit(bucket)
-            bucket, size = [], 0
-        bucket.append((name, t))
-        size += nbytes
-    if bucket:
-        yield from emit(bucket)
+            yield [(n, t.detach().to(dtype) if dtype is not None else t.detach())
+                   for n, t in chunk]
 
 
 def full_state_dict(policy: Policy, dtype: torch.dtype | None = None,

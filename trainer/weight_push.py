@@ -156,13 +156,15 @@ class WeightPusher:
                       name, res.attempts.get(name, 0), why)
         return res
 
-    async def push(self, state_dict: dict[str, torch.Tensor], version: int) -> PushResult:
-        """Write the directory (in a thread: it is disk and hashing work), then notify."""
+    async def push(self, state_dict: dict[str, torch.Tensor], version: int,
+                   services: list[ServiceEndpoint] | None = None) -> PushResult:
+        """Write the directory (in a thread: it is disk and hashing work), then notify
+        `services` (default: all)."""
         t0 = time.perf_counter()
         path, sha = await asyncio.to_thread(self.write, state_dict, version)
         write_s = time.perf_counter() - t0
         update = WeightUpdate(run_id=self.run_id, version=version, format="safetensors_dir",
                               location=str(path.resolve()), sha256=sha)
-        res = await self.notify(update)
+        res = await self.notify(update, services)
         res.write_s = write_s
         return res

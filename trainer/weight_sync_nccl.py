@@ -1,34 +1,30 @@
-"""Weight push, NCCL path: bucketed broadcasts from the trainer straight into the SGLang
-(rollout) and vLLM (teacher) servers. GPU ONLY -- selected by `push.mode: nccl`; the CPU
-tests exercise the bucketing (model.iter_gathered) and the SGLang sequence over gloo, never
-NCCL itself. The trainer is rank 0 of one extra process group per engine (not the training
-group), the engine's GPUs are ranks 1..n.
+"""Weight push, NCCL path: the trainer's half of the services' NCCL update (docs/engines.md,
+"The trainer's half of an NCCL update"). GPU ONLY in production -- selected by
+`push.mode: nccl`. On CPU the same code runs with `push.nccl_backend: gloo` against a test
+receiver (tests/test_trainer_nccl.py); NCCL itself and vLLM's PyNccl path are GPU-only and
+untested here.
 
-SGLang (engine-apis.md section 1), per update:
-    once   POST /init_weights_update_group {master_address, master_port, rank_offset: 1,
-           world_size: 1+n, group_name, backend: "nccl"}   || trainer joins as rank 0
-    1      POST /pause_generation {mode: "abort"}, POST /flush_cache (400 while busy: retry)
-    2      per bucket: POST /update_weights_from_distributed {names, dtypes, shapes,
-           group_name, flush_cache: <last bucket>, weight_version}
-           || dist.broadcast(t, src=0) for each tensor, in the same order
-    3      POST /continue_generation
-vLLM >= 0.22 native RL API (VLLM_SERVER_DEV_MODE=1, --weight-transfer-config
-'{"backend":"nccl"}'; section 2), per update:
-    once   GET /get_world_size; POST /init_weight_transfer_engine {init_info:
-           {master_address, master_port, rank_offset: 1, world_size: n+1}}
-           || NCCLWeightTransferEngine.trainer_init (vLLM's own helper: its StatelessProcessGroup
-           + PyNccl wire protocol is vLLM's, so the trainer must speak it with vLLM's code)
-    1      POST /pause?mode=keep, POST /start_weight_update {}
-    2      per bucket: POST /update_weights {update_info: {names, dtype_names, shapes}}
-           || trainer_send_weights(bucket)
-    3      POST /finish_weight_update {weight_version}, POST /resume
-Then, for both: POST {service}/v1/weights WeightUpdate{format: "nccl", version, location:
-"host:port"} so our service records the version it now serves.
+The service drives its engine's HTTP endpoints (SGLang: pause, flush, init group,
+update_weights_from_distributed per bucket, continue; vLLM: pause, init transfer engine,
+start, update_weights per bucket, finish, resume); the trainer, rank 0 and rendezvous master
+of one extra process group per service (not the training group), broadcasts the tensors:
 
-Blocking HTTP calls that wait for the broadcast run in a thread; the broadcast runs on the
-caller's thread; both have timeouts. An engine that fails is reported, its group dropped
-(re-initialised on the next push), and the other engines still get their update. Buckets
-are gathered once (ZeRO-3: per bucket, sized by ds_numel) and sent to every engine.
+    1. init_group: true on the first update, after a failure, or when the service's
+       GET /v1/version shows another group than HOST:PORT/NAMExW (a restarted service)
+    2. POST {service}/v1/weights {version, format: "nccl", location: "HOST:PORT",
+       meta: {"nccl": {world_size, rank_offset: 1, group_name, backend, packed, init_group,
+       buckets: [{names, dtypes, shapes}, ...]}}}           -- on a thread, long timeout
+    3. if init_group: join the group as rank 0, concurrently with the service's init call
+       (SGLang: torch TCP rendezvous + a second process group built like SGLang's
+       init_custom_process_group; vLLM: vLLM's own NCCLWeightTransferEngine.trainer_init)
+    4. every bucket, in order (gathered once under ZeRO-3, on every rank): broadcast each
+       tensor from rank 0 to each service's group
+    5. join the HTTP thread: 200 = done; anything else = reported, the group destroyed
+       (re-initialised next time)
+
+Every wait is bounded: the HTTP call by push.nccl_timeout_s, torch groups by their
+timeout. vLLM's PyNccl has no timeout of its own (a dead server blocks the broadcast): the
+service's HTTP failure is then the only signal, so run a GPU trainer under a supervisor.
 """
 
 from __future__ import annotations
@@ -36,7 +32,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -45,32 +40,28 @@ import torch
 
 from protocol.messages import WeightUpdate
 from trainer.config import PushConfig, ServiceEndpoint
-from trainer.model import Policy, iter_gathered
+from trainer.model import Policy, iter_gathered, named_weights, plan_buckets, shape_of
 from trainer.weight_push import PushResult
 
 log = logging.getLogger("rlrt.trainer.nccl")
 
-Bucket = list[tuple[str, torch.Tensor]]
+GROUP_NAME = "rlrt_weight_sync"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def init_custom_process_group(backend: str, master_address: str, master_port: int, rank: int,
-                              world_size: int, group_name: str, timeout_s: float) -> Any:
-    """A process group separate from the training one, built exactly like SGLang's
-    `init_custom_process_group` builds its side (TCP rendezvous + torch's group helper, so
-    the store prefixes match). Private torch API: checked against torch 2.13."""
-    from torch.distributed.distributed_c10d import (
-        _new_process_group_helper,
-        _world,
-        rendezvous,
-    )
+def init_custom_process_group(backend: str, host: str, port: int, rank: int, world_size: int,
+                              group_name: str, timeout_s: float) -> Any:
+    """A process group apart from the training one, built the way SGLang's
+    `init_custom_process_group` builds the server's side (torch TCP rendezvous, then torch's
+    group helper, so the store prefixes match). Private torch API (checked on torch 2.13)."""
+    from torch.distributed.distributed_c10d import _new_process_group_helper, _world, rendezvous
 
     timeout = timedelta(seconds=timeout_s)
-    store, rank, world_size = next(rendezvous(f"tcp://{master_address}:{master_port}", rank,
-                                              world_size, timeout=timeout))
+    store, rank, world_size = next(rendezvous(f"tcp://{host}:{port}", rank, world_size,
+                                              timeout=timeout))
     store.set_timeout(timeout)
     pg, _ = _new_process_group_helper(world_size, rank, [], backend, store,
                                       group_name=group_name, timeout=timeout)
@@ -78,221 +69,227 @@ def init_custom_process_group(backend: str, master_address: str, master_port: in
     return pg
 
 
-class _Call(threading.Thread):
-    """An HTTP call on a thread, so a broadcast can run while it waits for it."""
+def destroy_group(group: Any) -> None:
+    if group is None:
+        return
+    try:
+        torch.distributed.destroy_process_group(group)
+    except Exception as e:  # noqa: BLE001 - a broken group may not tear down cleanly
+        log.debug("destroy group: %r", e)
 
-    def __init__(self, fn: Callable[[], Any]) -> None:
+
+class _Call(threading.Thread):
+    """The blocking /v1/weights call, on a thread while the broadcasts run."""
+
+    def __init__(self, client: httpx.Client, url: str, body: str, headers: dict) -> None:
         super().__init__(daemon=True)
-        self.fn = fn
-        self.result: Any = None
+        self.args = (client, url, body, headers)
+        self.response: httpx.Response | None = None
         self.error: BaseException | None = None
 
     def run(self) -> None:
+        client, url, body, headers = self.args
         try:
-            self.result = self.fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised by join_result
+            self.response = client.post(url, content=body, headers=headers)
+        except BaseException as e:  # noqa: BLE001 - reported by outcome()
             self.error = e
 
-    def join_result(self, timeout_s: float) -> Any:
+    def outcome(self, timeout_s: float) -> str | None:
+        """None on 200, else what went wrong."""
         self.join(timeout_s)
         if self.is_alive():
-            raise TimeoutError(f"HTTP call still running after {timeout_s:.0f} s")
+            return f"no answer within {timeout_s:.0f} s"
         if self.error is not None:
-            raise self.error
-        return self.result
+            return f"{type(self.error).__name__}: {self.error}"
+        r = self.response
+        if r is None or r.status_code != 200:
+            return f"HTTP {r.status_code if r else '?'}: {r.text[:300] if r else ''}"
+        return None
 
 
-class EngineSync:
-    """One engine's update protocol. connect() once; begin/send/end per update."""
+class Peer:
+    """One service's group and update protocol, trainer side."""
 
-    def __init__(self, svc: ServiceEndpoint, cfg: PushConfig, port: int, *,
-                 backend: str = "nccl") -> None:
+    def __init__(self, svc: ServiceEndpoint, cfg: PushConfig, port: int) -> None:
         self.svc = svc
         self.cfg = cfg
         self.port = port
-        self.backend = backend
-        self.url = (svc.engine_url or "").rstrip("/")
+        self.group: Any = None
+        self.world_size: int | None = svc.engine_world_size and svc.engine_world_size + 1
+        self.failed = False
+        headers = {"content-type": "application/json"}
+        if cfg.control_token:
+            headers["authorization"] = f"Bearer {cfg.control_token}"
+        self.headers = headers
         self.http = httpx.Client(timeout=httpx.Timeout(cfg.nccl_timeout_s,
                                                        connect=cfg.connect_timeout_s))
-        self.group: Any = None
 
-    def post(self, path: str, json: Any = None, params: dict | None = None) -> Any:
-        r = self.http.post(f"{self.url}{path}", json=json, params=params)
-        if r.status_code >= 300:
-            raise RuntimeError(f"{self.svc.name} {path}: HTTP {r.status_code}: {r.text[:300]}")
-        try:
-            body = r.json()
-        except ValueError:
-            return r.text
-        if isinstance(body, dict) and body.get("success") is False:
-            raise RuntimeError(f"{self.svc.name} {path}: {body.get('message', body)}")
-        return body
+    @property
+    def location(self) -> str:
+        return f"{self.cfg.master_address}:{self.port}"
 
-    def close(self) -> None:
-        self.group = None
+    def group_key(self) -> str:
+        return f"{self.location}/{GROUP_NAME}x{self.world_size}"
 
+    def _engine_info(self) -> dict[str, Any]:
+        r = self.http.get(f"{self.svc.url.rstrip('/')}/v1/version", headers=self.headers,
+                          timeout=self.cfg.timeout_s)
+        r.raise_for_status()
+        return dict(r.json().get("engine") or {})
 
-class SGLangSync(EngineSync):
-    group_name = "rlrt_weights"
+    def prepare(self) -> bool:
+        """Decide init_group (step 1); learns the engine's world size if not configured."""
+        info = self._engine_info()
+        if self.world_size is None:
+            n = info.get("engine_world_size")
+            if not n:
+                raise RuntimeError(f"{self.svc.name}: engine_world_size unknown; set it in "
+                                   "push.services")
+            self.world_size = int(n) + 1
+        init = self.group is None or info.get("nccl_group") != self.group_key()
+        if init and self.group is not None:
+            destroy_group(self.group)
+            self.group = None
+        return init
 
-    def connect(self) -> None:
-        n = self.svc.engine_world_size or 1
-        body = {"master_address": self.cfg.master_address, "master_port": self.port,
-                "rank_offset": 1, "world_size": n + 1, "group_name": self.group_name,
-                "backend": self.backend}
-        call = _Call(lambda: self.post("/init_weights_update_group", body))
-        call.start()  # blocks server-side until our side joins: run both at once
-        self.group = init_custom_process_group(self.backend, self.cfg.master_address,
-                                               self.port, 0, n + 1, self.group_name,
-                                               self.cfg.nccl_timeout_s)
-        call.join_result(self.cfg.nccl_timeout_s)
-
-    def begin(self, version: int) -> None:
-        self.post("/pause_generation", {"mode": "abort"})
-        deadline = time.monotonic() + self.cfg.nccl_timeout_s
-        while True:  # 400 while requests are still running: retry (slime: 60 x 1 s)
-            r = self.http.post(f"{self.url}/flush_cache")
-            if r.status_code < 300:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.svc.name} /flush_cache kept failing: {r.text[:200]}")
-            time.sleep(1.0)
-
-    def send(self, bucket: Bucket, version: int, last: bool) -> None:
-        body = {"names": [n for n, _ in bucket],
-                "dtypes": [dtype_name(t.dtype) for _, t in bucket],
-                "shapes": [list(t.shape) for _, t in bucket],
-                "group_name": self.group_name, "flush_cache": last,
-                "weight_version": str(version)}
-        call = _Call(lambda: self.post("/update_weights_from_distributed", body))
+    def update(self, version: int, buckets: list[dict[str, Any]], init: bool,
+               run_id: str) -> _Call:
+        """Step 2: start the /v1/weights call."""
+        spec = {"world_size": self.world_size, "rank_offset": 1, "group_name": GROUP_NAME,
+                "backend": self.cfg.nccl_backend, "packed": False, "init_group": init,
+                "buckets": buckets}
+        body = WeightUpdate(run_id=run_id, version=version, format="nccl",
+                            location=self.location, meta={"nccl": spec}).model_dump_json()
+        call = _Call(self.http, f"{self.svc.url.rstrip('/')}/v1/weights", body, self.headers)
         call.start()
-        for _, t in bucket:
-            torch.distributed.broadcast(t.contiguous(), src=0, group=self.group)
-        call.join_result(self.cfg.nccl_timeout_s)
+        return call
 
-    def end(self, version: int) -> None:
-        self.post("/continue_generation", {})
-
-    def close(self) -> None:
-        if self.group is not None:
+    def join_group(self) -> None:
+        """Step 3 (when init_group): rank 0 of the new group."""
+        if self.svc.engine == "vllm":
             try:
-                self.post("/destroy_weights_update_group", {"group_name": self.group_name})
-            except Exception as e:  # noqa: BLE001 - best effort on a broken group
-                log.warning("%s: destroy group: %s", self.svc.name, e)
+                from vllm.distributed.weight_transfer.nccl_engine import (
+                    NCCLWeightTransferEngine,
+                )
+            except ImportError as e:
+                raise RuntimeError("NCCL updates of a vLLM server need vllm installed in the "
+                                   "trainer's environment (its PyNccl group helper)") from e
+            self.group = NCCLWeightTransferEngine.trainer_init(
+                {"master_address": self.cfg.master_address, "master_port": self.port,
+                 "world_size": self.world_size})
+        else:
+            self.group = init_custom_process_group(
+                self.cfg.nccl_backend, self.cfg.master_address, self.port, 0,
+                int(self.world_size or 2), GROUP_NAME, self.cfg.nccl_timeout_s)
+
+    def send(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
+        """Step 4 for one bucket."""
+        if self.svc.engine == "vllm":
+            from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+
+            NCCLWeightTransferEngine.trainer_send_weights(
+                iter(bucket), {"group": self.group, "packed": False})
+            return
+        for _, t in bucket:
+            torch.distributed.broadcast(t, src=0, group=self.group)
+
+    def reset(self) -> None:
+        destroy_group(self.group)
         self.group = None
 
 
-class VLLMSync(EngineSync):
-    def connect(self) -> None:
+def _join_while_alive(peer: Peer, call: _Call) -> None:
+    """Join the group on a thread, giving up as soon as the service's call has ended (it
+    refused, or failed before its own join): never wait out the rendezvous timeout for a
+    peer that is not coming."""
+    error: list[BaseException] = []
+
+    def join() -> None:
         try:
-            from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
-        except ImportError as e:
-            raise RuntimeError("push.mode=nccl to a vLLM server needs vllm installed in the "
-                               "trainer's environment (its NCCL weight-transfer helpers)") from e
-        n = self.svc.engine_world_size
-        if n is None:
-            r = self.http.get(f"{self.url}/get_world_size")
-            r.raise_for_status()
-            n = int(r.json()["world_size"])
-        info = {"master_address": self.cfg.master_address, "master_port": self.port,
-                "rank_offset": 1, "world_size": n + 1}
-        call = _Call(lambda: self.post("/init_weight_transfer_engine", {"init_info": info}))
-        call.start()
-        self.group = NCCLWeightTransferEngine.trainer_init(info)
-        call.join_result(self.cfg.nccl_timeout_s)
-        self._send = NCCLWeightTransferEngine.trainer_send_weights
+            peer.join_group()
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            error.append(e)
 
-    def begin(self, version: int) -> None:
-        self.post("/pause", params={"mode": "keep"})
-        self.post("/start_weight_update", {})
-
-    def send(self, bucket: Bucket, version: int, last: bool) -> None:
-        info = {"names": [n for n, _ in bucket],
-                "dtype_names": [dtype_name(t.dtype) for _, t in bucket],
-                "shapes": [list(t.shape) for _, t in bucket]}
-        call = _Call(lambda: self.post("/update_weights", {"update_info": info}))
-        call.start()
-        self._send(iter(bucket), {"group": self.group, "packed": False})
-        call.join_result(self.cfg.nccl_timeout_s)
-
-    def end(self, version: int) -> None:
-        self.post("/finish_weight_update", {"weight_version": str(version)})
-        self.post("/resume")
+    th = threading.Thread(target=join, daemon=True)
+    th.start()
+    deadline = time.monotonic() + peer.cfg.nccl_timeout_s
+    while th.is_alive():
+        th.join(0.05)
+        if th.is_alive() and not call.is_alive():
+            raise RuntimeError(f"{peer.svc.name} answered without joining the group: "
+                               f"{call.outcome(0)}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{peer.svc.name}: no rendezvous within {peer.cfg.nccl_timeout_s} s")
+    if error:
+        raise error[0]
 
 
-_SYNCS: dict[str, EngineSync] = {}  # connected engines of this process (rank 0)
+_PEERS: dict[str, Peer] = {}  # this process's groups, kept between updates (rank 0)
 
 
-def _sync_for(i: int, svc: ServiceEndpoint, cfg: PushConfig) -> EngineSync:
-    if svc.name not in _SYNCS:
-        cls = SGLangSync if svc.engine == "sglang" else VLLMSync
-        _SYNCS[svc.name] = cls(svc, cfg, cfg.master_port + i)
-    return _SYNCS[svc.name]
+def _peers(cfg: PushConfig) -> list[Peer]:
+    out = []
+    for i, svc in enumerate(cfg.services):
+        if svc.name not in _PEERS:
+            _PEERS[svc.name] = Peer(svc, cfg, cfg.master_port + i)  # one port per service
+        out.append(_PEERS[svc.name])
+    return out
+
+
+def bucket_metadata(policy: Policy, plan: list[list[int]], dtype: torch.dtype
+                    ) -> list[dict[str, Any]]:
+    items = named_weights(policy.hf_model)
+    return [{"names": [items[i][0] for i in idx],
+             "dtypes": [dtype_name(dtype)] * len(idx),
+             "shapes": [shape_of(items[i][1]) for i in idx]} for idx in plan]
 
 
 def nccl_push_all(policy: Policy, cfg: PushConfig, *, version: int, dtype: torch.dtype,
                   run_id: str = "rlrt") -> PushResult | None:
-    """Collective (every rank iterates the gathered buckets); rank 0 drives the engines.
-    Returns the result on rank 0, None elsewhere."""
+    """Collective: every rank iterates the gathered buckets; rank 0 drives the services and
+    broadcasts. Returns the result on rank 0, None elsewhere."""
     lead = policy.rank == 0
-    res = PushResult(version=version)
-    live: list[EngineSync] = []
     t0 = time.perf_counter()
+    res = PushResult(version=version, location=f"{cfg.master_address}:{cfg.master_port}")
+    plan = plan_buckets(named_weights(policy.hf_model), int(cfg.bucket_mb * 1024**2), dtype)
+    live: list[tuple[Peer, _Call]] = []
     if lead:
-        for i, svc in enumerate(cfg.services):
-            s = _sync_for(i, svc, cfg)
+        meta = bucket_metadata(policy, plan, dtype)
+        for peer in _peers(cfg):
             try:
-                if s.group is None:
-                    s.connect()
-                s.begin(version)
-                live.append(s)
-            except Exception as e:  # noqa: BLE001 - reported, the others still update
-                res.failed[svc.name] = f"{type(e).__name__}: {e}"
-                s.close()
-    buckets = iter_gathered(policy, cfg.bucket_mb * 1024**2, dtype)
-    pending = next(buckets, None)
-    while pending is not None:  # look one ahead to flag the last bucket
-        nxt = next(buckets, None)
-        for s in list(live):
-            try:
-                s.send(pending, version, last=nxt is None)
-            except Exception as e:  # noqa: BLE001
-                res.failed[s.svc.name] = f"{type(e).__name__}: {e}"
-                live.remove(s)
-                s.close()
-        pending = nxt
-    if not lead:
-        return None
-    for s in live:
-        try:
-            s.end(version)
-            res.ok.append(s.svc.name)
-        except Exception as e:  # noqa: BLE001
-            res.failed[s.svc.name] = f"{type(e).__name__}: {e}"
-            s.close()
-    res.write_s = time.perf_counter() - t0
-    _notify_versions(cfg, res, version, run_id)
-    return res
-
-
-def _notify_versions(cfg: PushConfig, res: PushResult, version: int, run_id: str) -> None:
-    """Tell our services which version their engine now holds (format nccl)."""
-    t0 = time.perf_counter()
-    update = WeightUpdate(run_id=run_id, version=version, format="nccl",
-                          location=f"{cfg.master_address}:{cfg.master_port}")
-    headers = {"content-type": "application/json"}
-    if cfg.control_token:
-        headers["authorization"] = f"Bearer {cfg.control_token}"
-    with httpx.Client(timeout=httpx.Timeout(cfg.timeout_s, connect=cfg.connect_timeout_s)) as c:
-        for svc in cfg.services:
-            if svc.name not in res.ok:
+                init = peer.prepare()
+                call = peer.update(version, meta, init, run_id)
+                if init:
+                    _join_while_alive(peer, call)
+                live.append((peer, call))
+            except Exception as e:  # noqa: BLE001 - reported; the other services go on
+                res.failed[peer.svc.name] = f"{type(e).__name__}: {e}"
+                peer.reset()
+    sending = list(live)
+    for bucket in iter_gathered(policy, 0, dtype, plan=plan):
+        if not lead:
+            continue
+        tensors = [(n, t.contiguous()) for n, t in bucket]
+        for peer, call in list(sending):
+            if not call.is_alive():  # the service answered before the last bucket: it failed
+                res.failed[peer.svc.name] = f"ended before the broadcast: {call.outcome(0)}"
+                sending.remove((peer, call))
                 continue
             try:
-                r = c.post(f"{svc.url.rstrip('/')}/v1/weights", content=update.model_dump_json(),
-                           headers=headers)
-                if r.status_code >= 300:
-                    raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+                peer.send(tensors)
             except Exception as e:  # noqa: BLE001
-                res.ok.remove(svc.name)
-                res.failed[svc.name] = f"version notice: {e}"
-    res.notify_s = time.perf_counter() - t0
+                res.failed[peer.svc.name] = f"broadcast: {type(e).__name__}: {e}"
+                sending.remove((peer, call))
+    if not lead:
+        return None
+    for peer, call in live:
+        why = call.outcome(cfg.nccl_timeout_s)
+        if why is None and peer.svc.name not in res.failed:
+            res.ok.append(peer.svc.name)
+        else:
+            res.failed.setdefault(peer.svc.name, why or "failed")
+            peer.reset()  # a failed update leaves the group unusable: rebuild next time
+    res.write_s = time.perf_counter() - t0
+    for name, why in res.failed.items():
+        log.error("NCCL weight push v%d to %s failed: %s", version, name, why)
+    return res

@@ -1,0 +1,83 @@
+"""TEST HARNESS: the receiving end of an NCCL weight update, over gloo on CPU, in its own
+process: `python -m helpers.nccl_receiver` prints its URL, then serves
+
+- `POST /v1/weights` with format "nccl": checks the metadata like the services do, joins the
+  trainer's group as rank 1 when `init_group` (the way SGLang's init_custom_process_group
+  does: torch TCP rendezvous + a second process group), receives every bucket's tensors by
+  broadcast, in the announced order, dtype and shape; answers 200 with the version;
+- `GET /v1/version` -> {"version", "engine": {"engine_world_size": 1, "nccl_group"}};
+- `POST /_fail {"status": N}`: the next update is refused with N before joining;
+- `GET /_received` -> {name: [sum, shape, dtype]}, `GET /_inits` -> groups created.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from helpers.trainer_standin import serve
+from protocol.messages import WeightUpdate
+from trainer.weight_sync_nccl import destroy_group, init_custom_process_group
+
+app = FastAPI()
+state: dict = {"version": 0, "group": None, "key": None, "fail": None, "received": {},
+               "inits": 0}
+
+
+@app.get("/v1/version")
+def version() -> dict:
+    return {"version": state["version"],
+            "engine": {"engine_world_size": 1, "nccl_group": state["key"]}}
+
+
+@app.post("/_fail")
+def fail(body: dict) -> dict:
+    state["fail"] = int(body["status"])
+    return {}
+
+
+@app.get("/_received")
+def received() -> dict:
+    return state["received"]
+
+
+@app.get("/_inits")
+def inits() -> dict:
+    return {"inits": state["inits"]}
+
+
+@app.post("/v1/weights")
+def weights(update: WeightUpdate) -> JSONResponse:
+    if state["fail"]:
+        status, state["fail"] = state["fail"], None
+        return JSONResponse({"detail": "told to fail", "version": state["version"]}, status)
+    spec = update.meta["nccl"]
+    host, port = update.location.rsplit(":", 1)
+    key = f"{update.location}/{spec['group_name']}x{spec['world_size']}"
+    if spec["init_group"]:
+        destroy_group(state["group"])
+        state["group"] = init_custom_process_group(spec["backend"], host, int(port), 1,
+                                                   spec["world_size"], spec["group_name"], 60)
+        state["key"] = key
+        state["inits"] += 1
+    elif state["key"] != key:
+        return JSONResponse({"detail": "no such group", "version": state["version"]}, 409)
+    got = {}
+    for b in spec["buckets"]:
+        for name, dtype, shape in zip(b["names"], b["dtypes"], b["shapes"], strict=True):
+            t = torch.empty(shape, dtype=getattr(torch, dtype))
+            torch.distributed.broadcast(t, src=0, group=state["group"])
+            got[name] = [float(t.double().sum()), shape, dtype]
+    state["received"] = got
+    state["version"] = update.version
+    return JSONResponse({"version": update.version, "previous": 0, "seconds": 0})
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    with serve(app) as url:
+        print(url, flush=True)
+        threading.Event().wait()
