@@ -182,12 +182,15 @@ class _Lead:
 
     async def push(self, version: int) -> PushResult:
         cfg = self.cfg.push
-        by_disk = (cfg.mode == "disk" or self.pushes == 0
-                   or (cfg.disk_every and self.pushes % cfg.disk_every == 0))
+        first = self.pushes == 0
+        by_disk = cfg.mode == "disk" or first or (cfg.disk_every and self.pushes % cfg.disk_every == 0)
         self.pushes += 1
         if by_disk:
             sd = await self._all("gather")
-            res = await self.pusher.push(sd, version)
+            # The first push of a process may go *back* in version (a resumed run whose
+            # services had loaded later weights from the killed one): say so explicitly.
+            meta = {"reason": "start", "allow_rollback": True} if first else {"reason": "step"}
+            res = await self.pusher.push(sd, version, meta=meta)
         else:
             res = await self._all("nccl", version)
             if res.failed:  # fall back to the directory for those services
@@ -280,6 +283,11 @@ class _Lead:
         if cfg.push.on_start and cfg.push.services:
             res = await self.push(version)
             log.info("initial push v%d: ok %s failed %s", version, res.ok, list(res.failed))
+            for name, why in res.failed.items():
+                if "409" in why:
+                    log.error("%s refused version %d (%s): if it serves a newer version (a "
+                              "resumed run), its samples are held back until the trainer "
+                              "catches up, and the run stops if it cannot", name, version, why)
         for step in range(self.start_step, cfg.total_steps):
             if self.stop.is_set():
                 break

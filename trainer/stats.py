@@ -36,7 +36,7 @@ def batch_stats(batch: TrainBatch, groups: list[ScoredGroup], version: int) -> d
 
 
 def collect_stats(coll: Collected) -> dict[str, Any]:
-    out: dict[str, Any] = {f"dropped_{k}" if k in ("stale", "future", "foreign") else k: v
+    out: dict[str, Any] = {f"dropped_{k}" if k in ("stale", "foreign") else k: v
                            for k, v in coll.counts.items()}
     out["time_wait_s"] = coll.wait_s
     return out

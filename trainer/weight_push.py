@@ -157,14 +157,15 @@ class WeightPusher:
         return res
 
     async def push(self, state_dict: dict[str, torch.Tensor], version: int,
-                   services: list[ServiceEndpoint] | None = None) -> PushResult:
+                   services: list[ServiceEndpoint] | None = None,
+                   meta: dict | None = None) -> PushResult:
         """Write the directory (in a thread: it is disk and hashing work), then notify
-        `services` (default: all)."""
+        `services` (default: all); `meta` goes into the WeightUpdate."""
         t0 = time.perf_counter()
         path, sha = await asyncio.to_thread(self.write, state_dict, version)
         write_s = time.perf_counter() - t0
         update = WeightUpdate(run_id=self.run_id, version=version, format="safetensors_dir",
-                              location=str(path.resolve()), sha256=sha)
+                              location=str(path.resolve()), sha256=sha, meta=meta or {})
         res = await self.notify(update, services)
         res.write_s = write_s
         return res
