@@ -220,7 +220,7 @@ def main() -> None:
                     help="torch threads for both sides (default: the engine's default)")
     ap.add_argument("--tiny-prompts", type=int, default=64)
     ap.add_argument("--tiny-ref-chunk", type=int, default=16, help="prompts per reference generate() call")
-    ap.add_argument("--big-prompts", type=int, default=8)
+    ap.add_argument("--big-prompts", type=int, default=4)
     ap.add_argument("--big-ref-chunk", type=int, default=4)
     ap.add_argument("--skip-big", action="store_true")
     args = ap.parse_args()

@@ -21,6 +21,7 @@ from services.engines.base import (
     InvalidRequest,
 )
 from services.engines.cpu import CpuEngine
+from tests.helpers.engine_hold import HoldDecode
 
 VOCAB = 96
 CONTEXT = 160
@@ -262,22 +263,22 @@ async def test_pause_holds_new_requests_until_resume(engine):
 
 
 async def test_cancelled_request_stops_computing(engine):
-    task = asyncio.create_task(
-        engine.generate([5, 6, 7], 4, SamplingParams(max_new_tokens=CONTEXT - 4, temperature=1.0, stop_token_ids=[]))
-    )
-    for _ in range(2000):
-        if (await engine.health())["running_rows"]:
-            break
-        await asyncio.sleep(0.002)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    for _ in range(2000):
+    hold = HoldDecode(engine)
+    try:
+        task = asyncio.create_task(engine.generate([5, 6, 7], 4, SamplingParams(max_new_tokens=100)))
+        await hold.wait_entered()
+        assert (await engine.health())["running_rows"] == 4
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        hold.done()
+    # the worker drops the cancelled rows at its next step; then it is idle again
+    for _ in range(5000):
         if (await engine.health())["running_rows"] == 0:
             break
         await asyncio.sleep(0.002)
     assert (await engine.health())["running_rows"] == 0
-    # and the engine still serves
     assert len((await engine.generate([5], 1, SamplingParams(max_new_tokens=2)))[0].token_ids) == 2
 
 

@@ -15,15 +15,16 @@ from protocol.messages import SamplingParams, WeightUpdate
 from protocol.weights import save_weights_dir
 from services.engines.base import WeightUpdateError
 from services.engines.cpu import CpuEngine
+from tests.helpers.engine_hold import HoldDecode
 
-VOCAB = 80
+VOCAB = 80  # no EOS in the config: generations run to max_new_tokens unless given stop ids
 
 
 def _config() -> Qwen3Config:
     return Qwen3Config(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=300,
-        eos_token_id=1, pad_token_id=0, tie_word_embeddings=True, initializer_range=0.25,
+        eos_token_id=None, pad_token_id=0, tie_word_embeddings=True, initializer_range=0.25,
     )
 
 
@@ -140,16 +141,22 @@ async def test_in_flight_responses_finish_on_the_old_version(engine, tmp_path):
     request made after the update entirely version 1."""
     old = _model(0)
     loc, digest = _save(tmp_path, "v1", _model(4), 1)
-    long = asyncio.create_task(
-        engine.generate([3, 4, 5], 2, SamplingParams(max_new_tokens=250, temperature=1.0, stop_token_ids=[]))
-    )
-    for _ in range(2000):
-        if (await engine.health())["running_rows"]:
-            break
-        await asyncio.sleep(0.002)
-    update = asyncio.create_task(
-        engine.update_weights(WeightUpdate(run_id="r", version=1, location=loc, sha256=digest))
-    )
+    hold = HoldDecode(engine)
+    try:
+        long = asyncio.create_task(engine.generate([3, 4, 5], 2, SamplingParams(max_new_tokens=250)))
+        await hold.wait_entered()
+        update = asyncio.create_task(
+            engine.update_weights(WeightUpdate(run_id="r", version=1, location=loc, sha256=digest))
+        )
+        # the verified update is queued behind the running rows instead of swapping under them
+        for _ in range(5000):
+            h = await engine.health()
+            if h["pending_weight_updates"] or update.done():
+                break
+            await asyncio.sleep(0.002)
+        assert h["pending_weight_updates"] == 1 and h["running_rows"] == 2 and engine.version == 0
+    finally:
+        hold.done()
     outs = await long
     assert await update == 1
     for o in outs:

@@ -34,7 +34,7 @@ class DecodeContext:
     store: KVStore
     n_groups: int
     gmax: int  # most live rows in one group
-    q_index: torch.Tensor  # [n_groups * gmax]: row of each (group, i) slot; B = empty slot
+    q_index: torch.Tensor  # [n_groups * gmax]: row of each (group, i) slot (empty slots: row 0)
     row_pos: torch.Tensor  # [B]: (group, i) slot of each row
     prompt_len: int  # longest live prompt
     prompt_mask: torch.Tensor  # [n_groups, 1, 1, prompt_len] additive (0 / -inf)
@@ -82,8 +82,8 @@ def cascade_attention(module, query, key, value, attention_mask, scaling=None, d
     q = query.reshape(b, hkv, rep, d)  # query head j uses kv head j // rep, as repeat_kv does
 
     # (1) prompt part: one query block per group
-    qz = torch.cat([q, q.new_zeros(1, hkv, rep, d)])  # row b = empty slot
-    qg = qz[ctx.q_index].view(ctx.n_groups, ctx.gmax, hkv, rep, d).transpose(1, 2)
+    # empty (group, i) slots repeat row 0's query; their outputs are never read
+    qg = q[ctx.q_index].view(ctx.n_groups, ctx.gmax, hkv, rep, d).transpose(1, 2)
     qg = qg.reshape(ctx.n_groups, hkv, ctx.gmax * rep, d)
     pk = s.pk[layer][: ctx.n_groups, :, : ctx.prompt_len]
     pv = s.pv[layer][: ctx.n_groups, :, : ctx.prompt_len]
@@ -96,11 +96,10 @@ def cascade_attention(module, query, key, value, attention_mask, scaling=None, d
     rv = s.rv[layer][:b, :, : ctx.resp_len]
     out_r, lse_r = _attend(q, rk, rv, ctx.resp_mask, scale)
 
-    # exact merge of the two partial softmaxes
-    m = torch.maximum(lse_p, lse_r)
-    wp = torch.exp(lse_p - m).unsqueeze(-1)
-    wr = torch.exp(lse_r - m).unsqueeze(-1)
-    out = (out_p * wp + out_r * wr) / (wp + wr)
+    # exact merge of the two partial softmaxes: the prompt part's share of the total mass is
+    # e^lse_p / (e^lse_p + e^lse_r) = sigmoid(lse_p - lse_r)
+    w = torch.sigmoid(lse_p - lse_r).unsqueeze(-1)
+    out = torch.lerp(out_r, out_p.to(out_r.dtype), w.to(out_r.dtype))
     return out.to(query.dtype).reshape(b, 1, hq, d), None  # [B, q_len, heads, head_dim], as sdpa returns
 
 

@@ -137,7 +137,7 @@ class DecodeBatch:
             starts = torch.cumsum(counts, 0) - counts
             g_sorted = group[order]
             flat = g_sorted * gmax + (torch.arange(b) - starts[g_sorted])
-            q_index = torch.full((n_g * gmax,), b, dtype=torch.long)
+            q_index = torch.zeros(n_g * gmax, dtype=torch.long)  # empty slots: row 0
             q_index[flat] = order
             row_pos = torch.empty(b, dtype=torch.long)
             row_pos[order] = flat
