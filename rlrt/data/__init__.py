@@ -1,0 +1,1 @@
+"""Small prompt sets generated locally (no download), written as the JSONL the trainer reads."""
