@@ -358,10 +358,8 @@ def test_trainer_reaches_the_services_it_pushes_to(deployments, clean_env):
             ports = _service_ports(dep, deployments, host)
             assert not ports or port in ports, f"{dep}: Service {host} does not expose {port}"
             if cfg.push.mode == "nccl":
-                ehost, eport = _host_port(s.engine_url)
-                assert ehost == host and eport == int(target.env["RLRT_ENGINE_PORT"]), s
-                assert not ports or eport in ports, f"{dep}: Service {host} does not expose {eport}"
-                assert target.env["RLRT_ENGINE_HOST"] == "0.0.0.0", f"{target}: trainer cannot reach it"
+                # The trainer drives the NCCL update through the service's /v1/weights; the
+                # service talks to its engine server locally. Only the GPU count must agree.
                 world = int(target.env.get("RLRT_ENGINE_TP", 1)) * int(target.env.get("RLRT_ENGINE_DP", 1))
                 assert s.engine_world_size == world == target.gpus, (
                     f"{dep}: {s.name}: engine_world_size {s.engine_world_size}, TPxDP {world}, "

@@ -6,7 +6,7 @@
 #   RLRT_MODEL        HF model id or directory (required)
 #   RLRT_ENGINE_PORT  HTTP port (30000; the config's rollout.engine.url must name it)
 #   RLRT_ENGINE_HOST  bind address: 127.0.0.1, or 0.0.0.0 when the trainer pushes weights over
-#                     NCCL (it then calls this server itself: trainer.push.services[].engine_url)
+#                     NCCL (driven through our service's /v1/weights)
 #   RLRT_ENGINE_TP    tensor-parallel size
 #   RLRT_ENGINE_DP    data-parallel replicas; GPUs of this server = TP x DP
 #                     (= trainer.push.services[].engine_world_size)
