@@ -69,10 +69,8 @@ def to_items(cfg: VerifierConfig, reqs: Sequence[VerifyRequest], loc: tuple = ()
 
 
 async def _auth(request: Request) -> None:
-    # The shared `require_token` is a plain function, which FastAPI would run in its thread
-    # pool on every request (a thread hop and GIL hand-off per call); calling it from an async
-    # dependency keeps the check on the event loop.
-    require_token(request)
+    # The shared `require_token` is async, so the check stays on the event loop.
+    await require_token(request)
 
 
 def _result(v: Verdict) -> VerifyResult:
