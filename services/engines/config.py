@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from protocol.config import RLRTSettings
+
 
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -60,3 +62,31 @@ class EngineConfig(BaseModel):
         if self.kind in ("sglang", "vllm") and not self.url:
             raise ValueError(f"engine.kind={self.kind} needs engine.url")
         return self
+
+
+class EngineServiceConfig(RLRTSettings):
+    """What the rollout and teacher services share: HTTP, the engine, the bus worker.
+    Subclasses set the section, the port, the streams and the consumer group."""
+
+    # --- HTTP (health, metrics, control API) ------------------------------------------------
+    host: str = Field("127.0.0.1", description="bind address (loopback by default)")
+    port: int = Field(8310, ge=0, le=65535, description="HTTP port")
+    token: str | None = Field(None, description="bearer token required on /v1/* (control) when set")
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024,
+        description="413 above this request body size (an nccl update lists every tensor)")
+
+    # --- engine -------------------------------------------------------------------------------
+    engine: EngineConfig = Field(
+        default_factory=lambda: EngineConfig(kind="cpu", model_path="runs/models/countdown-tiny"),
+        description="cpu (built-in; default model: where `rlrt bootstrap` writes) or a running "
+        "SGLang/vLLM server (GPU); see EngineConfig")
+    engine_retry_s: float = Field(5.0, gt=0, description="wait between attempts to reach the engine server")
+
+    # --- bus worker ---------------------------------------------------------------------------
+    redis_url: str | None = Field(None, description="None = the bus section's redis_url")
+    in_stream: str = Field(description="input stream (under the bus prefix)")
+    out_stream: str = Field(description="output stream (under the bus prefix)")
+    group: str = Field(description="consumer group shared by all replicas of the service")
+    consumer: str = Field(description="this replica's consumer name: stable across restarts, unique per replica")
+    concurrency: int = Field(8, ge=1, description="messages handled at once; the engine batches them together")

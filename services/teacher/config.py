@@ -1,5 +1,5 @@
 """Teacher settings: section `teacher` of the run's YAML, env `RLRT_TEACHER__<FIELD>`
-(nested: `RLRT_TEACHER__ENGINE__URL`)."""
+(nested: `RLRT_TEACHER__ENGINE__URL`). Shared fields: services.engines.config.EngineServiceConfig."""
 
 from __future__ import annotations
 
@@ -9,41 +9,24 @@ from typing import ClassVar
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from protocol.config import RLRTSettings
-from services.engines.config import EngineConfig
+from services.engines.config import EngineServiceConfig
 
 
-class TeacherConfig(RLRTSettings):
+class TeacherConfig(EngineServiceConfig):
     """Everything `rlrt serve teacher` needs besides the bus section."""
 
     section: ClassVar[str] = "teacher"
     model_config = SettingsConfigDict(env_prefix="RLRT_TEACHER__")
 
-    # --- HTTP (health, metrics, control API) ------------------------------------------------
-    host: str = Field("127.0.0.1", description="bind address (loopback by default)")
     port: int = Field(8320, ge=0, le=65535, description="HTTP port")
-    token: str | None = Field(None, description="bearer token required on /v1/* (control) when set")
-    max_body_bytes: int = Field(
-        16 * 1024 * 1024, ge=1024,
-        description="413 above this request body size (an nccl update lists every tensor)")
-
-    # --- engine -------------------------------------------------------------------------------
-    engine: EngineConfig = Field(
-        default_factory=lambda: EngineConfig(kind="cpu", model_path="runs/bootstrap/model"),
-        description="cpu (built-in) or a running vLLM server (GPU); see EngineConfig")
-    engine_retry_s: float = Field(5.0, gt=0, description="wait between attempts to reach the engine server")
     tokenizer_path: str | None = Field(
         None, description="tokenizer (with chat template) that renders teacher contexts; None = "
         "engine.model_path. Must be the policy's tokenizer: contexts are scored as token ids")
-
-    # --- bus worker ---------------------------------------------------------------------------
-    redis_url: str | None = Field(None, description="None = the bus section's redis_url")
     in_stream: str = Field("verified", description="VerifiedGroup stream (under the bus prefix)")
     out_stream: str = Field("scored", description="ScoredGroup stream (under the bus prefix)")
     group: str = Field("teacher", description="consumer group shared by all teacher replicas")
     consumer: str = Field(
         default_factory=lambda: f"teacher-{socket.gethostname()}",
         description="this replica's consumer name: stable across restarts, unique per replica")
-    concurrency: int = Field(8, ge=1, description="VerifiedGroups scored at once")
     version_retries: int = Field(
         3, ge=0, description="re-score a group whose scoring overlapped a weight update this often")
