@@ -136,3 +136,25 @@ async def test_engine_not_ready_is_503() -> None:
         assert (await c.get("/v1/version")).status_code == 503
         assert (await c.get("/readyz")).status_code == 503
         assert (await c.get("/healthz")).status_code == 200
+
+
+
+async def test_explicit_rollback_is_accepted_for_a_resumed_trainer(tmp_path) -> None:  # noqa: ANN001
+    """A trainer resumed from a checkpoint pushes an older version with allow_rollback."""
+    from fakes.models import make_model_dir, make_weights_dir
+
+    engine = await make_engine(EngineConfig(kind="cpu", model_path=str(make_model_dir(tmp_path / "m"))))
+    slot = EngineSlot()
+    slot.set(engine)
+    app = build_service_app("rollout", slot, None, token=None, max_body_bytes=1 << 20)
+    digests = {v: make_weights_dir(tmp_path / f"w{v}", v, seed=v) for v in (3, 5)}
+    async with serve_app_here(app) as url, httpx.AsyncClient(base_url=url) as c:
+        async def push(v: int, **meta) -> httpx.Response:
+            return await c.post("/v1/weights", json={"version": v, "location": str(tmp_path / f"w{v}"),
+                                                     "sha256": digests[v], "meta": meta})
+        assert (await push(5)).status_code == 200
+        assert (await push(3)).status_code == 409  # stale without the explicit flag
+        r = await push(3, allow_rollback=True)
+        assert r.status_code == 200, r.text
+        assert (await c.get("/v1/version")).json()["version"] == 3
+    await engine.close()

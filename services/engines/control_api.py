@@ -96,7 +96,8 @@ def control_router(slot: EngineSlot) -> APIRouter:
             return _unavailable(slot)
         async with lock:
             previous = engine.version
-            if req.version < previous:
+            # A resumed trainer goes back to its checkpoint's version and says so explicitly.
+            if req.version < previous and not req.meta.get("allow_rollback"):
                 return JSONResponse({"detail": f"stale update: version {req.version} < serving "
                                      f"{previous}", "version": previous}, 409)
             update = WeightUpdate.model_validate(req.model_dump(exclude_none=True))

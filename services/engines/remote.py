@@ -214,7 +214,7 @@ class RemoteEngine(Engine):
             raise EngineClosed(f"{self.kind} engine is closed")
         async with self._lock:
             old = self._version
-            if update.version < old:
+            if update.version < old and not update.meta.get("allow_rollback"):
                 raise WeightUpdateError(f"stale update: version {update.version} < serving {old}")
             if (update.version == old and self._consistent and update.format == "safetensors_dir"
                     and update.sha256 is not None and update.sha256 == self._sha):
