@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "rlrt-weights/1"
@@ -152,13 +153,17 @@ def save_weights_dir(
                 if len(shards) == 1
                 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             )
-            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+            # Serialise in memory and hash the bytes we write: no second read of the file.
+            data = safetensors_save(shard, metadata={"format": "pt"})
+            _write_bytes(tmp / fname, data)
+            files[fname] = FileEntry(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
             for name, t in shard.items():
                 entries[name] = TensorEntry(file=fname, shape=list(t.shape), dtype=_dtype_name(t.dtype))
         for name, content in extra_files.items():
-            _write_bytes(tmp / name, content.encode() if isinstance(content, str) else content)
-        for p in sorted(tmp.iterdir()):
-            files[p.name] = FileEntry(sha256=sha256_file(p), bytes=p.stat().st_size)
+            data = content.encode() if isinstance(content, str) else content
+            _write_bytes(tmp / name, data)
+            files[name] = FileEntry(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+        files = dict(sorted(files.items()))
         manifest = Manifest(version=version, created_at=time.time(), files=files, tensors=entries)
         raw = json.dumps(manifest.model_dump(), indent=1, sort_keys=True).encode()
         _write_bytes(tmp / MANIFEST_NAME, raw)
@@ -233,19 +238,42 @@ def load_weights_dir(
 ) -> dict[str, torch.Tensor]:
     """Verify (unless `verify=False`) and load all tensors, checking each against the manifest."""
     d = Path(weights_dir)
-    manifest = verify_weights_dir(d, sha256) if verify else read_manifest(d, sha256)
+    if verify:
+        # One read per file: hash the bytes, then parse the same bytes (verify_weights_dir
+        # followed by safe_open would read every file twice).
+        manifest = read_manifest(d, sha256)
+        if manifest.format != FORMAT:
+            raise WeightsCorrupt(f"{d}: unknown format {manifest.format!r} (expected {FORMAT!r})")
+        blobs: dict[str, bytes] = {}
+        for fname, entry in manifest.files.items():
+            p = d / fname
+            if not p.is_file():
+                raise WeightsMissing(f"{d}: file {fname} listed in the manifest is missing")
+            data = p.read_bytes()
+            if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
+                raise WeightsHashMismatch(f"{p}: content differs from the manifest "
+                                          f"({len(data)} bytes, manifest says {entry.bytes})")
+            blobs[fname] = data
+    else:
+        manifest = read_manifest(d, sha256)
+        blobs = {}
     by_file: dict[str, list[str]] = {}
     for name, entry in manifest.tensors.items():
         by_file.setdefault(entry.file, []).append(name)
     out: dict[str, torch.Tensor] = {}
     for fname, names in by_file.items():
         try:
-            with safe_open(str(d / fname), framework="pt", device="cpu") as f:
-                present = set(f.keys())
-                for name in names:
-                    if name not in present:
-                        raise WeightsCorrupt(f"{d / fname}: tensor {name!r} listed in manifest is absent")
-                    out[name] = f.get_tensor(name)
+            if fname in blobs:
+                loaded = safetensors_load(blobs.pop(fname))
+            elif verify:
+                raise WeightsCorrupt(f"{d}: tensors point at {fname}, which is not in the manifest")
+            else:
+                with safe_open(str(d / fname), framework="pt", device="cpu") as f:
+                    loaded = {k: f.get_tensor(k) for k in f.keys()}
+            for name in names:
+                if name not in loaded:
+                    raise WeightsCorrupt(f"{d / fname}: tensor {name!r} listed in manifest is absent")
+                out[name] = loaded[name]
         except WeightsError:
             raise
         except Exception as e:  # safetensors raises its own error types on a bad header

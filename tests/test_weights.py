@@ -109,13 +109,13 @@ def test_overwrite_is_atomic_and_failed_write_keeps_old(tmp_path, monkeypatch):
     assert W.verify_weights_dir(out, d2).version == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]  # no temp or old dirs left
 
-    real_save = W.save_file
+    real_write = W._write_bytes
 
-    def crash_after_partial_write(tensors, path, metadata=None):
-        real_save(tensors, path, metadata=metadata)
+    def crash_after_partial_write(path, data):  # the disk fills up after the first file
+        real_write(path, data)
         raise OSError("disk full")
 
-    monkeypatch.setattr(W, "save_file", crash_after_partial_write)
+    monkeypatch.setattr(W, "_write_bytes", crash_after_partial_write)
     with pytest.raises(OSError, match="disk full"):
         W.save_weights_dir(_state(3), out, version=3)
     # The previous directory is untouched and still verifies; the partial one is cleaned up.
