@@ -115,7 +115,7 @@ def _plot(results: list[dict], presets: list[str], out: Path) -> None:
             if r["preset"] != p:
                 continue
             rows = read_metrics(out / f"{p}-s{r['seed']}" / "trainer" / "metrics.jsonl")
-            ys = [row.get("reward/mean") for row in rows if isinstance(row.get("reward/mean"), (int, float))]
+            ys = [row.get("reward_mean") for row in rows if isinstance(row.get("reward_mean"), (int, float))]
             if ys:
                 curves.append(ys)
         if curves:

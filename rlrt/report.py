@@ -9,16 +9,18 @@ from typing import Any
 
 from rich.console import Console
 
-# Panels of the main figure: (title, metric-name fragments to plot in it).
+# Panels of the main figure: (title, metric names, in the trainer's metrics.jsonl).
 PANELS = [
-    ("reward", ("reward/mean", "reward_mean", "reward")),
-    ("accuracy", ("accuracy", "acc")),
-    ("RLRT: share of self-driven tokens (D > 0) on correct rollouts", ("self_driven", "frac_d_pos")),
-    ("RLRT: mean D = s - q on correct rollouts", ("mean_d", "d_mean")),
-    ("RLRT: mean token weight", ("weight_mean", "mean_weight", "w_mean")),
-    ("response length (tokens)", ("response_len", "length")),
-    ("clip fraction", ("clip_frac", "clipfrac")),
+    ("reward (mean over the step's groups)", ("reward_mean",)),
+    ("accuracy (share of correct responses)", ("accuracy",)),
+    ("RLRT: share of self-driven tokens (D > 0) on correct rollouts", ("self_driven_share",)),
+    ("RLRT: mean D = s - q", ("mean_D_correct", "mean_D")),
+    ("RLRT: mean token weight w_t", ("weight_mean",)),
+    ("RLRT: share of weights at the clip bounds", ("clip_low_share", "clip_high_share")),
+    ("PPO clip fractions", ("clipfrac_low", "clipfrac_high")),
+    ("response length (tokens)", ("response_len_mean", "response_len_max")),
     ("entropy", ("entropy",)),
+    ("train/engine mismatch KL", ("mismatch_kl",)),
 ]
 
 
@@ -44,12 +46,9 @@ def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
-def pick(keys: list[str], fragments: tuple[str, ...]) -> list[str]:
-    for frag in fragments:
-        hits = [k for k in keys if frag in k.lower()]
-        if hits:
-            return sorted(hits)[:4]
-    return []
+def pick(keys: list[str], names: tuple[str, ...]) -> list[str]:
+    """The panel's metrics that this run logged (a metric may sit under a 'group/' prefix)."""
+    return [k for n in names for k in keys if k == n or k.endswith("/" + n)]
 
 
 def plot_curves(rows: list[dict], out: Path, title: str = "") -> Path | None:
@@ -59,7 +58,7 @@ def plot_curves(rows: list[dict], out: Path, title: str = "") -> Path | None:
     import matplotlib.pyplot as plt
 
     keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float))})
-    panels = [(t, pick(keys, frags)) for t, frags in PANELS]
+    panels = [(t, pick(keys, names)) for t, names in PANELS]
     panels = [(t, ks) for t, ks in panels if ks]
     if not panels:
         return None
