@@ -22,7 +22,10 @@ _VISIBLE = {"\n": "\u21b5\n", "\t": "\u2192\t", "\r": "\u2190"}
 
 CMAP = "RdBu_r"  # diverging: blue (D < 0) - white (0) - red (D > 0)
 PNG_RESPONSES = 3
-PNG_WIDTH_CHARS = 96
+PNG_WIDTH_CHARS = 100
+PNG_WIDTH_IN = 11.0
+# A monospace glyph advances ~0.6 em: the font size that fills one grid cell of the figure.
+_CELL_FONT = 0.9 * PNG_WIDTH_IN * 72 / PNG_WIDTH_CHARS / 0.6 * 0.95
 
 
 def visible(text: str) -> str:
@@ -109,7 +112,7 @@ def render_html(report: Report) -> str:
         f"correct; groups mixed {s['mixed_groups']}, all correct {s['all_correct_groups']}, "
         f"all wrong {s['all_wrong_groups']}; teacher-scored {s['teacher_scored']}; "
         f"shown {s['shown']} correct scored responses. Over them: self-driven share "
-        f"{s['self_driven_share']:.1%}, mean D {s['mean_D_correct']:+.3f}, mean w "
+        f"{s['self_driven_share']:.1%}, mean D {s['mean_D_correct']:+.4f}, mean w "
         f"{s['weight_mean']:.3f}."
     )
     body = "".join(_response(r, vmax) for r in report.shown) or (
@@ -125,7 +128,8 @@ data <code>{html.escape(str(s['data']))}</code>, seed {s['seed']}.</p>
 <p>{summary}</p>
 <div class="legend"><span>D = s &minus; q:</span><span>{-vmax:+.2f}</span>
 <span class="bar" style="background:linear-gradient(to right, {stops})"></span>
-<span>{vmax:+.2f}</span></div>
+<span>{vmax:+.2f}</span><span class="meta">(full colour at |D| = log(1 + eps_w), where w
+clips for A &gt; 0, or at the 95th percentile of |D| when that is larger)</span></div>
 <p class="meta">Each token's background is D<sub>t</sub> = s<sub>t</sub> &minus; q<sub>t</sub>
 (student log-prob minus teacher log-prob with the demonstration in context). Red: the student
 was more confident than the teacher &mdash; a <i>self-driven</i> token, w<sub>t</sub> =
@@ -170,7 +174,7 @@ def render_png(report: Report, path: str | Path) -> None:
     picks = report.shown[:PNG_RESPONSES]
     layouts = [_layout([t.text for t in r.tokens], PNG_WIDTH_CHARS) for r in picks]
     heights = [max((ln for ln, _, _ in lay), default=0) + 2 for lay in layouts] + [8]
-    fig, axes = plt.subplots(len(heights), 1, figsize=(11, 0.22 * sum(heights) + 1.2),
+    fig, axes = plt.subplots(len(heights), 1, figsize=(PNG_WIDTH_IN, 0.24 * sum(heights) + 1.2),
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
     for ax, r, lay, h in zip(axes[:, 0], picks, layouts, heights, strict=False):
         ax.set_xlim(0, PNG_WIDTH_CHARS)
@@ -182,7 +186,7 @@ def render_png(report: Report, path: str | Path) -> None:
             bg, fg = colour(tok.d, vmax)
             ax.add_patch(Rectangle((col, ln - 0.45), len(vis), 0.9, color=bg, lw=0))
             for j, ch in enumerate(vis):  # one glyph per grid cell: exact alignment
-                ax.text(col + j + 0.5, ln, ch, ha="center", va="center", fontsize=6.5,
+                ax.text(col + j + 0.5, ln, ch, ha="center", va="center", fontsize=_CELL_FONT,
                         family="monospace", color=fg)
     ax = axes[-1, 0]
     ds = [t.d for r in report.shown for t in r.tokens]
@@ -196,7 +200,8 @@ def render_png(report: Report, path: str | Path) -> None:
         for x, label in ((math.log1p(report.eps_w), "w clips at 1+eps_w (A>0)"),
                          (math.log(1 - report.eps_w) if report.eps_w < 1 else None,
                           "w clips at 1-eps_w (A>0)")):
-            if x is not None and lo - 1 <= x <= hi + 1:
+            margin = 0.1 * (hi - lo) + 1e-6  # a clip point far off the data would squash it
+            if x is not None and lo - margin <= x <= hi + margin:
                 ax.axvline(x, color="k", ls="--", lw=0.8, label=label)
         ax.axvline(0, color="#888", lw=0.8)
         if ax.get_legend_handles_labels()[0]:
@@ -208,6 +213,9 @@ def render_png(report: Report, path: str | Path) -> None:
         ax.text(0.5, 0.5, "no correct teacher-scored responses", ha="center", va="center")
     ax.set_xlabel("D_t = s_t - q_t")
     ax.set_ylabel("tokens")
-    fig.tight_layout()
+    # Fixed margins, not tight_layout: the token panels' width must stay 0.9 of the figure,
+    # which is what _CELL_FONT was sized for.
+    h_in = fig.get_size_inches()[1]
+    fig.subplots_adjust(left=0.05, right=0.95, top=1 - 0.35 / h_in, bottom=0.6 / h_in, hspace=0.6)
     fig.savefig(str(path), dpi=110)
     plt.close(fig)

@@ -94,6 +94,9 @@ class Report:
     temperature: float
     shown: list[Shown]
     summary: dict[str, Any]
+    # Every sampled response in brief (text, reward, scored or not): when nothing is shown,
+    # this says why (all wrong, no final answer, cut at the length cap, ...).
+    responses: list[dict[str, Any]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- data
@@ -326,8 +329,13 @@ def inspect_rollouts(model_dir: str | Path, *, data: str = "countdown", n: int =
         "mean_D_correct": adv.metrics["mean_D_correct"],
         "weight_mean": adv.metrics["weight_mean"],
     }
+    brief = [{"prompt_index": gi, "response_index": k, "reward": groups[gi].rewards[k],
+              "status": groups[gi].verifications[k].status,
+              "finish_reason": groups[gi].responses[k].finish_reason,
+              "teacher_scored": bool(has_teacher[b]), "text": groups[gi].responses[k].text}
+             for b, (gi, k) in enumerate(rows)]
     return Report(preset=preset, eps_w=cfg.eps_w, lam=cfg.lam_at(0), temperature=temperature,
-                  shown=shown, summary=summary)
+                  shown=shown, summary=summary, responses=brief)
 
 
 def write_outputs(report: Report, out_dir: str | Path) -> dict[str, Path]:

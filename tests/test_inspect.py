@@ -96,8 +96,15 @@ def test_only_correct_responses_of_mixed_groups_are_shown(run, shown):
         assert 0 < sum(r["group_rewards"]) < G  # mixed group (all-correct ones have A = 0)
     # Every correct response of every mixed group has a demonstration here (a sibling or the
     # reference solution), so all of them, and nothing else, are on the page.
-    groups = {r["prompt_index"]: r["group_rewards"] for r in shown}
-    assert len(shown) == sum(sum(rw) for rw in groups.values())
+    everything = json.loads((run[1] / "inspect.json").read_text())["responses"]
+    assert len(everything) == len(ROWS) * G
+    by_group: dict[int, list[dict]] = {}
+    for r in everything:
+        assert r["reward"] == float(ROWS[r["prompt_index"]]["answer"] in r["text"])
+        by_group.setdefault(r["prompt_index"], []).append(r)
+    expected = {(r["prompt_index"], r["response_index"]) for rs in by_group.values()
+                if 0 < sum(x["reward"] for x in rs) < G for r in rs if r["reward"] == 1.0}
+    assert {(r["prompt_index"], r["response_index"]) for r in shown} == expected
     assert summary["shown"] == len(shown)
 
 

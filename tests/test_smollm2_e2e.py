@@ -56,6 +56,18 @@ def test_missing_gguf_file_is_one_clear_error(tmp_path):
         assert res.exit_code == 2 and "GGUF file not found" in " ".join(res.output.split())
 
 
+def test_arith_rows_are_gradable_by_math_verify():
+    from rlrt.data.arith import generate
+    from services.verifier.mathcheck import check_math
+
+    rows = generate(30, seed=3)
+    assert rows == generate(30, seed=3) and rows != generate(30, seed=4)
+    for r in rows:
+        assert check_math(r["solution"], r["answer"]).correct, r
+        wrong = r["solution"].replace(f"\\boxed{{{r['answer']}}}", f"\\boxed{{{int(r['answer']) + 1}}}")
+        assert not check_math(wrong, r["answer"]).correct, wrong
+
+
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("smollm2") / "model"
