@@ -38,7 +38,13 @@ def setup(device: str, timeout_s: float) -> tuple[int, int]:
     else:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     import deepspeed
+    import deepspeed.ops
 
+    if device == "cpu":
+        # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce op (1-3 min of g++, behind a
+        # file lock shared by every run on the machine) at the first init_distributed. gloo
+        # does the same job for our process counts, so tell DeepSpeed the op is unavailable.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     # Without RANK/WORLD_SIZE deepspeed falls back to MPI discovery (mpi4py); we always set them.
     deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl",
                                auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s))
