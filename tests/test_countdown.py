@@ -67,6 +67,12 @@ def test_generate_is_deterministic_under_seed():
     assert [p.key() for p in a] != [p.key() for p in c]
 
 
+def test_generate_stops_when_knobs_run_out():
+    # 2 numbers from 1-3: only a handful of distinct problems exist
+    with pytest.raises(ValueError, match="distinct problems"):
+        cd.generate(1000, seed=0, num_numbers=2, max_number=3, min_target=1, patience=2000)
+
+
 def test_generate_respects_knobs():
     ps = cd.generate(300, seed=0, num_numbers=5, max_number=7, min_target=20, max_target=60)
     assert len({p.key() for p in ps}) == 300

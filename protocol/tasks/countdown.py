@@ -16,9 +16,11 @@ any given number or earlier result, each at most once. The verifier's `reference
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -293,11 +295,13 @@ def solution_diversity(problems: list[Problem], *, ops: str = OPS) -> float:
 
 
 def _sample(rng: random.Random, num_numbers: int, max_number: int, min_target: int,
-            max_target: int, ops: str) -> Problem | None:
-    """Draw numbers, then combine them all in random pairs with random legal ops: the path is
-    the reference solution and its result the target. None if the draw is rejected."""
+            max_target: int, ops: str, min_used: int) -> Problem | None:
+    """Draw numbers, then combine k of them (k uniform in [min_used, num_numbers]) in random
+    pairs with random legal ops: that path is the reference solution and its result the
+    target. None if the draw is rejected."""
     numbers = tuple(rng.randint(1, max_number) for _ in range(num_numbers))
-    pool: list[tuple[int, tuple[Step, ...]]] = [(v, ()) for v in numbers]
+    used = rng.sample(numbers, rng.randint(min(min_used, num_numbers), num_numbers))
+    pool: list[tuple[int, tuple[Step, ...]]] = [(v, ()) for v in used]
     while len(pool) > 1:
         i, j = sorted(rng.sample(range(len(pool)), 2), reverse=True)
         (va, sa), (vb, sb) = pool.pop(i), pool.pop(j)
@@ -313,23 +317,32 @@ def _sample(rng: random.Random, num_numbers: int, max_number: int, min_target: i
     return Problem(numbers, target, steps)
 
 
-def generate(n: int, seed: int, *, num_numbers: int = 4, max_number: int = 12,
-             min_target: int = 10, max_target: int = 99, ops: str = OPS) -> list[Problem]:
-    """`n` distinct problems, deterministic in `seed` and the knobs. Difficulty knobs: more or
-    larger numbers and a wider target range are harder; `ops` restricts the operators."""
+def stream(seed: int, *, num_numbers: int = 4, max_number: int = 9, min_target: int = 10,
+           max_target: int = 50, min_used: int = 2, ops: str = OPS,
+           patience: int = 20_000) -> Iterator[Problem]:
+    """Distinct problems, forever, deterministic in `seed` and the knobs. The defaults (about
+    13.6k distinct problems, 4 numbers so that most have several different solutions) are what
+    `rlrt bootstrap` trains on and what RL uses unless told otherwise. Difficulty knobs:
+    more or larger numbers and a wider target range are harder; a target built from fewer
+    numbers (`min_used` < num_numbers) is easier; `ops` restricts the operators.
+    Raises once `patience` draws in a row found nothing new (the knobs' problems ran out)."""
     rng = random.Random(seed)
-    out: list[Problem] = []
     seen: set[str] = set()
-    tries = 0
-    while len(out) < n:
-        tries += 1
-        if tries > 1000 * (n + 10):
-            raise ValueError("knobs admit too few problems")
-        p = _sample(rng, num_numbers, max_number, min_target, max_target, ops)
-        if p is not None and p.key() not in seen:
-            seen.add(p.key())
-            out.append(p)
-    return out
+    stale = 0
+    while stale < patience:
+        p = _sample(rng, num_numbers, max_number, min_target, max_target, ops, min_used)
+        if p is None or p.key() in seen:
+            stale += 1
+            continue
+        stale = 0
+        seen.add(p.key())
+        yield p
+    raise ValueError(f"these knobs admit only about {len(seen)} distinct problems")
+
+
+def generate(n: int, seed: int, **knobs) -> list[Problem]:
+    """The first `n` problems of `stream(seed, **knobs)`."""
+    return list(itertools.islice(stream(seed, **knobs), n))
 
 
 Split = Literal["train", "heldout"]
@@ -351,13 +364,6 @@ def split(problems: list[Problem], heldout_fraction: float = 0.1) -> tuple[list[
 
 def dataset(which: Split, n: int, seed: int, *, heldout_fraction: float = 0.1,
             **knobs) -> list[Problem]:
-    """`n` distinct problems of one split: generates in chunks until enough land on that side."""
-    out: dict[str, Problem] = {}
-    chunk = max(2 * n, 64)
-    for k in range(1000):
-        for p in generate(chunk, seed * 1_000_003 + k, **knobs):
-            if split_of(p, heldout_fraction) == which and p.key() not in out:
-                out[p.key()] = p
-                if len(out) == n:
-                    return list(out.values())
-    raise ValueError(f"could not find {n} {which} problems")
+    """The first `n` problems of `stream(seed, **knobs)` that fall in split `which`."""
+    side = (p for p in stream(seed, **knobs) if split_of(p, heldout_fraction) == which)
+    return list(itertools.islice(side, n))

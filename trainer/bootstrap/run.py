@@ -19,24 +19,22 @@ from trainer.bootstrap.model import build_model, num_params
 from trainer.bootstrap.sft import SFTConfig, prepare, train_sft
 from trainer.bootstrap.tokenizer import build_tokenizer
 
-# Task difficulty used by bootstrap (and so, by default, by RL on the bootstrapped model).
-TASK_KNOBS = {"num_numbers": 4, "max_number": 12, "min_target": 10, "max_target": 99}
 
-
-def bootstrap(out_dir: str | Path, *, seed: int = 0, steps: int = 600, batch_size: int = 128,
-              lr: float = 3e-3, hidden: int = 64, layers: int = 4, heads: int = 4,
-              kv_heads: int = 2, train_problems: int = 20000, eval_problems: int = 200,
+def bootstrap(out_dir: str | Path, *, seed: int = 0, steps: int = 900, batch_size: int = 32,
+              lr: float = 5e-3, hidden: int = 64, layers: int = 4, heads: int = 4,
+              kv_heads: int = 2, train_problems: int = 8000, eval_problems: int = 200,
               time_limit_s: float | None = None, task_knobs: dict | None = None,
-              threads: int | None = 1, log=print) -> dict:
+              threads: int | None = 1, sft: dict | None = None, log=print) -> dict:
     """Train and save a bootstrapped model; returns (and writes to bootstrap.json) its metrics.
-    Deterministic under `seed` unless `time_limit_s` stops SFT early."""
+    Deterministic under `seed` unless `time_limit_s` stops SFT early. `task_knobs` override the
+    Countdown generator's defaults (which RL uses too, unless its config says otherwise)."""
     t0 = time.perf_counter()
     # One thread by default: with hidden 64 the ops are tiny, and on a shared 2-core machine
     # two OpenMP threads spin-wait on each other (measured here: 6x slower than one thread
     # under load). Fixed thread count also keeps the float reductions, so the run, identical.
     if threads:
         torch.set_num_threads(threads)
-    knobs = {**TASK_KNOBS, **(task_knobs or {})}
+    knobs = dict(task_knobs or {})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -48,20 +46,20 @@ def bootstrap(out_dir: str | Path, *, seed: int = 0, steps: int = 600, batch_siz
     t_data = time.perf_counter() - t0
     log(f"bootstrap: {num_params(model)} params, {len(items)} train problems, data {t_data:.1f}s")
 
-    cfg = SFTConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, time_limit_s=time_limit_s)
-    sft = train_sft(model, tok, items, cfg, log=log)
+    cfg = SFTConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, time_limit_s=time_limit_s,
+                    **(sft or {}))  # sft: other SFTConfig fields (teacher_fraction, ...)
+    result = train_sft(model, tok, items, cfg, log=log)
 
     t1 = time.perf_counter()
     metrics = {
         "seed": seed,
         "params": num_params(model),
         "model": {"hidden": hidden, "layers": layers, "heads": heads, "kv_heads": kv_heads},
-        "task": {"name": "countdown", **knobs},
+        "task": {"name": "countdown", "knobs": knobs},
         "train_problems": len(train),
         "eval_problems": len(heldout),
         "solution_diversity_heldout": countdown.solution_diversity(heldout),
-        "sft": {**sft, "steps": steps, "batch_size": batch_size, "lr": lr,
-                "teacher_fraction": cfg.teacher_fraction, "copy_fraction": cfg.copy_fraction},
+        "sft": {**result, **{k: v for k, v in cfg.__dict__.items() if k != "log_every"}},
         "heldout_accuracy_greedy": accuracy(model, tok, heldout, temperature=0.0),
         "heldout_accuracy_sampled": accuracy(model, tok, heldout, temperature=1.0, seed=seed),
         "teacher": teacher_advantage(model, tok, heldout),

@@ -19,6 +19,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,15 +32,17 @@ from trainer.bootstrap.chat import encode_prompts, encode_responses
 
 @dataclass
 class SFTConfig:
-    steps: int = 600
-    batch_size: int = 128
-    lr: float = 3e-3
+    steps: int = 900
+    batch_size: int = 32  # measured: the token budget, not the batch size, sets the result
+    lr: float = 5e-3  # measured: 5e-3 > 3e-3? > 1e-2 > 2e-2 at this budget
     min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
     warmup: int = 20
     weight_decay: float = 0.01
     teacher_fraction: float = 0.35  # share of examples in the privileged-context format
     copy_fraction: float = 0.6  # teacher examples whose target is the demonstration
-    targets: str = "all"  # "all" genuinely different solutions, or only the "shortest" ones
+    # student targets: every genuinely different solution, or only the shortest ones (fewer
+    # steps are easier for a 200k-parameter model: more accuracy for the same budget)
+    targets: Literal["all", "shortest"] = "shortest"
     seed: int = 0
     time_limit_s: float | None = None  # safety cap; stopping early breaks determinism
     log_every: int = 50
