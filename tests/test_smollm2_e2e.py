@@ -12,8 +12,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,11 +71,12 @@ def test_arith_rows_are_gradable_by_math_verify():
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict]]:
     out = tmp_path_factory.mktemp("smollm2") / "model"
     res = _rlrt("import-gguf", "--out", str(out), timeout=1200)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return out, json.loads(res.stdout.strip().splitlines()[-1])
+    yield out, json.loads(res.stdout.strip().splitlines()[-1])
+    shutil.rmtree(out, ignore_errors=True)  # 540 MB; pytest keeps the last runs' tmp dirs
 
 
 @pytest.mark.slow
@@ -145,7 +148,15 @@ def test_rlrt_train_runs_on_smollm2(smollm2, tmp_path):
     assert len(rows) == 2
     for r in rows:
         assert r["groups"] == 4 and r["samples"] == 16
-        assert 0.0 <= r["accuracy"] <= 1.0
+        correct = round(r["accuracy"] * 16)
+        # A correct count that is not a multiple of G leaves some group mixed, and every
+        # correct response of a mixed group has a demonstration (a sibling or the row's
+        # solution): then the teacher must have scored, and RLRT re-weighted, some tokens.
+        if correct % 4:
+            assert r["teacher_tokens_scored"] > 0 and r["weight_mean"] > 0, r
+    # checkpoint (1.6 GB with Adam state) and pushed weights: not needed once checked
+    for big in ("checkpoints", "weights"):
+        shutil.rmtree(tmp_path / "run" / "trainer" / big, ignore_errors=True)
 
 
 @pytest.mark.slow
