@@ -95,8 +95,12 @@ def import_gguf(gguf_path: str | Path | None, out_dir: str | Path, *, atol: floa
 
     log(f"loading {path.name} (dequantizing to float32) ...")
     kw = {"gguf_file": path.name}
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kw)
-    gguf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kw)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kw)
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32,
+                                                          **kw)
+    except (OSError, ValueError, KeyError) as e:  # not GGUF, or an architecture it cannot map
+        raise ImportGGUFError(f"cannot load {path} as a GGUF model: {e}") from e
     gguf_model.eval()
 
     # The same architecture without the GGUF quantization entry, which is what makes

@@ -70,6 +70,15 @@ def test_arith_rows_are_gradable_by_math_verify():
         assert not check_math(wrong, r["answer"]).correct, wrong
 
 
+@pytest.mark.skipif(bool({"gguf", "accelerate"} & set(MISSING)), reason="needs gguf, accelerate")
+def test_a_file_that_is_not_gguf_is_one_clear_error(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    res = CliRunner().invoke(app, ["import-gguf", "--gguf", str(bad), "--out", str(tmp_path / "m")])
+    assert res.exit_code == 2
+    assert "cannot load" in " ".join(res.output.split()) and "GGUF" in res.output
+
+
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict]]:
     out = tmp_path_factory.mktemp("smollm2") / "model"
