@@ -24,8 +24,9 @@ CMAP = "RdBu_r"  # diverging: blue (D < 0) - white (0) - red (D > 0)
 PNG_RESPONSES = 3
 PNG_WIDTH_CHARS = 100
 PNG_WIDTH_IN = 11.0
+_LEFT, _RIGHT = 0.075, 0.97  # figure fractions; the left margin holds the histogram's labels
 # A monospace glyph advances ~0.6 em: the font size that fills one grid cell of the figure.
-_CELL_FONT = 0.9 * PNG_WIDTH_IN * 72 / PNG_WIDTH_CHARS / 0.6 * 0.95
+_CELL_FONT = (_RIGHT - _LEFT) * PNG_WIDTH_IN * 72 / PNG_WIDTH_CHARS / 0.6 * 0.95
 
 
 def visible(text: str) -> str:
@@ -213,9 +214,10 @@ def render_png(report: Report, path: str | Path) -> None:
         ax.text(0.5, 0.5, "no correct teacher-scored responses", ha="center", va="center")
     ax.set_xlabel("D_t = s_t - q_t")
     ax.set_ylabel("tokens")
-    # Fixed margins, not tight_layout: the token panels' width must stay 0.9 of the figure,
-    # which is what _CELL_FONT was sized for.
+    # Fixed margins, not tight_layout: the token panels' width must stay what _CELL_FONT was
+    # sized for.
     h_in = fig.get_size_inches()[1]
-    fig.subplots_adjust(left=0.05, right=0.95, top=1 - 0.35 / h_in, bottom=0.6 / h_in, hspace=0.6)
+    fig.subplots_adjust(left=_LEFT, right=_RIGHT, top=1 - 0.35 / h_in, bottom=0.6 / h_in,
+                        hspace=0.6)
     fig.savefig(str(path), dpi=110)
     plt.close(fig)
