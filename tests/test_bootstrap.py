@@ -141,6 +141,11 @@ def test_short_bootstrap_end_to_end(tmp_path):
     tok = AutoTokenizer.from_pretrained(tmp_path)
     out = generate(model, tok, ["Make 24 from 3 5 7 9."], temperature=1.0, max_new_tokens=4)
     assert isinstance(out[0], str)
+    # deterministic under the seed: a second run writes the very same weights
+    bootstrap(tmp_path / "again", seed=0, steps=3, batch_size=8, train_problems=100,
+              eval_problems=8, log=lambda _: None, **TINY)
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == \
+        (tmp_path / "model.safetensors").read_bytes()
 
 
 @pytest.mark.slow

@@ -34,6 +34,8 @@ WRONG = [  # (response, status, words the reason must contain)
     ("9+7=16\n16+5=21\n21+3=24", "parse_error", "no 'Answer"),
     ("9+7=16\n16+5=21\n21+3=24\nAnswer: 24\n3+3=6", "parse_error", "after the answer"),
     ("", "parse_error", "empty"),
+    ("9+7=16\n16+5=21\n21+3=" + "9" * 5000 + "\nAnswer: 24", "parse_error", "malformed"),
+    ("\u0669+7=16\nAnswer: 16", "parse_error", "malformed"),  # an Arabic-Indic 9
 ]
 
 

@@ -86,9 +86,12 @@ def render_solution(steps: tuple[Step, ...] | list[Step], target: int) -> str:
 # Exact checker
 # ---------------------------------------------------------------------------------------------
 
-_STEP_RE = re.compile(r"^(\d+)\s*([-+*/])\s*(\d+)\s*=\s*(\d+)$")
-_ANSWER_RE = re.compile(r"^Answer:\s*(\d+)$")
-_REF_RE = re.compile(r"^numbers=(\d+(?:,\d+)*);target=(\d+)$")
+# ASCII digits only, at most 9 of them: int() would also take other scripts' digits, and a
+# response of thousands of digits must be a parse error, not an exception in the verifier.
+_NUM = r"([0-9]{1,9})"
+_STEP_RE = re.compile(rf"^{_NUM}\s*([-+*/])\s*{_NUM}\s*=\s*{_NUM}$")
+_ANSWER_RE = re.compile(rf"^Answer:\s*{_NUM}$")
+_REF_RE = re.compile(r"^numbers=([0-9]{1,9}(?:,[0-9]{1,9})*);target=([0-9]{1,9})$")
 
 
 def parse_reference(reference: str) -> tuple[list[int], int]:
