@@ -28,14 +28,28 @@ def bootstrap(out_dir: str | Path, *, seed: int = 0, steps: int = 900, batch_siz
     """Train and save a bootstrapped model; returns (and writes to bootstrap.json) its metrics.
     Deterministic under `seed` unless `time_limit_s` stops SFT early. `task_knobs` override the
     Countdown generator's defaults (which RL uses too, unless its config says otherwise)."""
-    t0 = time.perf_counter()
     # One thread by default: with hidden 64 the ops are tiny, and on a shared 2-core machine
     # two OpenMP threads spin-wait on each other (measured here: 6x slower than one thread
     # under load). Fixed thread count also keeps the float reductions, so the run, identical.
+    # Restored afterwards: the caller (e.g. `rlrt train`) may go on to train with its own.
+    before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    knobs = dict(task_knobs or {})
-    out = Path(out_dir)
+    try:
+        return _bootstrap(
+            Path(out_dir), seed=seed, steps=steps, batch_size=batch_size, lr=lr, hidden=hidden,
+            layers=layers, heads=heads, kv_heads=kv_heads, train_problems=train_problems,
+            eval_problems=eval_problems, time_limit_s=time_limit_s, knobs=dict(task_knobs or {}),
+            sft=sft or {}, log=log,
+        )
+    finally:
+        torch.set_num_threads(before)
+
+
+def _bootstrap(out: Path, *, seed: int, steps: int, batch_size: int, lr: float, hidden: int,
+               layers: int, heads: int, kv_heads: int, train_problems: int, eval_problems: int,
+               time_limit_s: float | None, knobs: dict, sft: dict, log) -> dict:
+    t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
 
     tok = build_tokenizer()
@@ -47,7 +61,7 @@ def bootstrap(out_dir: str | Path, *, seed: int = 0, steps: int = 900, batch_siz
     log(f"bootstrap: {num_params(model)} params, {len(items)} train problems, data {t_data:.1f}s")
 
     cfg = SFTConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, time_limit_s=time_limit_s,
-                    **(sft or {}))  # sft: other SFTConfig fields (teacher_fraction, ...)
+                    **sft)  # sft: other SFTConfig fields (teacher_fraction, ...)
     result = train_sft(model, tok, items, cfg, log=log)
 
     t1 = time.perf_counter()
