@@ -124,7 +124,7 @@ def run_trainer_cmd(config: Path = typer.Option(..., "--config", "-c", help="run
 @app.command("bootstrap")
 def bootstrap_cmd(out: Path = typer.Option(Path("runs/models/countdown-tiny"), "--out", help="output model directory"),
                   seed: int = typer.Option(0, help="seed (the result is deterministic under it)"),
-                  steps: int = typer.Option(600, help="SFT steps")) -> None:
+                  steps: int = typer.Option(900, help="SFT steps")) -> None:
     """Build a tiny Qwen3-architecture model + tokenizer and SFT it on Countdown (HF layout)."""
     from trainer.bootstrap.run import bootstrap
 

@@ -26,7 +26,7 @@ class RunSettings(RLRTSettings):
         True, description="when trainer.model_path does not exist, build and SFT-train the tiny "
         "Countdown model there first (`rlrt bootstrap`)",
     )
-    bootstrap_steps: int = Field(600, ge=1, description="SFT steps of that bootstrap")
+    bootstrap_steps: int = Field(900, ge=1, description="SFT steps of that bootstrap")
     start_timeout_s: float = Field(300.0, gt=0, description="how long a service may take to become ready")
     max_restarts: int = Field(
         2, ge=0, description="a service process that dies is restarted (and given the current "
