@@ -21,6 +21,7 @@ import os
 import shutil
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -114,11 +115,32 @@ def _detach_for_save(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
+# One helper thread hashes while the caller writes or parses the same bytes: hashlib and file
+# I/O both release the GIL on large buffers, so the sha256 costs no extra wall time on 2+ cores.
+# Created per process (a forked child inherits the executor but not its thread).
+_hasher: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sha256_async(data: bytes) -> Future[str]:
+    global _hasher
+    if _hasher is None or _hasher[0] != os.getpid():
+        _hasher = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlrt-sha256"))
+    return _hasher[1].submit(_sha256_hex, data)
+
+
+def _write_bytes(path: Path, data: bytes, durable: bool) -> str:
+    """Write `data` to `path` (fsync'd when `durable`) and return its sha256, hashed meanwhile."""
+    digest = _sha256_async(data)
     with open(path, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    return digest.result()
 
 
 def save_weights_dir(
@@ -128,9 +150,16 @@ def save_weights_dir(
     version: int,
     extra_files: dict[str, bytes | str] | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    durable: bool = True,
 ) -> str:
     """Write `state_dict` (+ `extra_files`, name -> content) as a weight directory at `out_dir`,
-    atomically replacing any existing one. Returns the directory digest (manifest sha256, hex)."""
+    atomically replacing any existing one. Returns the directory digest (manifest sha256, hex).
+
+    `durable=True` fsyncs every file and the parent directory, so the directory survives a
+    power loss (checkpoints, the final export). `durable=False` keeps the atomic rename --
+    readers still never see a partial directory -- but leaves flushing to the OS: right for
+    the weights pushed to services after every step, which are transient (a crashed run
+    re-pushes from its checkpoint) and where fsync would dominate the push time."""
     if not state_dict:
         raise ValueError("refusing to save an empty state_dict")
     out = Path(out_dir)
@@ -155,26 +184,24 @@ def save_weights_dir(
             )
             # Serialise in memory and hash the bytes we write: no second read of the file.
             data = safetensors_save(shard, metadata={"format": "pt"})
-            _write_bytes(tmp / fname, data)
-            files[fname] = FileEntry(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+            files[fname] = FileEntry(sha256=_write_bytes(tmp / fname, data, durable), bytes=len(data))
             for name, t in shard.items():
                 entries[name] = TensorEntry(file=fname, shape=list(t.shape), dtype=_dtype_name(t.dtype))
         for name, content in extra_files.items():
             data = content.encode() if isinstance(content, str) else content
-            _write_bytes(tmp / name, data)
-            files[name] = FileEntry(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+            files[name] = FileEntry(sha256=_write_bytes(tmp / name, data, durable), bytes=len(data))
         files = dict(sorted(files.items()))
         manifest = Manifest(version=version, created_at=time.time(), files=files, tensors=entries)
         raw = json.dumps(manifest.model_dump(), indent=1, sort_keys=True).encode()
-        _write_bytes(tmp / MANIFEST_NAME, raw)
-        _atomic_replace_dir(tmp, out)
+        _write_bytes(tmp / MANIFEST_NAME, raw, durable)
+        _atomic_replace_dir(tmp, out, durable)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return hashlib.sha256(raw).hexdigest()
 
 
-def _atomic_replace_dir(src: Path, dst: Path) -> None:
+def _atomic_replace_dir(src: Path, dst: Path, durable: bool = True) -> None:
     # rename(2) cannot replace a non-empty directory, so an existing one is first moved aside
     # (a reader then briefly sees no directory -- a clear "missing" error, never a mix).
     old = None
@@ -182,11 +209,12 @@ def _atomic_replace_dir(src: Path, dst: Path) -> None:
         old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(dst, old)
     os.replace(src, dst)
-    dir_fd = os.open(dst.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    if durable:
+        dir_fd = os.open(dst.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -249,14 +277,22 @@ def load_weights_dir(
             p = d / fname
             if not p.is_file():
                 raise WeightsMissing(f"{d}: file {fname} listed in the manifest is missing")
-            data = p.read_bytes()
-            if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
-                raise WeightsHashMismatch(f"{p}: content differs from the manifest "
-                                          f"({len(data)} bytes, manifest says {entry.bytes})")
-            blobs[fname] = data
+            blobs[fname] = p.read_bytes()
+            if len(blobs[fname]) != entry.bytes:
+                raise WeightsHashMismatch(f"{p}: {len(blobs[fname])} bytes, manifest says {entry.bytes}")
+        # Hash in the background while the tensors are parsed below; nothing is returned
+        # (and no parse error reported) before every digest has been checked.
+        digests = {fname: _sha256_async(data) for fname, data in blobs.items()}
     else:
         manifest = read_manifest(d, sha256)
-        blobs = {}
+        blobs, digests = {}, {}
+
+    def check_digests() -> None:
+        for fname, digest in digests.items():
+            if digest.result() != manifest.files[fname].sha256:
+                raise WeightsHashMismatch(f"{d / fname}: sha256 {digest.result()} != manifest "
+                                          f"{manifest.files[fname].sha256}")
+
     by_file: dict[str, list[str]] = {}
     for name, entry in manifest.tensors.items():
         by_file.setdefault(entry.file, []).append(name)
@@ -275,9 +311,12 @@ def load_weights_dir(
                     raise WeightsCorrupt(f"{d / fname}: tensor {name!r} listed in manifest is absent")
                 out[name] = loaded[name]
         except WeightsError:
+            check_digests()  # a damaged file is a hash mismatch first
             raise
         except Exception as e:  # safetensors raises its own error types on a bad header
+            check_digests()
             raise WeightsCorrupt(f"{d / fname}: cannot read safetensors: {e}") from e
+    check_digests()
     for name, entry in manifest.tensors.items():
         t = out[name]
         if list(t.shape) != entry.shape or _dtype_name(t.dtype) != entry.dtype:

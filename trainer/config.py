@@ -127,6 +127,13 @@ class PushConfig(_Section):
     keep: int = Field(
         2, ge=1, description="pushed weight directories kept on disk (a service may still be loading the previous one)"
     )
+    fsync: bool = Field(
+        False,
+        description="fsync pushed weight directories. Off by default: they are transient (a "
+        "crashed run re-pushes from its checkpoint) and the rename stays atomic, so readers "
+        "never see a partial directory; fsync would otherwise dominate the push on a CPU run. "
+        "Checkpoints and the final export are always fsync'd",
+    )
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="dtype of pushed weights; auto = the training dtype"
     )

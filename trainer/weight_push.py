@@ -95,7 +95,8 @@ class WeightPusher:
 
     def write(self, state_dict: dict[str, torch.Tensor], version: int) -> tuple[Path, str]:
         path = self.dir_for(version)
-        sha = save_weights_dir(state_dict, path, version=version, extra_files=self.extra_files)
+        sha = save_weights_dir(state_dict, path, version=version, extra_files=self.extra_files,
+                               durable=self.cfg.fsync)
         self.prune()
         return path, sha
 
