@@ -21,14 +21,14 @@ import os
 import shutil
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, Field
 from safetensors import safe_open
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_save
+
+from protocol.safetensors_stream import background, write_safetensors
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "rlrt-weights/1"
@@ -115,26 +115,13 @@ def _detach_for_save(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-# One helper thread hashes while the caller writes or parses the same bytes: hashlib and file
-# I/O both release the GIL on large buffers, so the sha256 costs no extra wall time on 2+ cores.
-# Created per process (a forked child inherits the executor but not its thread).
-_hasher: tuple[int, ThreadPoolExecutor] | None = None
-
-
 def _sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _sha256_async(data: bytes) -> Future[str]:
-    global _hasher
-    if _hasher is None or _hasher[0] != os.getpid():
-        _hasher = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlrt-sha256"))
-    return _hasher[1].submit(_sha256_hex, data)
-
-
 def _write_bytes(path: Path, data: bytes, durable: bool) -> str:
     """Write `data` to `path` (fsync'd when `durable`) and return its sha256, hashed meanwhile."""
-    digest = _sha256_async(data)
+    digest = background(_sha256_hex, data)
     with open(path, "wb") as f:
         f.write(data)
         if durable:
@@ -182,9 +169,9 @@ def save_weights_dir(
                 if len(shards) == 1
                 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             )
-            # Serialise in memory and hash the bytes we write: no second read of the file.
-            data = safetensors_save(shard, metadata={"format": "pt"})
-            files[fname] = FileEntry(sha256=_write_bytes(tmp / fname, data, durable), bytes=len(data))
+            # Streamed from the tensors' memory and hashed on the way: no copy, no re-read.
+            sha, size = write_safetensors(tmp / fname, shard, {"format": "pt"}, durable=durable)
+            files[fname] = FileEntry(sha256=sha, bytes=size)
             for name, t in shard.items():
                 entries[name] = TensorEntry(file=fname, shape=list(t.shape), dtype=_dtype_name(t.dtype))
         for name, content in extra_files.items():
@@ -266,26 +253,25 @@ def load_weights_dir(
 ) -> dict[str, torch.Tensor]:
     """Verify (unless `verify=False`) and load all tensors, checking each against the manifest."""
     d = Path(weights_dir)
+    manifest = read_manifest(d, sha256)
+    digests: dict[str, Future] = {}
     if verify:
-        # One read per file: hash the bytes, then parse the same bytes (verify_weights_dir
-        # followed by safe_open would read every file twice).
-        manifest = read_manifest(d, sha256)
         if manifest.format != FORMAT:
             raise WeightsCorrupt(f"{d}: unknown format {manifest.format!r} (expected {FORMAT!r})")
-        blobs: dict[str, bytes] = {}
         for fname, entry in manifest.files.items():
             p = d / fname
             if not p.is_file():
                 raise WeightsMissing(f"{d}: file {fname} listed in the manifest is missing")
-            blobs[fname] = p.read_bytes()
-            if len(blobs[fname]) != entry.bytes:
-                raise WeightsHashMismatch(f"{p}: {len(blobs[fname])} bytes, manifest says {entry.bytes}")
-        # Hash in the background while the tensors are parsed below; nothing is returned
-        # (and no parse error reported) before every digest has been checked.
-        digests = {fname: _sha256_async(data) for fname, data in blobs.items()}
-    else:
-        manifest = read_manifest(d, sha256)
-        blobs, digests = {}, {}
+            if p.stat().st_size != entry.bytes:
+                raise WeightsHashMismatch(f"{p}: {p.stat().st_size} bytes, manifest says {entry.bytes}")
+        # Hash on the helper thread while this one copies the tensors out below (both read
+        # the same page-cache pages); nothing is returned -- and no parse error reported --
+        # before every digest has been checked. Written files are never modified in place
+        # (a new version is a new directory), so both reads see the same bytes.
+        digests = {fname: background(sha256_file, d / fname) for fname in manifest.files}
+        unlisted = {e.file for e in manifest.tensors.values()} - set(manifest.files)
+        if unlisted:
+            raise WeightsCorrupt(f"{d}: tensors point at files not in the manifest: {sorted(unlisted)}")
 
     def check_digests() -> None:
         for fname, digest in digests.items():
@@ -299,17 +285,12 @@ def load_weights_dir(
     out: dict[str, torch.Tensor] = {}
     for fname, names in by_file.items():
         try:
-            if fname in blobs:
-                loaded = safetensors_load(blobs.pop(fname))
-            elif verify:
-                raise WeightsCorrupt(f"{d}: tensors point at {fname}, which is not in the manifest")
-            else:
-                with safe_open(str(d / fname), framework="pt", device="cpu") as f:
-                    loaded = {k: f.get_tensor(k) for k in f.keys()}
-            for name in names:
-                if name not in loaded:
-                    raise WeightsCorrupt(f"{d / fname}: tensor {name!r} listed in manifest is absent")
-                out[name] = loaded[name]
+            with safe_open(str(d / fname), framework="pt", device="cpu") as f:
+                present = set(f.keys())
+                for name in names:
+                    if name not in present:
+                        raise WeightsCorrupt(f"{d / fname}: tensor {name!r} listed in manifest is absent")
+                    out[name] = f.get_tensor(name)
         except WeightsError:
             check_digests()  # a damaged file is a hash mismatch first
             raise
