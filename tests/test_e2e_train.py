@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,3 +111,38 @@ def test_ctrl_c_stops_everything_and_resume_finishes(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
     assert steps == list(range(6))  # every step once, none lost or repeated
+
+
+def test_a_service_killed_mid_run_is_restarted_at_the_current_weights(tmp_path: Path) -> None:
+    """SIGKILL the rollout service after the first trained step: the launcher names it,
+    restarts it, pushes it the trainer's newest weights, and the run still trains every step
+    and finishes with the services at the final version."""
+    model = tiny_model(tmp_path / "model")
+    cfg = write_config(tmp_path, model, total_steps=4)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "rlrt.cli", "train", "--config", str(cfg)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    metrics = tmp_path / "run" / "trainer" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 400
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+            assert proc.poll() is None, proc.stdout.read()[-3000:] if proc.stdout else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        rollout = [p for p in run_processes(str(cfg)) if "rollout" in p.info["cmdline"]]
+        assert len(rollout) == 1
+        rollout[0].kill()
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert "rollout died" in out and "restarting" in out
+    # 200, or 409 when the trainer's own next push reached the new process first.
+    assert re.search(r"rollout back at weights version \d+ \((200|409)\)", out), out[-3000:]
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["eval_after"]["engine_version"] == 4  # the revived service got every push
+    assert not run_processes(str(cfg))
