@@ -17,7 +17,7 @@ from protocol.bus import Bus
 from protocol.config import BusSettings
 from services.common import create_app, serve
 from services.engines.base import Engine, UpstreamError
-from services.engines.config import EngineConfig
+from services.engines.config import EngineConfig, EngineServiceConfig
 from services.engines.control_api import EngineSlot, control_router
 from services.engines.factory import make_engine
 
@@ -61,18 +61,19 @@ def build_service_app(name: str, slot: EngineSlot, bus: Bus | None, *, token: st
     return app
 
 
-async def serve_engine_service(name: str, *, host: str, port: int, token: str | None,
-                               max_body_bytes: int, engine_cfg: EngineConfig,
-                               bus_cfg: BusSettings, redis_url: str | None, consume: ConsumeFn,
-                               stop: asyncio.Event | None = None,
-                               retry_s: float = 5.0) -> None:
-    """Run until `stop` (or SIGTERM/SIGINT). Without Redis only the HTTP side runs."""
+async def serve_engine_service(name: str, cfg: EngineServiceConfig, bus_cfg: BusSettings | None,
+                               consume: ConsumeFn, stop: asyncio.Event | None = None) -> None:
+    """Run the `name` service (rollout or teacher) until `stop` (or SIGTERM/SIGINT): the control
+    API plus `consume(bus, engine, stop)` once the engine is up. Without Redis only the HTTP
+    side runs."""
     stop = stop or asyncio.Event()
+    bus_cfg = bus_cfg or BusSettings()
+    engine_cfg, redis_url = cfg.engine, cfg.redis_url or bus_cfg.redis_url
     slot = EngineSlot()
     bus = Bus.from_url(redis_url, bus_cfg) if redis_url else None
 
     async def worker(s: asyncio.Event) -> None:
-        engine = await build_engine(slot, engine_cfg, s, retry_s)
+        engine = await build_engine(slot, engine_cfg, s, cfg.engine_retry_s)
         if engine is None or bus is None:
             if bus is None:
                 log.warning("no Redis URL: %s serves the control API only", name)
@@ -86,7 +87,7 @@ async def serve_engine_service(name: str, *, host: str, port: int, token: str | 
         if bus is not None:
             await bus.close()
 
-    app = build_service_app(name, slot, bus, token=token, max_body_bytes=max_body_bytes)
-    log.info("%s on http://%s:%d (engine %s, redis %s)", name, host, port, engine_cfg.kind,
-             redis_url or "none")
-    await serve(app, host, port, [worker], stop=stop, on_shutdown=shutdown)
+    app = build_service_app(name, slot, bus, token=cfg.token, max_body_bytes=cfg.max_body_bytes)
+    log.info("%s on http://%s:%d (engine %s, redis %s)", name, cfg.host, cfg.port,
+             engine_cfg.kind, redis_url or "none")
+    await serve(app, cfg.host, cfg.port, [worker], stop=stop, on_shutdown=shutdown)

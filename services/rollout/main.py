@@ -23,11 +23,7 @@ async def serve_rollout(cfg: RolloutConfig, bus_cfg: BusSettings | None = None,
                              out_stream=bus_cfg.stream(cfg.out_stream), group=cfg.group,
                              consumer=cfg.consumer, concurrency=cfg.concurrency)
 
-    await serve_engine_service(
-        "rollout", host=cfg.host, port=cfg.port, token=cfg.token,
-        max_body_bytes=cfg.max_body_bytes, engine_cfg=cfg.engine, bus_cfg=bus_cfg,
-        redis_url=cfg.redis_url or bus_cfg.redis_url, consume=consume, stop=stop,
-        retry_s=cfg.engine_retry_s)
+    await serve_engine_service("rollout", cfg, bus_cfg, consume, stop)
 
 
 def run_rollout(cfg: RolloutConfig, bus_cfg: BusSettings | None = None) -> None:

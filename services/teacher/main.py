@@ -36,11 +36,7 @@ async def serve_teacher(cfg: TeacherConfig, bus_cfg: BusSettings | None = None,
                              consumer=cfg.consumer, concurrency=cfg.concurrency,
                              version_retries=cfg.version_retries)
 
-    await serve_engine_service(
-        "teacher", host=cfg.host, port=cfg.port, token=cfg.token,
-        max_body_bytes=cfg.max_body_bytes, engine_cfg=cfg.engine, bus_cfg=bus_cfg,
-        redis_url=cfg.redis_url or bus_cfg.redis_url, consume=consume, stop=stop,
-        retry_s=cfg.engine_retry_s)
+    await serve_engine_service("teacher", cfg, bus_cfg, consume, stop)
 
 
 def run_teacher(cfg: TeacherConfig, bus_cfg: BusSettings | None = None) -> None:
