@@ -28,8 +28,8 @@ REQUIRED = [
 ]
 
 
-@pytest.fixture
-def run(tmp_path, redis_url, prefix):
+@pytest.fixture(params=[True, False], ids=["push-overlap", "push-sync"])
+def run(request, tmp_path, redis_url, prefix):
     torch.set_num_threads(1)
     model = save_tiny_policy(tmp_path / "policy")
     bus = BusSettings(redis_url=redis_url, prefix=prefix)
@@ -41,7 +41,8 @@ def run(tmp_path, redis_url, prefix):
             lr=1e-3, warmup_steps=1, total_steps=3, max_staleness=1, zero_variance="backfill",
             algorithm={"preset": "rlrt"}, torch_threads=1, micro_batch_size=4,
             data={"source": "countdown", "num_prompts": 30},
-            push={"services": [{"name": "standin", "url": url}], "control_token": "tok"},
+            push={"services": [{"name": "standin", "url": url}], "control_token": "tok",
+                  "overlap": request.param},
             checkpoint={"every": 2}, metrics={"prometheus_port": 0})
         summary = run_trainer(cfg, bus)
     return cfg, summary, standin
@@ -56,6 +57,10 @@ def test_a_run_trains_pushes_logs_checkpoints_and_exports(run):
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2]
+    # Every step reports one push as loaded by the service: with overlap the previous one
+    # (step 0: the initial push), which that step waited for; without, its own.
+    assert all(r["push_ok"] == 1 and r["push_failed"] == [] for r in records)
+    assert all(("push_wait_s" in r) == cfg.push.overlap for r in records[1:])
     for r in records:
         missing = [k for k in REQUIRED if k not in r]
         assert not missing, missing

@@ -127,6 +127,15 @@ class PushConfig(_Section):
     keep: int = Field(
         2, ge=1, description="pushed weight directories kept on disk (a service may still be loading the previous one)"
     )
+    overlap: bool = Field(
+        True,
+        description="disk mode: write the directory before the next optimizer step, then let "
+        "the services load it while the next step runs (the trainer waits for a push only "
+        "before starting the next one, and at the end). A service drains its "
+        "in-flight generations before swapping weights, so a synchronous push waits for them. "
+        "With overlap the step's push_notify_s / push_ok / push_failed describe the previous "
+        "push; push_wait_s is what waiting for it cost. Off: every push completes in its step",
+    )
     fsync: bool = Field(
         False,
         description="fsync pushed weight directories. Off by default: they are transient (a "

@@ -8,7 +8,8 @@ One step t (the policy is at version t), orchestrated by rank 0:
     update_step                old log-probs, advantages, micro-batched loss/backward, AdamW
     -> version t+1
     push (every k)             full weights gathered (ZeRO-3: per bucket), written once,
-                               POSTed to every service's /v1/weights (or NCCL, GPU)
+                               POSTed to every service's /v1/weights (or NCCL, GPU); the
+                               services load it while step t+1 runs (push.overlap)
     metrics                    metrics.jsonl / trained.jsonl / TensorBoard / Prometheus / bar
     checkpoint (every k)       all ranks; then the inbox forgets the groups it covers
 
@@ -159,6 +160,8 @@ class _Lead:
         self.stop = asyncio.Event()
         self.stop_reason: str | None = None
         self.pushes = 0
+        self.notifying: asyncio.Task[PushResult] | None = None  # a push loading in the background
+        self.unreported: PushResult | None = None  # a finished push not yet in the metrics
 
     # ------------------------------------------------------------------ helpers
     async def _all(self, op: str, *args: Any) -> Any:
@@ -181,6 +184,9 @@ class _Lead:
         return int(self.cfg.max_seq_len or self.policy.hf_model.config.max_position_embeddings)
 
     async def push(self, version: int) -> PushResult:
+        """Push `version` to the services. With push.overlap (disk mode) this returns once the
+        directory is written -- the weights may change from here on -- and the services are
+        notified in the background; `settle()` collects that result."""
         cfg = self.cfg.push
         first = self.pushes == 0
         by_disk = cfg.mode == "disk" or first or (cfg.disk_every and self.pushes % cfg.disk_every == 0)
@@ -190,6 +196,11 @@ class _Lead:
             # The first push of a process may go *back* in version (a resumed run whose
             # services had loaded later weights from the killed one): say so explicitly.
             meta = {"reason": "start", "allow_rollback": True} if first else {"reason": "step"}
+            if cfg.overlap and not first:
+                update, write_s = await self.pusher.write_update(sd, version, meta)
+                self.notifying = asyncio.create_task(self.pusher.notify(update))
+                return PushResult(version=version, location=update.location,
+                                  sha256=update.sha256, write_s=write_s)
             res = await self.pusher.push(sd, version, meta=meta)
         else:
             res = await self._all("nccl", version)
@@ -200,9 +211,26 @@ class _Lead:
                 res.ok += disk.ok
                 res.failed = {k: f"{v}; disk fallback: {disk.failed[k]}"
                               for k, v in res.failed.items() if k in disk.failed}
-        if res.failed and cfg.on_failure == "raise":
-            raise TrainerError(f"weight push v{version} failed: {res.failed}")
+        self._check_push(res)
         return res
+
+    def _check_push(self, res: PushResult) -> None:
+        if res.failed and self.cfg.push.on_failure == "raise":
+            raise TrainerError(f"weight push v{res.version} failed: {res.failed}")
+
+    async def settle(self) -> dict[str, Any]:
+        """Wait for a push still notifying in the background; the figures of the previous
+        push (that one, or the last synchronous one not yet reported), for the metrics."""
+        t0 = time.perf_counter()
+        if self.notifying is not None:
+            self.unreported = await self.notifying
+            self.notifying = None
+            self._check_push(self.unreported)
+        res, self.unreported = self.unreported, None
+        if res is None:
+            return {}
+        return {"push_wait_s": time.perf_counter() - t0, "push_notify_s": res.notify_s,
+                "push_ok": len(res.ok), "push_failed": sorted(res.failed)}
 
     async def save(self, version: int) -> float:
         t0 = time.perf_counter()
@@ -282,6 +310,7 @@ class _Lead:
         record: dict[str, Any] = {}
         if cfg.push.on_start and cfg.push.services:
             res = await self.push(version)
+            self.unreported = res  # reported with step 0, as "the previous push"
             log.info("initial push v%d: ok %s failed %s", version, res.ok, list(res.failed))
             for name, why in res.failed.items():
                 if "409" in why:
@@ -308,10 +337,13 @@ class _Lead:
                       **collect_stats(coll), **m, "time_batch_s": t_batch}
             if version % cfg.push.every == 0 or version == cfg.total_steps:
                 t0 = time.perf_counter()
+                settled = await self.settle()  # the previous push, if still loading
                 res = await self.push(version)
-                record.update(time_push_s=time.perf_counter() - t0, push_write_s=res.write_s,
-                              push_notify_s=res.notify_s, push_ok=len(res.ok),
-                              push_failed=sorted(res.failed))
+                record.update(time_push_s=time.perf_counter() - t0, push_write_s=res.write_s)
+                if self.notifying is None:  # completed within this step: report it
+                    settled = {"push_notify_s": res.notify_s, "push_ok": len(res.ok),
+                               "push_failed": sorted(res.failed)}
+                record.update(settled)
             self.uncommitted += coll.consumed
             self.boundary = DriverState.from_dict(driver.state.to_dict())
             if cfg.checkpoint.every and version % cfg.checkpoint.every == 0:
@@ -324,6 +356,9 @@ class _Lead:
                           time_step_s=time.perf_counter() - t_step)
             sink.log(record, staleness=batch.staleness.tolist(),
                      trained=trained_record(coll.groups, step))
+        settled = await self.settle()  # the services serve the last pushed version from here
+        if settled.get("push_failed"):
+            log.error("final weight push v%d failed for %s", version, settled["push_failed"])
         completed = version >= cfg.total_steps
         ckpt_path = None
         if last_ckpt != version and (completed or cfg.checkpoint.on_sigterm):

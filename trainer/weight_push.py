@@ -157,16 +157,22 @@ class WeightPusher:
                       name, res.attempts.get(name, 0), why)
         return res
 
+    async def write_update(self, state_dict: dict[str, torch.Tensor], version: int,
+                           meta: dict | None = None) -> tuple[WeightUpdate, float]:
+        """Write the directory (in a thread: it is disk and hashing work); return the
+        WeightUpdate that names it and the seconds the write took."""
+        t0 = time.perf_counter()
+        path, sha = await asyncio.to_thread(self.write, state_dict, version)
+        update = WeightUpdate(run_id=self.run_id, version=version, format="safetensors_dir",
+                              location=str(path.resolve()), sha256=sha, meta=meta or {})
+        return update, time.perf_counter() - t0
+
     async def push(self, state_dict: dict[str, torch.Tensor], version: int,
                    services: list[ServiceEndpoint] | None = None,
                    meta: dict | None = None) -> PushResult:
-        """Write the directory (in a thread: it is disk and hashing work), then notify
-        `services` (default: all); `meta` goes into the WeightUpdate."""
-        t0 = time.perf_counter()
-        path, sha = await asyncio.to_thread(self.write, state_dict, version)
-        write_s = time.perf_counter() - t0
-        update = WeightUpdate(run_id=self.run_id, version=version, format="safetensors_dir",
-                              location=str(path.resolve()), sha256=sha, meta=meta or {})
+        """Write the directory, then notify `services` (default: all); `meta` goes into the
+        WeightUpdate."""
+        update, write_s = await self.write_update(state_dict, version, meta)
         res = await self.notify(update, services)
         res.write_s = write_s
         return res
