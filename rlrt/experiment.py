@@ -67,12 +67,12 @@ def _run_one(config: Path, preset: str, seed: int, out: Path, steps: int | None,
     return res
 
 
-def _fmt(xs: list[float]) -> str:
+def _fmt(xs: list[float], spec: str = ".3f") -> str:
     if not xs:
         return "n/a"
     if len(xs) == 1:
-        return f"{xs[0]:.3f}"
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+        return f"{xs[0]:{spec}}"
+    return f"{statistics.mean(xs):{spec}} ± {statistics.stdev(xs):{spec}}"
 
 
 def summarize(results: list[dict], out: Path) -> str:
@@ -88,13 +88,17 @@ def summarize(results: list[dict], out: Path) -> str:
         gain = [a - b for a, b in zip(after, before, strict=True)]
         passk = [r["after"][f"pass@{k}"] for r in rs]
 
-        def col(name: str, rs: list[dict] = rs) -> str:
+        # Without teacher scores (grpo) the RLRT diagnostics are not defined: "—", not 0.
+        scored = any(r.get("teacher_tokens_scored") for r in rs)
+
+        def col(name: str, spec: str = ".3f", rs: list[dict] = rs, scored: bool = scored) -> str:
             vals = [r[name] for r in rs if r.get(name) is not None]
-            return _fmt(vals) if vals else "—"
+            return _fmt(vals, spec) if vals and scored else "—"
 
         lines.append(f"| {p} | {len(rs)} | {_fmt(before)} | {_fmt(after)} | {_fmt(gain)} | "
                      f"{_fmt(passk)} | {col('self_driven_share')} | {col('mean_D_correct')} | "
-                     f"{col('weight_mean')} | {col('teacher_tokens_scored')} | {col('wall_s')} |")
+                     f"{col('weight_mean')} | {_fmt([r['teacher_tokens_scored'] for r in rs], ',.0f')} | "
+                     f"{_fmt([r['wall_s'] for r in rs], '.0f')} |")
     table = "\n".join(lines)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
