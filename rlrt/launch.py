@@ -134,6 +134,11 @@ class LocalRun:
 
     def trainer_env(self) -> dict[str, str]:
         env = self.child_env()
+        # The launcher starts one trainer process on this machine: rendezvous variables
+        # inherited from a caller that ran torch.distributed itself (a notebook, a test) would
+        # point it at that caller's store port. trainer/dist.py picks a free one without them.
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(key, None)
         services = [{"name": n, "url": self.url(n)} for n in self.services if n in ("rollout", "teacher")]
         env["RLRT_TRAINER__PUSH__SERVICES"] = json.dumps(services)
         env["RLRT_TRAINER__PUSH__CONTROL_TOKEN"] = self.token

@@ -75,3 +75,20 @@ def test_unreachable_redis(tmp_path: Path, model_dir: Path) -> None:
     msg = _error_line(_train(_config(tmp_path, model_dir, bus={"redis_url": f"redis://127.0.0.1:{port}/0"})))
     assert "unreachable" in msg
     assert not (tmp_path / "run" / "logs").exists()  # nothing was started
+
+
+def test_trainer_child_does_not_inherit_a_callers_rendezvous(tmp_path: Path, model_dir: Path,
+                                                            monkeypatch) -> None:
+    """A caller that ran torch.distributed itself (a notebook, a test session) has RANK,
+    WORLD_SIZE and MASTER_PORT in its environment, and its store still holds that port: the
+    trainer the launcher starts must pick its own."""
+    from rlrt.launch import LocalRun
+
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(key, value)
+    run = LocalRun(_config(tmp_path, model_dir))
+    run.ports = {"rollout": 1, "teacher": 2, "verifier": 3}
+    env = run.trainer_env()
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} & set(env)
+    assert env["RLRT_TRAINER__PUSH__CONTROL_TOKEN"] == run.token

@@ -130,8 +130,8 @@ class PushConfig(_Section):
     overlap: bool = Field(
         True,
         description="disk mode: write the directory before the next optimizer step, then let "
-        "the services load it while the next step runs (the trainer waits for a push only "
-        "before starting the next one, and at the end). A service drains its "
+        "the services load it in the background (the trainer waits for it at the start of "
+        "the next step, before publishing that step's prompts, and at the end). A service drains its "
         "in-flight generations before swapping weights, so a synchronous push waits for them. "
         "With overlap the step's push_notify_s / push_ok / push_failed describe the previous "
         "push; push_wait_s is what waiting for it cost. Off: every push completes in its step",

@@ -324,6 +324,11 @@ class _Lead:
                 consumer.result()
                 raise TrainerError("the ScoredGroup consumer stopped unexpectedly")
             t_step = time.perf_counter()
+            # Let the services finish loading the last push before this step's prompts go out:
+            # an engine drains its running rows before it swaps weights, so prompts published
+            # earlier would start on the old weights and then stall the swap half-batched.
+            # The wait costs nothing extra: the rows it waits for are this step's groups.
+            settled = await self.settle()
             coll = await driver.collect(step, self.stop)
             if coll is None:
                 break
@@ -337,13 +342,12 @@ class _Lead:
                       **collect_stats(coll), **m, "time_batch_s": t_batch}
             if version % cfg.push.every == 0 or version == cfg.total_steps:
                 t0 = time.perf_counter()
-                settled = await self.settle()  # the previous push, if still loading
                 res = await self.push(version)
                 record.update(time_push_s=time.perf_counter() - t0, push_write_s=res.write_s)
                 if self.notifying is None:  # completed within this step: report it
                     settled = {"push_notify_s": res.notify_s, "push_ok": len(res.ok),
                                "push_failed": sorted(res.failed)}
-                record.update(settled)
+            record.update(settled)
             self.uncommitted += coll.consumed
             self.boundary = DriverState.from_dict(driver.state.to_dict())
             if cfg.checkpoint.every and version % cfg.checkpoint.every == 0:
