@@ -308,8 +308,8 @@ def main() -> None:
     load_text = ", ".join(f"{v:.1f} {k}" for k, v in loads.items())
     trl_update = trl1["s_per_step"] - trl1["sampling_s_per_step"]
     trl_best_update = trl["s_per_step"] - trl["sampling_s_per_step"]
-    trl_update_share = trl_best_update / trl["s_per_step"]
-    ceiling = trl["s_per_step"] / trl_best_update
+    ceiling = trl["s_per_step"] / ours["s_update_per_step"]
+    need = 3 / ceiling
     trl0_split = ""
     if trl0:
         trl0_split = (f"; with {trl0['threads']} threads {trl0['sampling_s_per_step']:.2f} + "
@@ -360,11 +360,13 @@ for scored groups: sampling, verification, the Redis hops and the weight push (w
 trained samples {ours["staleness_mean"]:.2f} version, within `max_staleness: 1` (one version
 old is the price of the overlap).
 
-Why 3x is out of reach on this machine. Ours can be no faster than its update, and the update
-is TRL's own update, done by the same PyTorch kernels on one of the two cores. TRL's update
-alone is {trl_update_share:.0%} of its best step here, so even with free sampling the ceiling
-is about {ceiling:.1f}x; 3x would need the same forward/backward to run several times faster
-than PyTorch runs it, or more cores (a GPU). The issue's 5.5 s/step for TRL was measured on a
+Why 3x is out of reach on this machine. Ours can be no faster than its own update
+({ours["s_update_per_step"]:.2f} s/step here), and that update is the same forward/backward
+and AdamW step as TRL's ({trl_best_update:.2f} s/step at TRL's better thread count), run by the
+same PyTorch kernels on one core. Even with sampling entirely hidden the ceiling is TRL's step
+over our update, about {ceiling:.1f}x; 3x would need the forward/backward itself to run about
+{need:.1f}x faster than PyTorch runs it on this CPU, or more cores (a GPU).
+The issue's 5.5 s/step for TRL was measured on a
 busier machine: TRL at torch's default thread count swings several-fold with the load of other
 jobs (5-24 s/step while this benchmark was first written, under load 7-9).
 Start-up is longer for ours (Redis, three services, the
