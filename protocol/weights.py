@@ -115,19 +115,14 @@ def _detach_for_save(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def _sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _write_bytes(path: Path, data: bytes, durable: bool) -> str:
-    """Write `data` to `path` (fsync'd when `durable`) and return its sha256, hashed meanwhile."""
-    digest = background(_sha256_hex, data)
+    """Write a small file (manifest, config) to `path`, fsync'd when `durable`; its sha256."""
     with open(path, "wb") as f:
         f.write(data)
         if durable:
             f.flush()
             os.fsync(f.fileno())
-    return digest.result()
+    return hashlib.sha256(data).hexdigest()
 
 
 def save_weights_dir(
@@ -225,10 +220,9 @@ def read_manifest(weights_dir: str | os.PathLike, sha256: str | None = None) -> 
         raise WeightsCorrupt(f"{path} is not a valid manifest: {e}") from e
 
 
-def verify_weights_dir(weights_dir: str | os.PathLike, sha256: str | None) -> Manifest:
-    """Check the manifest digest (when given) and every listed file's size and sha256.
-    Raises WeightsMissing / WeightsHashMismatch / WeightsCorrupt; returns the manifest."""
-    d = Path(weights_dir)
+def _check_structure(d: Path, sha256: str | None) -> Manifest:
+    """Everything but the file hashes: manifest digest and format, every listed file present
+    with its listed size, every tensor in a listed file."""
     manifest = read_manifest(d, sha256)
     if manifest.format != FORMAT:
         raise WeightsCorrupt(f"{d}: unknown format {manifest.format!r} (expected {FORMAT!r})")
@@ -236,15 +230,27 @@ def verify_weights_dir(weights_dir: str | os.PathLike, sha256: str | None) -> Ma
     if missing:
         raise WeightsMissing(f"{d}: files listed in the manifest are missing: {sorted(missing)}")
     for name, entry in manifest.files.items():
-        p = d / name
-        if p.stat().st_size != entry.bytes:
-            raise WeightsHashMismatch(f"{p}: {p.stat().st_size} bytes, manifest says {entry.bytes}")
-        got = sha256_file(p)
-        if got != entry.sha256:
-            raise WeightsHashMismatch(f"{p}: sha256 {got} != manifest {entry.sha256}")
+        size = (d / name).stat().st_size
+        if size != entry.bytes:
+            raise WeightsHashMismatch(f"{d / name}: {size} bytes, manifest says {entry.bytes}")
     unlisted = {e.file for e in manifest.tensors.values()} - set(manifest.files)
     if unlisted:
         raise WeightsCorrupt(f"{d}: tensors point at files not in the manifest: {sorted(unlisted)}")
+    return manifest
+
+
+def _check_digest(path: Path, got: str, entry: FileEntry) -> None:
+    if got != entry.sha256:
+        raise WeightsHashMismatch(f"{path}: sha256 {got} != manifest {entry.sha256}")
+
+
+def verify_weights_dir(weights_dir: str | os.PathLike, sha256: str | None) -> Manifest:
+    """Check the manifest digest (when given) and every listed file's size and sha256.
+    Raises WeightsMissing / WeightsHashMismatch / WeightsCorrupt; returns the manifest."""
+    d = Path(weights_dir)
+    manifest = _check_structure(d, sha256)
+    for name, entry in manifest.files.items():
+        _check_digest(d / name, sha256_file(d / name), entry)
     return manifest
 
 
@@ -253,31 +259,20 @@ def load_weights_dir(
 ) -> dict[str, torch.Tensor]:
     """Verify (unless `verify=False`) and load all tensors, checking each against the manifest."""
     d = Path(weights_dir)
-    manifest = read_manifest(d, sha256)
     digests: dict[str, Future] = {}
     if verify:
-        if manifest.format != FORMAT:
-            raise WeightsCorrupt(f"{d}: unknown format {manifest.format!r} (expected {FORMAT!r})")
-        for fname, entry in manifest.files.items():
-            p = d / fname
-            if not p.is_file():
-                raise WeightsMissing(f"{d}: file {fname} listed in the manifest is missing")
-            if p.stat().st_size != entry.bytes:
-                raise WeightsHashMismatch(f"{p}: {p.stat().st_size} bytes, manifest says {entry.bytes}")
-        # Hash on the helper thread while this one copies the tensors out below (both read
-        # the same page-cache pages); nothing is returned -- and no parse error reported --
-        # before every digest has been checked. Written files are never modified in place
-        # (a new version is a new directory), so both reads see the same bytes.
+        manifest = _check_structure(d, sha256)
+        # Hash on the helper thread while this one maps the tensors below (zero-copy: both
+        # read the same page-cache pages). Nothing is returned -- and no parse error
+        # reported -- before every digest has been checked. Written files are never modified
+        # in place (a new version is a new directory), so both reads see the same bytes.
         digests = {fname: background(sha256_file, d / fname) for fname in manifest.files}
-        unlisted = {e.file for e in manifest.tensors.values()} - set(manifest.files)
-        if unlisted:
-            raise WeightsCorrupt(f"{d}: tensors point at files not in the manifest: {sorted(unlisted)}")
+    else:
+        manifest = read_manifest(d, sha256)
 
     def check_digests() -> None:
         for fname, digest in digests.items():
-            if digest.result() != manifest.files[fname].sha256:
-                raise WeightsHashMismatch(f"{d / fname}: sha256 {digest.result()} != manifest "
-                                          f"{manifest.files[fname].sha256}")
+            _check_digest(d / fname, digest.result(), manifest.files[fname])
 
     by_file: dict[str, list[str]] = {}
     for name, entry in manifest.tensors.items():

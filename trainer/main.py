@@ -9,7 +9,8 @@ One step t (the policy is at version t), orchestrated by rank 0:
     -> version t+1
     push (every k)             full weights gathered (ZeRO-3: per bucket), written once,
                                POSTed to every service's /v1/weights (or NCCL, GPU); the
-                               services load it while step t+1 runs (push.overlap)
+                               services load it in the background, and step t+1 waits
+                               for that before publishing its prompts (push.overlap)
     metrics                    metrics.jsonl / trained.jsonl / TensorBoard / Prometheus / bar
     checkpoint (every k)       all ranks; then the inbox forgets the groups it covers
 
