@@ -113,3 +113,26 @@ async def test_a_refusal_is_reported_without_retrying(tmp_path, services):
     a.controls.fail_times, a.controls.fail_status = 100, 409  # e.g. a stale version
     res = await pusher(tmp_path, [ua], retries=3).push(state(0), 1)
     assert "HTTP 409" in res.failed["s0"] and res.attempts["s0"] == 1
+
+
+async def test_a_resumed_run_keeps_what_it_writes_and_drops_the_killed_runs_versions(
+        tmp_path, services):
+    """Issue 16, defect 1 (the repro: checkpoint at 5, killed after 7, --resume). The first
+    push of the resumed process re-writes v5 while the killed run's v6 and v7 are still on
+    disk: it must not be pruned as "the oldest" (every service then fails to load it), and
+    the dead run's versions must not outlive the new run's own."""
+    (a, ua), (b, ub) = services
+    killed = pusher(tmp_path, [ua, ub], keep=2, retries=1)
+    for v in range(1, 8):
+        assert not (await killed.push(state(v), v)).failed
+    resumed = pusher(tmp_path, [ua, ub], keep=2, retries=1)  # a new process, same weights root
+    res = await resumed.push(state(50), 5)
+    assert sorted(res.ok) == ["s0", "s1"] and not res.failed, res.failed
+    for svc in (a, b):
+        assert svc.version == 5 and torch.equal(svc.loaded[5]["b.bias"], state(50)["b.bias"])
+    assert sorted(d.name for d in (tmp_path / "weights").iterdir()) == ["v00000005"]
+    for v in (6, 7):
+        assert not (await resumed.push(state(60 + v), v)).failed
+    assert sorted(d.name for d in (tmp_path / "weights").iterdir()) == ["v00000006", "v00000007"]
+    assert torch.equal(load_weights_dir(tmp_path / "weights" / "v00000007")["b.bias"],
+                       state(67)["b.bias"])

@@ -88,6 +88,8 @@ class WeightPusher:
         self.root = Path(root)
         self.run_id = run_id
         self.extra_files = extra_files or {}
+        # Versions this process wrote, oldest first: only these are worth keeping (see prune).
+        self.written: list[int] = []
 
     # ------------------------------------------------------------------ disk
     def dir_for(self, version: int) -> Path:
@@ -97,13 +99,26 @@ class WeightPusher:
         path = self.dir_for(version)
         sha = save_weights_dir(state_dict, path, version=version, extra_files=self.extra_files,
                                durable=self.cfg.fsync)
+        if version in self.written:
+            self.written.remove(version)
+        self.written.append(version)
         self.prune()
         return path, sha
 
     def prune(self) -> None:
-        dirs = sorted(p for p in self.root.glob("v*") if p.is_dir())
-        for old in dirs[: -self.cfg.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        """Keep the `keep` directories this process wrote last; delete every other one.
+
+        A resumed run owns its versions: directories left by an earlier process -- above all
+        a killed run's versions *past* the checkpoint this run resumed from -- are stale, and
+        keeping "the highest-numbered" ones would delete the directory just written (its
+        push then fails with 409 at every service) and hand a revived service the dead run's
+        weights. Before this process has written anything, nothing is deleted."""
+        if not self.written:
+            return
+        keep = {self.dir_for(v).name for v in self.written[-self.cfg.keep:]}
+        for old in self.root.glob("v*"):
+            if old.is_dir() and old.name not in keep:
+                shutil.rmtree(old, ignore_errors=True)
 
     # ------------------------------------------------------------------ HTTP
     def _headers(self) -> dict[str, str]:
