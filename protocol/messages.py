@@ -19,6 +19,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from protocol.arrays import Float32Array, Int32Array
+from protocol.canary import Canary
 
 SCHEMA_VERSION = 1
 
@@ -86,7 +87,16 @@ class TeacherRequest(BaseModel):
         description="extra apply_chat_template arguments, e.g. {'enable_thinking': False}: "
         "render the teacher prompt the way the student's prompt was rendered",
     )
+    system_prompt: str | None = Field(
+        None, description="the system message the student's prompt was rendered with (the "
+        "data section's system_prompt): the teacher's context keeps it",
+    )
     seed: int = Field(0, description="seeds the choice of sibling (deterministic per group)")
+    estimator: str = Field(
+        "grpo",
+        description="the advantage estimator (protocol/estimators.py): decides which responses "
+        "have zero advantage, hence need no teacher score",
+    )
 
 
 class PromptTask(Message):
@@ -203,6 +213,9 @@ class WeightUpdate(Message):
         None, description="hex digest over the directory's manifest (see protocol.weights)"
     )
     meta: dict[str, Any] = Field(default_factory=dict)
+    canary: Canary | None = Field(
+        None, description="the trainer's log-probs of fixed sequences under these weights; "
+        "services score them after loading and refuse a mismatch (protocol/canary.py)")
 
 
 def as_array(values: Any, dtype: str = "float32") -> np.ndarray:

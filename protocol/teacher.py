@@ -19,32 +19,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from protocol.estimators import Scope, get_adv_est
 from protocol.messages import ScoredGroup, TeacherRequest, VerifiedGroup
+from protocol.tasks.base import render_prompt
 
-Scope = Literal["none", "correct_mixed", "nonzero_adv", "all"]
 ContextMode = Literal["sibling", "reference_solution", "reference_answer"]
 
 DEFAULT_TEMPLATE = (
     "{prompt}\n\nCorrect solution:\n\n{demonstration}\n\nCorrectly solve the original question.\n"
 )
 
-# A reward this close to its group mean has advantage 0 (float noise in the mean of e.g. 0.1s).
-_ZERO_ADV_TOL = 1e-6
-
 
 # --------------------------------------------------------------------------- who needs a score
 
 
-def zero_advantage(rewards: Sequence[float]) -> list[bool]:
-    """Which responses have GRPO advantage A_k = 0: all of a constant group, and any reward
-    equal to its group mean. True regardless of std-normalisation or its level, because the
-    advantage is always centred on the *group* mean (see trainer/algorithm/advantages.py)."""
-    if not rewards:
-        return []
-    if max(rewards) == min(rewards):
-        return [True] * len(rewards)
-    mean = sum(rewards) / len(rewards)
-    return [abs(r - mean) <= _ZERO_ADV_TOL for r in rewards]
+def zero_advantage(rewards: Sequence[float], estimator: str = "grpo") -> list[bool]:
+    """Which responses have advantage 0 under `estimator`: the registry's test
+    (protocol/estimators.py), the one place that decides it for the trainer too."""
+    return get_adv_est(estimator).zero_advantage(rewards)
 
 
 def has_demonstration(
@@ -69,7 +61,8 @@ def has_demonstration(
     raise ValueError(f"unknown context_mode {context_mode!r}")
 
 
-def in_scope(correct: Sequence[bool], rewards: Sequence[float], scope: Scope) -> list[bool]:
+def in_scope(correct: Sequence[bool], rewards: Sequence[float], scope: Scope,
+             estimator: str = "grpo") -> list[bool]:
     """Which responses the scope asks a teacher score for, before asking whether a
     demonstration exists.
     - none: nothing (grpo, dr_grpo, grpo_entropy)
@@ -80,7 +73,7 @@ def in_scope(correct: Sequence[bool], rewards: Sequence[float], scope: Scope) ->
     """
     if len(correct) != len(rewards):
         raise ValueError(f"{len(correct)} correct flags for {len(rewards)} rewards")
-    zero = zero_advantage(rewards)
+    zero = zero_advantage(rewards, estimator)
     if scope == "none":
         return [False] * len(rewards)
     if scope == "correct_mixed":
@@ -101,6 +94,7 @@ def teacher_needed(
     has_solution: bool = False,
     has_answer: bool = True,
     fallback_to_solution: bool = True,
+    estimator: str = "grpo",
 ) -> list[bool]:
     """Exactly which responses of one group need teacher log-probs: in the scope AND with a
     demonstration. A response in scope without one is trained as plain GRPO (w_t = 1).
@@ -108,7 +102,7 @@ def teacher_needed(
     For `rlrt` (scope correct_mixed, sibling mode): the correct responses of a mixed group that
     have another correct sibling, or the reference solution when the group has a single correct
     response and the dataset has a solution."""
-    wanted = in_scope(correct, rewards, scope)
+    wanted = in_scope(correct, rewards, scope, estimator)
     return [
         want
         and has_demonstration(
@@ -135,6 +129,7 @@ def teacher_needed_for_group(group: VerifiedGroup) -> list[bool]:
         has_solution=bool(group.task.solution),
         has_answer=bool(group.task.answer),
         fallback_to_solution=req.fallback_to_solution,
+        estimator=req.estimator,
     )
 
 
@@ -252,21 +247,16 @@ def build_teacher_context(
     *,
     template: str | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
+    system_prompt: str | None = None,
 ) -> TeacherContext:
     """Render the teacher prompt through the tokenizer's chat template (with the generation
     prompt, exactly like the student's prompt) and append the response tokens unchanged.
     The response is never re-tokenized from text: the teacher must score the very tokens the
     student sampled, or q_t and s_t would refer to different tokens."""
-    user = render_teacher_prompt(prompt, demonstration.text, template)
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": user}],
-        tokenize=False,
-        add_generation_prompt=True,
-        **(chat_template_kwargs or {}),
-    )
-    # The chat template already holds any BOS/special tokens; adding them again would shift
-    # every position.
-    context = list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    # The student's own rendering (protocol/tasks/base.py), system prompt included: only the
+    # user turn differs.
+    context = render_prompt(tokenizer, render_teacher_prompt(prompt, demonstration.text, template),
+                            system_prompt=system_prompt, chat_template_kwargs=chat_template_kwargs)
     return TeacherContext(
         input_ids=context + [int(t) for t in response_ids],
         response_start=len(context),
@@ -321,4 +311,5 @@ def teacher_context_for_group(
         group.responses[index].token_ids.tolist(),
         template=req.template,
         chat_template_kwargs=req.chat_template_kwargs,
+        system_prompt=req.system_prompt,
     )

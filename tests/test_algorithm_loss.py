@@ -39,7 +39,7 @@ def cfg(**over) -> AlgorithmConfig:
         ("token-mean", None, -2.28 / 5),  # sum of L = -2.28 over 5 tokens
         ("seq-mean-token-mean", None, (-1.38 / 3 + -0.9 / 2) / 2),  # -0.46 and -0.45
         ("seq-mean-token-sum", None, (-1.38 + -0.9) / 2),
-        ("seq-mean-token-sum-norm", None, -2.28 / (2 * 3)),  # norm = T = 3
+        ("seq-mean-token-sum-norm", 3, -2.28 / (2 * 3)),
         ("seq-mean-token-sum-norm", 4, -2.28 / (2 * 4)),
     ],
 )
@@ -101,7 +101,9 @@ def test_truncated_importance_weight_and_mismatch_kl():
     assert off.loss.item() == pytest.approx(-2.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("kind, per_token", [("k1", -math.log(2)), ("k3", 2 - 1 - math.log(2))])
+@pytest.mark.parametrize("kind, per_token", [
+    ("k1", -math.log(2)), ("k2", 0.5 * math.log(2) ** 2), ("k3", 2 - 1 - math.log(2)),
+    ("low_var_kl", 2 - 1 - math.log(2))])
 def test_kl_term(kind, per_token):
     # ref - logp = ln 2 on both tokens; A = 0, so the loss is kl_coef * KL.
     lp = torch.full((1, 2), -2.0, requires_grad=True)
@@ -113,6 +115,33 @@ def test_kl_term(kind, per_token):
     assert out.loss.item() == pytest.approx(0.1 * per_token, rel=1e-5)
     with pytest.raises(ValueError):
         policy_loss(lp, lp.detach(), torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), c)
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3", "low_var_kl"])
+def test_kl_is_zero_at_the_reference_and_pulls_toward_it(kind):
+    """KL term = 0 when policy == reference; its gradient moves logp toward ref (a descent
+    step on the loss raises logp where logp < ref and lowers it where logp > ref); k2, k3 and
+    low_var_kl have zero gradient at the reference (k1's is the constant 1 per token, its
+    expectation under the policy being 0)."""
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    ref = torch.tensor([[-1.0, -2.0, -0.5]])
+    c = cfg(kl_coef=1.0, kl_type=kind, tis_cap=None)
+    at = ref.clone().requires_grad_(True)
+    out = policy_loss(at, at.detach(), torch.zeros(1, 3), mask, c, ref_logprobs=ref)
+    assert out.loss.item() == pytest.approx(0.0, abs=1e-7)
+    assert out.metrics["kl"].item() == pytest.approx(0.0, abs=1e-7)
+    out.loss.backward()
+    if kind != "k1":
+        assert at.grad.abs().max().item() == pytest.approx(0.0, abs=1e-7)
+    lp = (ref + torch.tensor([[-0.5, 0.7, 0.0]])).requires_grad_(True)
+    out = policy_loss(lp, lp.detach(), torch.zeros(1, 3), mask, c, ref_logprobs=ref)
+    out.loss.backward()
+    if kind == "k1":  # d(logp - ref)/d logp = 1 everywhere: always lowers logp
+        assert (lp.grad > 0).all()
+    else:
+        assert lp.grad[0, 0] < 0 < lp.grad[0, 1]  # below ref: pushed up; above: down
+        assert lp.grad[0, 2].item() == pytest.approx(0.0, abs=1e-7)
+        assert out.metrics["kl"].item() > 0
 
 
 def test_entropy_bonus_of_grpo_entropy():
@@ -129,20 +158,42 @@ def test_entropy_bonus_of_grpo_entropy():
     assert out.metrics["entropy"].item() == pytest.approx(2.0)
 
 
-def test_global_token_count_makes_micro_batches_add_up():
-    full = policy_loss(logp_param(), OLD, ADV, MASK, cfg()).loss
-    parts = sum(
-        policy_loss(
-            logp_param()[i : i + 1],
-            OLD[i : i + 1],
-            ADV[i : i + 1],
-            MASK[i : i + 1],
-            cfg(),
-            num_tokens=5,
-        ).loss
-        for i in range(2)
-    )
-    assert parts.item() == pytest.approx(full.item(), abs=1e-6)
+def test_dr_grpo_needs_a_constant_normaliser():
+    """No silent default to the tensor's padded length (which differs per micro-batch)."""
+    with pytest.raises(ValueError, match="constant norm_len"):
+        aggregate(L, MASK, "seq-mean-token-sum-norm")
+    with pytest.raises(ValueError, match="constant norm_len"):
+        policy_loss(logp_param(), OLD, ADV, MASK, cfg(loss_agg="seq-mean-token-sum-norm"))
+    # the trainer's constant (sampling.max_new_tokens) when the config leaves it unset
+    out = policy_loss(logp_param(), OLD, ADV, MASK, cfg(loss_agg="seq-mean-token-sum-norm"),
+                      norm_len=4)
+    assert out.loss.item() == pytest.approx(-2.28 / (2 * 4), abs=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                  "seq-mean-token-sum-norm"])
+def test_micro_batch_losses_add_up_to_the_batch_loss(mode):
+    """Every aggregation mode: micro-batches trimmed to their own longest row (as
+    TrainBatch.select does) and normalised by the whole batch's counts sum to the loss of the
+    whole batch -- the Dr.GRPO bug was a per-micro-batch padded length here."""
+    g = torch.Generator().manual_seed(0)
+    B, T = 6, 9
+    lens = torch.tensor([9, 2, 7, 3, 5, 1])
+    mask = torch.arange(T)[None, :] < lens[:, None]
+    old = -torch.rand(B, T, generator=g) * 3
+    logp = (old + 0.4 * torch.randn(B, T, generator=g)).masked_fill(~mask, -math.inf)
+    adv = torch.randn(B, T, generator=g)
+    c = cfg(loss_agg=mode)
+    n_tok, n_seq = float(mask.sum()), float(B)
+    full = policy_loss(logp, old, adv, mask, c, norm_len=16).loss
+    total = 0.0
+    order = sorted(range(B), key=lambda i: -int(lens[i]))  # length-sorted, as shard_rows
+    for k in range(0, B, 2):
+        rows = torch.tensor(order[k:k + 2])
+        t = int(lens[rows].max())  # trimmed to the micro-batch's own longest row
+        total += policy_loss(logp[rows, :t], old[rows, :t], adv[rows, :t], mask[rows, :t], c,
+                             num_tokens=n_tok, num_seqs=n_seq, norm_len=16).loss.item()
+    assert total == pytest.approx(full.item(), abs=1e-5)
 
 
 def test_masked_inf_and_extreme_logprobs_give_finite_loss_and_grads():
@@ -158,7 +209,7 @@ def test_masked_inf_and_extreme_logprobs_give_finite_loss_and_grads():
         "seq-mean-token-sum-norm",
     ):
         lp.grad = None
-        c = cfg(loss_agg=mode, dual_clip_c=3.0, kl_coef=0.1)
+        c = cfg(loss_agg=mode, dual_clip_c=3.0, kl_coef=0.1, loss_norm_len=3)
         out = policy_loss(lp, old, adv, mask, c, engine_logprobs=eng, ref_logprobs=old)
         out.loss.backward()
         assert torch.isfinite(out.loss)

@@ -15,11 +15,13 @@ only through the PPO ratio in loss.py. Pure torch, no I/O.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from protocol.estimators import get_adv_est
 from trainer.algorithm.config import AlgorithmConfig
 
 # |log-ratio| cap. Only reached by infinite or absurd log-probs (a masked -inf, a -1e4 filler);
@@ -32,9 +34,29 @@ WEIGHT_HIST_BINS = 10
 @dataclass
 class GroupAdvantages:
     advantages: Tensor  # [B] float32, A_k; exactly 0 in zero-variance groups
-    zero_variance: Tensor  # [B] bool, the rollout's group has all-equal rewards
+    zero_variance: Tensor  # [B] bool, the rollout's group carries no signal (all A_k = 0)
+    zero_advantage: Tensor  # [B] bool, A_k = 0 (the registry's test; forced exactly to 0)
     num_groups: int
     zero_variance_groups: int
+
+
+def _zero_advantage_rows(r: Tensor, inv: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """([B] the response has A_k = 0, [n] the group carries no signal), by the registry's
+    GRPO test applied group by group (a Python loop over B floats: negligible)."""
+    est = get_adv_est("grpo")
+    rows: list[list[int]] = [[] for _ in range(n)]
+    for i, gi in enumerate(inv.tolist()):
+        rows[gi].append(i)
+    values = r.tolist()
+    zero = [False] * len(values)
+    constant = [False] * n
+    for gi, idx in enumerate(rows):
+        z = est.zero_advantage([values[i] for i in idx])
+        constant[gi] = all(z)
+        for i, zi in zip(idx, z, strict=True):
+            zero[i] = zi
+    return (torch.tensor(zero, dtype=torch.bool, device=r.device),
+            torch.tensor(constant, dtype=torch.bool, device=r.device))
 
 
 def group_advantages(
@@ -51,7 +73,9 @@ def group_advantages(
     (level="group") or of all B rewards (level="batch", as TRL's scale_rewards="batch").
     std is the sample std (n - 1), as torch.std in verl and TRL. A group whose rewards are all
     equal carries no signal: its advantages are set to exactly 0 (not left to float noise
-    divided by eps) and the group is counted."""
+    divided by eps) and the group is counted. Which responses have A_k = 0 is decided by the
+    estimator registry's test (protocol/estimators.py: a reward within ZERO_ADV_TOL of its
+    group mean), the same test the teacher service uses to decide who needs a score."""
     if rewards.dim() != 1 or rewards.shape != group_ids.shape:
         raise ValueError(f"rewards {tuple(rewards.shape)} and group_ids {tuple(group_ids.shape)}")
     r = rewards.detach().to(torch.float64)
@@ -59,11 +83,7 @@ def group_advantages(
     n = counts.numel()
     mean = torch.zeros(n, dtype=r.dtype, device=r.device).index_add_(0, inv, r) / counts
     dev = r - mean[inv]
-    rmax = torch.full((n,), -math.inf, dtype=r.dtype, device=r.device)
-    rmin = torch.full((n,), math.inf, dtype=r.dtype, device=r.device)
-    rmax = rmax.scatter_reduce(0, inv, r, "amax")
-    rmin = rmin.scatter_reduce(0, inv, r, "amin")
-    constant = rmax == rmin
+    zero, constant = _zero_advantage_rows(r, inv, n)
 
     adv = dev
     if std_norm:
@@ -76,10 +96,11 @@ def group_advantages(
             raise ValueError(f"unknown norm level {level!r}")
         adv = dev / (std + eps)
     zero_var = constant[inv]
-    adv = torch.where(zero_var, torch.zeros_like(adv), adv)
+    adv = torch.where(zero, torch.zeros_like(adv), adv)
     return GroupAdvantages(
         advantages=adv.to(torch.float32),
         zero_variance=zero_var,
+        zero_advantage=zero,
         num_groups=n,
         zero_variance_groups=int(constant.sum()),
     )
@@ -131,6 +152,113 @@ def _histogram(w: Tensor, lo: float, hi: float) -> tuple[Tensor, Tensor]:
     return counts, edges
 
 
+@dataclass
+class EstimatorInputs:
+    """What a token-advantage formula reads: the batch's tensors, already on one device."""
+
+    cfg: AlgorithmConfig
+    group: GroupAdvantages  # A_k and the zero-advantage report
+    mask: Tensor  # [B,T] bool, response tokens
+    D: Tensor  # [B,T] D_t = s_t - q_t on scored tokens, 0 elsewhere
+    has_teacher: Tensor  # [B] bool
+    correct: Tensor  # [B] bool, the gate
+    lam: float  # lam at this step
+
+
+@dataclass
+class EstimatorOutput:
+    advantages: Tensor  # [B,T] A_kt, 0 off the mask
+    weights: Tensor  # [B,T] clipped w_t where re-weighted, 1 elsewhere
+    need: Tensor  # [B] bool, rows that need a teacher score
+    at_lo: Tensor  # [B,T] bool, w_t at the low clip bound
+    at_hi: Tensor  # [B,T] bool, w_t at the high clip bound
+
+
+Formula = Callable[[EstimatorInputs], EstimatorOutput]
+# The torch formula of each estimator declared in protocol/estimators.py (its facts: teacher
+# scope, zero-advantage test), registered under the same name by `adv_formula`.
+ADV_FORMULAS: dict[str, Formula] = {}
+
+
+def adv_formula(name: str) -> Callable[[Formula], Formula]:
+    """Register the formula of the estimator `name`, which protocol/estimators.py must declare
+    (so the teacher service knows its scope and zero-advantage test too)."""
+    get_adv_est(name)
+
+    def wrap(fn: Formula) -> Formula:
+        ADV_FORMULAS[name] = fn
+        return fn
+
+    return wrap
+
+
+@adv_formula("grpo")
+def grpo_formula(x: EstimatorInputs) -> EstimatorOutput:
+    """A_kt = A_k, re-weighted on the gated rows that have a teacher score:
+    A_kt = A_k ((1 - lam) + lam clip(w_t)), w_t = exp(sign(A_k) D_t) (reversed, RLRT) or
+    exp(-sign(A_k) D_t) (teacher direction). A_k = 0 rows stay 0 whatever the weight."""
+    cfg, adv, mask = x.cfg, x.group.advantages, x.mask
+    B, T = mask.shape
+    out = adv[:, None].expand(B, T).clone()
+    weights = torch.ones(B, T, device=mask.device)
+    if cfg.teacher_weight == "none":
+        need = torch.zeros(B, dtype=torch.bool, device=mask.device)
+    else:
+        gate = x.correct if cfg.weight_gate == "correct" else torch.ones_like(x.correct)
+        need = gate & ~x.group.zero_advantage
+    rows = need & x.has_teacher
+    log_ratio = x.D if cfg.teacher_weight == "reversed" else -x.D
+    w, at_lo, at_hi = teacher_weight(adv, log_ratio, cfg.eps_w)
+    sel = rows[:, None].expand(B, T)
+    weights = torch.where(sel, w, weights)
+    out = torch.where(sel, reweight(adv, w, x.lam), out)
+    out = torch.where(mask, out, torch.zeros((), device=mask.device))
+    return EstimatorOutput(out, weights, need, at_lo, at_hi)
+
+
+@adv_formula("self_distill")
+def self_distill_formula(x: EstimatorInputs) -> EstimatorOutput:
+    """opsd: no reward; the advantage of a sampled token is q_t - s_t = -D_t, on every row that
+    has a teacher score (a row without one gets 0: it has no other signal)."""
+    mask = x.mask
+    B, T = mask.shape
+    need = torch.ones(B, dtype=torch.bool, device=mask.device)
+    rows = need & x.has_teacher
+    out = torch.where(mask & rows[:, None], -x.D, torch.zeros((), device=mask.device))
+    none = torch.zeros(B, T, dtype=torch.bool, device=mask.device)
+    return EstimatorOutput(out, torch.ones(B, T, device=mask.device), need, none, none)
+
+
+def _diagnostics(x: EstimatorInputs, o: EstimatorOutput, rows: Tensor
+                 ) -> tuple[dict[str, float], Tensor, Tensor]:
+    """Metrics and the weight histogram. Tokens that got a weight: masked tokens of
+    re-weighted rows; D on scored tokens (also beyond the gate)."""
+    cfg, mask = x.cfg, x.mask
+    scored_tok = mask & x.has_teacher[:, None]
+    wtok = mask & rows[:, None]
+    self_tok = scored_tok & x.correct[:, None]
+    hist, edges = _histogram(o.weights[wtok], max(0.0, 1.0 - cfg.eps_w), 1.0 + cfg.eps_w)
+    metrics = {
+        "num_groups": float(x.group.num_groups),
+        "zero_var_groups": float(x.group.zero_variance_groups),
+        "adv_mean": _masked_mean(o.advantages, mask),
+        "adv_abs_mean": _masked_mean(o.advantages.abs(), mask),
+        "lam": x.lam,
+        "scored_rows": float(x.has_teacher.sum()),
+        "reweighted_rows": float(rows.sum()),
+        "unscored_rows": float((o.need & ~x.has_teacher).sum()),
+        "self_driven_share": _masked_mean((x.D > 0).float(), self_tok),
+        "mean_D": _masked_mean(x.D, scored_tok),
+        "mean_D_correct": _masked_mean(x.D, self_tok),
+        "mean_abs_D_correct": _masked_mean(x.D.abs(), self_tok),
+        "weight_mean": _masked_mean(o.weights, wtok),
+        "clip_low_share": _masked_mean(o.at_lo.float(), wtok),
+        "clip_high_share": _masked_mean(o.at_hi.float(), wtok),
+        "clip_share": _masked_mean((o.at_lo | o.at_hi).float(), wtok),
+    }
+    return metrics, hist, edges
+
+
 @torch.no_grad()
 def token_advantages(
     cfg: AlgorithmConfig,
@@ -144,7 +272,7 @@ def token_advantages(
     correct: Tensor | None = None,
     step: int = 0,
 ) -> TokenAdvantages:
-    """Per-token advantages A_kt [B,T] for the preset in `cfg`.
+    """Per-token advantages A_kt [B,T] of the estimator `cfg.advantage` (ADV_FORMULAS).
 
     rewards [B]; group_ids [B] int; mask [B,T] (response tokens); student_logprobs s [B,T]
     (behaviour policy, trainer's recomputation); teacher_logprobs q [B,T], read only in rows
@@ -156,84 +284,29 @@ def token_advantages(
     mask = mask.bool()
     B, T = mask.shape
     device = mask.device
-    if correct is None:
-        correct = rewards == 1
-    correct = correct.bool().to(device)
+    correct = (rewards == 1 if correct is None else correct).bool().to(device)
     if has_teacher is None:
         has_teacher = torch.full((B,), teacher_logprobs is not None, device=device)
     has_teacher = has_teacher.bool().to(device)
     if teacher_logprobs is None:
         has_teacher = torch.zeros_like(has_teacher)
-    if teacher_logprobs is not None and student_logprobs is None:
+    elif student_logprobs is None:
         raise ValueError("teacher log-probs need the student log-probs s_t too")
-
-    g = group_advantages(
-        rewards.to(device),
-        group_ids.to(device),
-        std_norm=cfg.std_norm,
-        level=cfg.norm_level,
-        eps=cfg.adv_eps,
-    )
-    adv = g.advantages
-    weights = torch.ones(B, T, device=device)
-    lam = cfg.lam_at(step)
-
-    # D_t = s_t - q_t on every scored token (also used for diagnostics beyond the gate).
+    g = group_advantages(rewards.to(device), group_ids.to(device), std_norm=cfg.std_norm,
+                         level=cfg.norm_level, eps=cfg.adv_eps)
     scored_tok = mask & has_teacher[:, None]
-    D = (
-        _log_ratio(student_logprobs, teacher_logprobs, scored_tok)
-        if teacher_logprobs is not None
-        else torch.zeros(B, T, device=device)
-    )
-
-    if cfg.advantage == "self_distill":
-        # opsd: no reward; the advantage of a sampled token is q_t - s_t = -D_t.
-        need = torch.ones(B, dtype=torch.bool, device=device)
-        rows = need & has_teacher
-        out = torch.where(mask & rows[:, None], -D, torch.zeros((), device=device))
-        at_lo = at_hi = torch.zeros(B, T, dtype=torch.bool, device=device)
-    else:
-        out = adv[:, None].expand(B, T).clone()
-        if cfg.teacher_weight == "none":
-            need = torch.zeros(B, dtype=torch.bool, device=device)
-        else:
-            gate = correct if cfg.weight_gate == "correct" else torch.ones_like(correct)
-            need = gate & (adv != 0)  # A_k = 0 rows stay 0 whatever the weight
-        rows = need & has_teacher
-        log_ratio = D if cfg.teacher_weight == "reversed" else -D
-        w, at_lo, at_hi = teacher_weight(adv, log_ratio, cfg.eps_w)
-        sel = rows[:, None].expand(B, T)
-        weights = torch.where(sel, w, weights)
-        out = torch.where(sel, reweight(adv, w, lam), out)
-        out = torch.where(mask, out, torch.zeros((), device=device))
-
-    # Diagnostics. Tokens that got a weight: masked tokens of re-weighted rows.
-    wtok = mask & rows[:, None]
-    lo_b, hi_b = max(0.0, 1.0 - cfg.eps_w), 1.0 + cfg.eps_w
-    hist, edges = _histogram(weights[wtok], lo_b, hi_b)
-    self_tok = scored_tok & correct[:, None]
-    metrics = {
-        "num_groups": float(g.num_groups),
-        "zero_var_groups": float(g.zero_variance_groups),
-        "adv_mean": _masked_mean(out, mask),
-        "adv_abs_mean": _masked_mean(out.abs(), mask),
-        "lam": lam,
-        "scored_rows": float(has_teacher.sum()),
-        "reweighted_rows": float(rows.sum()),
-        "unscored_rows": float((need & ~has_teacher).sum()),
-        "self_driven_share": _masked_mean((D > 0).float(), self_tok),
-        "mean_D": _masked_mean(D, scored_tok),
-        "mean_D_correct": _masked_mean(D, self_tok),
-        "weight_mean": _masked_mean(weights, wtok),
-        "clip_low_share": _masked_mean(at_lo.float(), wtok),
-        "clip_high_share": _masked_mean(at_hi.float(), wtok),
-    }
+    D = (_log_ratio(student_logprobs, teacher_logprobs, scored_tok)
+         if teacher_logprobs is not None else torch.zeros(B, T, device=device))
+    x = EstimatorInputs(cfg, g, mask, D, has_teacher, correct, cfg.lam_at(step))
+    o = ADV_FORMULAS[cfg.advantage](x)
+    rows = o.need & has_teacher
+    metrics, hist, edges = _diagnostics(x, o, rows)
     return TokenAdvantages(
-        advantages=out.float(),
+        advantages=o.advantages.float(),
         group=g,
-        weights=weights,
+        weights=o.weights,
         reweighted=rows,
-        unscored=need & ~has_teacher,
+        unscored=o.need & ~has_teacher,
         weight_hist=hist,
         weight_hist_edges=edges,
         metrics=metrics,

@@ -15,8 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from protocol.estimators import ADV_ESTIMATORS, Scope, get_adv_est
 from protocol.messages import TeacherRequest
-from protocol.teacher import ContextMode, Scope
+from protocol.teacher import ContextMode
 
 LossAgg = Literal[
     "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
@@ -24,6 +25,10 @@ LossAgg = Literal[
 
 # Teacher scopes from narrowest to widest; each includes the ones before it.
 _SCOPE_ORDER: tuple[Scope, ...] = ("none", "correct_mixed", "nonzero_adv", "all")
+
+# The paper's clip range of w_t per backbone kind (rlrt-method.md: "eps_w = 1.0 for base
+# models, 0.5 for instruct, 0.2 for thinking models").
+EPS_W_BY_MODEL_KIND: dict[str, float] = {"base": 1.0, "instruct": 0.5, "thinking": 0.2}
 
 # The spec's "Algorithms to offer" table. Only the knobs that differ from the defaults.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -63,9 +68,11 @@ class AlgorithmConfig(BaseModel):
     )
 
     # ---- outcome advantage A_k (GRPO) -------------------------------------------------------
-    advantage: Literal["grpo", "self_distill"] = Field(
+    advantage: str = Field(
         "grpo",
-        description="grpo: A_k from the rewards of the group, optionally re-weighted per token "
+        description="the advantage estimator, a name registered in protocol/estimators.py "
+        "(facts: teacher scope, zero-advantage test) and trainer/algorithm/advantages.py "
+        "(formula). grpo: A_k from the rewards of the group, optionally re-weighted per token "
         "by the teacher; self_distill (opsd): no reward, A_kt = q_t - s_t on every token",
     )
     std_norm: bool = Field(
@@ -106,7 +113,13 @@ class AlgorithmConfig(BaseModel):
         ge=0.0,
         le=1.0,
         description="clip range of w_t: the paper uses 1.0 for base, 0.5 for instruct and 0.2 "
-        "for thinking models; <= 1 keeps the lower bound >= 0",
+        "for thinking models (set `model_kind` to get those); <= 1 keeps the lower bound >= 0",
+    )
+    model_kind: Literal["base", "instruct", "thinking"] | None = Field(
+        None,
+        description="the backbone's kind; sets eps_w to the paper's value for it (base 1.0, "
+        "instruct 0.5, thinking 0.2) over the preset's; an explicit eps_w still wins. None = "
+        "the preset's eps_w",
     )
 
     # ---- teacher context c (sent to the teacher service as TeacherRequest) ---------------
@@ -134,6 +147,22 @@ class AlgorithmConfig(BaseModel):
         "original question.\\n'",
     )
     teacher_seed: int = Field(0, description="seeds the choice among several correct siblings")
+    teacher_version: Literal["match_s", "any"] | None = Field(
+        None,
+        description="which policy version q_t may come from. match_s: the version of s_t (the "
+        "trainer's weights that begin the step; the paper's current-policy teacher): a group "
+        "scored by an older teacher is sent back to the teacher service and rescored at the "
+        "trainer's version before it is trained on; any: whatever version scored it (recorded "
+        "and reported as teacher_version_lag). None = match_s for presets that use a teacher",
+    )
+    teacher_temperature: float | None = Field(
+        None,
+        gt=0,
+        description="temperature of q_t. The teacher engines score raw log-probs (temperature "
+        "1, services/engines/base.py), while s_t follows the sampling temperature: a teacher "
+        "preset sampling at temperature != 1 is a config error unless this is set, and only "
+        "1.0 (accept q at T = 1) is servable today",
+    )
 
     # ---- policy loss ------------------------------------------------------------------------
     loss_agg: LossAgg = Field(
@@ -165,12 +194,16 @@ class AlgorithmConfig(BaseModel):
         "sampling log-probs e_t (train/rollout mismatch); None = off",
     )
     kl_coef: float = Field(
-        0.0, ge=0.0, description="weight of the KL to reference log-probs in the loss; 0 = off"
+        0.0,
+        ge=0.0,
+        description="weight of the KL to a frozen reference policy in the loss (its log-probs "
+        "computed by the trainer once per step; trainer.ref_model_path); 0 = off",
     )
-    kl_type: Literal["k1", "k3"] = Field(
-        "k3",
-        description="KL estimator with x = ref - logp: k1 = -x, k3 = exp(x) - x - 1 "
-        "(non-negative, lower variance)",
+    kl_type: Literal["k1", "k2", "k3", "low_var_kl"] = Field(
+        "low_var_kl",
+        description="KL(pi_theta || pi_ref) estimator with x = ref - logp (Schulman): k1 = -x; "
+        "k2 = x^2 / 2; k3 = exp(x) - x - 1 (non-negative, lower variance); low_var_kl = k3 "
+        "clamped to [-10, 10] (verl's default `low_var_kl`)",
     )
     entropy_coef: float = Field(
         0.0, ge=0.0, description="entropy bonus: loss -= entropy_coef * entropy; 0 = off"
@@ -184,10 +217,22 @@ class AlgorithmConfig(BaseModel):
         name = data.get("preset", "grpo")
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
-        return {**PRESETS[name], **data, "preset": name}
+        out = {**PRESETS[name], **data, "preset": name}
+        kind = data.get("model_kind")
+        if kind in EPS_W_BY_MODEL_KIND and "eps_w" not in data:
+            out["eps_w"] = EPS_W_BY_MODEL_KIND[kind]  # the kind beats the preset's eps_w
+        return out
 
     @model_validator(mode="after")
     def _consistent(self) -> AlgorithmConfig:
+        if self.advantage not in ADV_ESTIMATORS:
+            raise ValueError(f"unknown advantage estimator {self.advantage!r}; known: "
+                             f"{sorted(ADV_ESTIMATORS)}")
+        if self.teacher_temperature is not None and self.teacher_temperature != 1.0:
+            raise ValueError(
+                f"teacher_temperature={self.teacher_temperature}: the teacher engines score raw "
+                "log-probs (temperature 1) only (services/engines/base.py); set 1.0 to accept "
+                "q_t at temperature 1")
         if self.advantage == "self_distill" and self.teacher_weight != "none":
             raise ValueError("advantage='self_distill' replaces A_k; teacher_weight must be 'none'")
         if self.teacher_scope is not None:
@@ -207,11 +252,7 @@ class AlgorithmConfig(BaseModel):
     @property
     def required_scope(self) -> Scope:
         """The narrowest teacher scope these knobs need."""
-        if self.advantage == "self_distill":
-            return "all"
-        if self.teacher_weight == "none":
-            return "none"
-        return "correct_mixed" if self.weight_gate == "correct" else "nonzero_adv"
+        return get_adv_est(self.advantage).teacher_scope(self.teacher_weight, self.weight_gate)
 
     @property
     def scope(self) -> Scope:
@@ -220,7 +261,14 @@ class AlgorithmConfig(BaseModel):
 
     @property
     def uses_teacher(self) -> bool:
-        return self.advantage == "self_distill" or self.teacher_weight != "none"
+        return self.required_scope != "none"
+
+    @property
+    def teacher_version_rule(self) -> Literal["match_s", "any"]:
+        """The teacher_version in effect: match_s by default when a teacher is used."""
+        if self.teacher_version is not None:
+            return self.teacher_version
+        return "match_s" if self.uses_teacher else "any"
 
     def lam_at(self, step: int) -> float:
         """lam at a trainer step (0-based): constant, or decayed linearly to 0 (rlsd)."""
@@ -238,5 +286,6 @@ class AlgorithmConfig(BaseModel):
             strip_think=self.strip_think,
             template=self.teacher_template,
             seed=self.teacher_seed,
+            estimator=self.advantage,
             **extra,
         )

@@ -39,7 +39,7 @@ def aggregate(
     token-mean:              sum_{i,t} L / N_tokens
     seq-mean-token-mean:     mean_i (sum_t L_i / n_i)        over sequences with n_i > 0
     seq-mean-token-sum:      mean_i (sum_t L_i)
-    seq-mean-token-sum-norm: mean_i (sum_t L_i / norm_len)   (Dr.GRPO; norm_len default T)
+    seq-mean-token-sum-norm: mean_i (sum_t L_i / norm_len)   (Dr.GRPO: a constant norm_len)
 
     num_tokens / num_seqs replace this micro-batch's own counts as the denominator: pass the
     counts of the whole optimiser batch (all micro-batches, all ranks) so that summing the
@@ -61,7 +61,13 @@ def aggregate(
     if mode == "seq-mean-token-sum":
         return masked.sum() / seqs
     if mode == "seq-mean-token-sum-norm":
-        return masked.sum() / (seqs * float(norm_len or loss_mat.shape[-1]))
+        # A constant, never this tensor's padded length: micro-batches are trimmed to their own
+        # longest row (and rows are length-sorted), so a per-tensor T would weight short rows
+        # more -- the very length bias Dr.GRPO removes -- and break sum(micro) == batch.
+        if norm_len is None:
+            raise ValueError("seq-mean-token-sum-norm needs a constant norm_len (Dr.GRPO: the "
+                             "max response length, e.g. sampling.max_new_tokens)")
+        return masked.sum() / (seqs * float(norm_len))
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
@@ -75,14 +81,23 @@ def _mmean(x: Tensor, m: Tensor) -> Tensor:
     return (x * m).sum() / m.sum().clamp(min=1)
 
 
+# verl's bound on low_var_kl (kl_penalty "low_var_kl": clamp(k3, -10, 10)).
+_LOW_VAR_KL_CLAMP = 10.0
+
+
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str) -> Tensor:
-    """Per-token KL(pi_theta || pi_ref) estimate from samples of pi_theta (Schulman's k1, k3),
-    x = ref - logp: k1 = -x, k3 = exp(x) - x - 1."""
+    """Per-token KL(pi_theta || pi_ref) estimate from samples of pi_theta (Schulman's
+    estimators), x = ref - logp: k1 = -x, k2 = x^2 / 2, k3 = exp(x) - x - 1, low_var_kl = k3
+    clamped to [-10, 10] (verl). Gradients flow through logprobs."""
     x = (ref_logprobs - logprobs).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
     if kind == "k1":
         return -x
+    if kind == "k2":
+        return 0.5 * x * x
     if kind == "k3":
         return torch.expm1(x) - x
+    if kind == "low_var_kl":
+        return (torch.expm1(x) - x).clamp(-_LOW_VAR_KL_CLAMP, _LOW_VAR_KL_CLAMP)
     raise ValueError(f"unknown kl type {kind!r}")
 
 
@@ -98,11 +113,14 @@ def policy_loss(
     entropy: Tensor | None = None,
     num_tokens: float | None = None,
     num_seqs: float | None = None,
+    norm_len: int | None = None,
 ) -> PolicyLoss:
     """PPO clip loss of one (micro-)batch. All [B,T]: logprobs = log pi_theta(y_t) with grad;
     old_logprobs = s_t; advantages = A_kt; mask = response tokens; engine_logprobs = e_t (the
     TIS weight is applied when given and cfg.tis_cap is set); ref_logprobs for the KL term
-    (needed when cfg.kl_coef > 0); entropy H_t with grad (needed when cfg.entropy_coef > 0).
+    (needed when cfg.kl_coef > 0); entropy H_t with grad (needed when cfg.entropy_coef > 0);
+    norm_len: the constant of seq-mean-token-sum-norm when cfg.loss_norm_len is None (the
+    trainer passes sampling.max_new_tokens).
 
     Masked positions may hold anything (-inf, NaN padding): they are replaced by 0 before any
     arithmetic, so they contribute neither loss nor NaN gradients."""
@@ -143,7 +161,7 @@ def policy_loss(
             metrics["tis_capped_frac"] = _mmean((raw > cfg.tis_cap).float(), mf)
 
     loss_mat = pg
-    agg = dict(norm_len=cfg.loss_norm_len, num_tokens=num_tokens, num_seqs=num_seqs)
+    agg = dict(norm_len=cfg.loss_norm_len or norm_len, num_tokens=num_tokens, num_seqs=num_seqs)
     if cfg.kl_coef > 0:
         if ref_logprobs is None:
             raise ValueError("kl_coef > 0 needs ref_logprobs")
