@@ -17,20 +17,30 @@ Guarantees, and how:
   can delete entries that are still pending (engine-apis.md §5).
 - **Big payloads by claim-check.** A payload above `blob_threshold_bytes` is stored under a
   TTL'd key; the entry carries the key.
+- **Redis outages.** Every command that loses its connection reconnects and retries with
+  backoff for `reconnect_timeout_s` (a restarted Redis with its AOF is back in about a
+  second). Retrying is safe: publish is guarded by its msg_id, acks are idempotent. A consumer
+  outlives longer outages too: it logs once, keeps retrying until stopped, and picks up where
+  it was (unacked entries stay pending). `reachable()` answers readiness probes at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ValidationError
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protocol.codec import decode, encode
 from protocol.config import BusSettings
@@ -47,6 +57,22 @@ DEAD = Counter("rlrt_bus_dead_lettered_total", "messages sent to dead-letter", [
 RECLAIMED = Counter("rlrt_bus_reclaimed_total", "entries reclaimed from idle consumers", ["stream"])
 WAITS = Counter("rlrt_bus_backpressure_waits_total", "publishes that waited on a full stream", ["stream"])
 HANDLE_SECONDS = Histogram("rlrt_bus_handle_seconds", "handler time", ["stream"])
+REDIS_UP = Gauge("rlrt_bus_redis_up", "1 while this process reaches Redis, 0 during an outage")
+OUTAGES = Counter("rlrt_bus_redis_outages_total", "times a consumer lost Redis")
+
+# What a lost or refused connection raises (a unix socket whose server is gone: FileNotFoundError
+# inside redis-py, surfaced as ConnectionError).
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+_BACKOFF_BASE_S, _BACKOFF_CAP_S = 0.05, 1.0
+
+
+def _retries(timeout_s: float) -> int:
+    """Attempts of an ExponentialBackoff(cap=1, base=0.05) that add up to about timeout_s."""
+    n, spent = 0, 0.0
+    while spent < timeout_s:
+        n += 1
+        spent += min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2 ** n)
+    return n
 
 
 class BusError(RuntimeError):
@@ -80,6 +106,60 @@ def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+async def _unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
+    """Run `work` unless `stop` is set first (then cancel it). True if it finished."""
+    task = asyncio.ensure_future(work)
+    if stop.is_set():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return False
+    waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # we were cancelled: take the work down with us
+        task.cancel()
+        raise
+    finally:
+        waiter.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return False
+    task.result()  # raises what the work raised
+    return True
+
+
+class _Outage:
+    """A consumer's view of a Redis outage: one log line when it starts and one when it ends
+    (not one per retry), and the backoff between attempts."""
+
+    def __init__(self, stream: str) -> None:
+        self.stream = stream
+        self.since: float | None = None
+        self.attempts = 0
+
+    def lost(self, e: BaseException) -> None:
+        self.attempts += 1
+        if self.since is None:
+            self.since = time.monotonic()
+            OUTAGES.inc()
+            REDIS_UP.set(0)
+            log.error("Redis unreachable (%s: %s); %s waits for it and resumes when it is back",
+                      type(e).__name__, e, self.stream)
+
+    def delay(self) -> float:
+        return min(_BACKOFF_CAP_S * 2, _BACKOFF_BASE_S * 2 ** self.attempts)
+
+    def back(self) -> None:
+        if self.since is not None:
+            log.warning("Redis reachable again after %.1f s; %s resumes",
+                        time.monotonic() - self.since, self.stream)
+            REDIS_UP.set(1)
+            self.since, self.attempts = None, 0
+
+
 class Bus:
     """Publish and consume typed messages. One consumer group per stream (a work queue)."""
 
@@ -94,8 +174,21 @@ class Bus:
         url = url or settings.redis_url
         if not url:
             raise BusError("no Redis URL: set bus.redis_url or REDIS_URL")
-        client = aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
+        retry = Retry(ExponentialBackoff(cap=_BACKOFF_CAP_S, base=_BACKOFF_BASE_S),
+                      _retries(settings.reconnect_timeout_s))
+        client = aioredis.Redis.from_url(
+            url, decode_responses=False, health_check_interval=30, socket_connect_timeout=5,
+            retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError])
         return cls(client, settings)
+
+    async def reachable(self, timeout_s: float = 1.0) -> bool:
+        """One PING that does not wait out the reconnect budget (for readiness probes)."""
+        try:
+            ok = bool(await asyncio.wait_for(self.r.ping(), timeout_s))
+        except (asyncio.TimeoutError, *REDIS_DOWN):
+            ok = False
+        REDIS_UP.set(1 if ok else 0)
+        return ok
 
     async def close(self) -> None:
         await self.r.aclose()
@@ -149,20 +242,42 @@ class Bus:
 
         On stop, no new entries are taken and in-flight handlers finish. Returns the count of
         entries finished (acked or dead-lettered)."""
-        await self.ensure_group(stream, group)
         tasks: set[asyncio.Task] = set()
         started = 0
         finished = 0
-        # Our own pending entries first (we restarted under the same name).
-        backlog = await self._read(stream, group, consumer, "0", concurrency)
+        backlog: list[tuple[str, dict]] = []
         fresh = False  # entries read with ">" were never delivered before: 1st attempt
         next_claim = 0.0
+        joined = False  # group made and our own pending entries read back
+        outage = _Outage(stream)
 
         async def run_one(entry_id: str, fields: dict, fresh: bool) -> None:
             nonlocal finished
-            await self._handle(stream, group, consumer, entry_id, fields, handler, msg_type, stop,
-                               fresh=fresh)
+            try:
+                await self._handle(stream, group, consumer, entry_id, fields, handler, msg_type,
+                                   stop, fresh=fresh)
+            except REDIS_DOWN as e:
+                # Lost Redis before the ack: the entry stays pending and is handled again
+                # (reclaimed) once Redis is back; its outputs were published once (msg_id).
+                outage.lost(e)
+                return
             finished += 1
+
+        async def fetch() -> None:
+            nonlocal backlog, fresh, joined, next_claim
+            if not joined:
+                await self.ensure_group(stream, group)
+                # Our own pending entries first (we restarted under the same name).
+                backlog = await self._read(stream, group, consumer, "0", concurrency)
+                fresh, joined = False, True
+            if not backlog and time.monotonic() >= next_claim:
+                backlog = await self._reclaim(stream, group, consumer, room())
+                fresh = False
+                next_claim = time.monotonic() + self.cfg.claim_idle_ms / 2000
+            if not backlog:
+                backlog = await self._read(stream, group, consumer, ">", room(),
+                                           block_ms=self.cfg.block_ms)
+                fresh = True
 
         def room() -> int:
             left = concurrency - len(tasks)
@@ -177,14 +292,19 @@ class Bus:
                 if room() <= 0:
                     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     continue
-                if not backlog and time.monotonic() >= next_claim:
-                    backlog = await self._reclaim(stream, group, consumer, room())
-                    fresh = False
-                    next_claim = time.monotonic() + self.cfg.claim_idle_ms / 2000
-                if not backlog:
-                    backlog = await self._read(stream, group, consumer, ">", room(),
-                                               block_ms=self.cfg.block_ms)
-                    fresh = True
+                try:
+                    # During an outage each command below retries for reconnect_timeout_s:
+                    # a stop must not wait for that.
+                    if not await _unless_stopped(fetch(), stop):
+                        break
+                except REDIS_DOWN as e:
+                    outage.lost(e)
+                    # Wait, then start over: the group may be gone too (a Redis without its AOF).
+                    joined = False
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stop.wait(), outage.delay())
+                    continue
+                outage.back()
                 while backlog and room() > 0 and not stop.is_set():
                     entry_id, fields = backlog.pop(0)
                     t = asyncio.create_task(run_one(entry_id, fields, fresh))

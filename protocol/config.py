@@ -10,11 +10,12 @@ and what is allowed.
 from __future__ import annotations
 
 import os
+import typing
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import AfterValidator, BaseModel, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 T = TypeVar("T", bound="RLRTSettings")
@@ -24,13 +25,70 @@ class ConfigError(ValueError):
     """A config file or environment variable with a bad value. The message names the field."""
 
 
-def format_validation_error(err: ValidationError, section: str | None = None) -> str:
+# The example token of deploy/rlrt.env.example: a deployment that still has it is unprotected.
+PLACEHOLDER_SECRETS = frozenset({"change-me", "change-me-redis"})
+
+
+def _refuse_placeholder(value: SecretStr) -> SecretStr:
+    raw = value.get_secret_value()
+    if raw.strip().lower() in PLACEHOLDER_SECRETS:
+        raise ValueError("is still the placeholder of deploy/rlrt.env.example: generate a real "
+                         "one (openssl rand -hex 32)")
+    if not raw.strip():
+        raise ValueError("is empty: leave it unset or give a real secret")
+    return value
+
+
+# A token or password. It prints, logs and serialises as '**********' (saved configs such as
+# <output_dir>/trainer_config.json, reprs, config errors); code that must send it calls
+# `secret_value()`. The deploy example's placeholder is refused.
+Secret = Annotated[SecretStr, AfterValidator(_refuse_placeholder)]
+
+
+def secret_value(value: SecretStr | str | None) -> str | None:
+    """The plain text of a secret (None stays None) -- only where it goes on the wire."""
+    if value is None:
+        return None
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
+def _types_in(annotation: Any) -> list[Any]:
+    """The types a field can hold, unwrapped: X | None, list[X], dict[str, X], Annotated[X, ...]."""
+    args = typing.get_args(annotation)
+    if not args:
+        return [annotation]
+    if typing.get_origin(annotation) is Annotated:
+        return _types_in(args[0])
+    return [t for a in args for t in _types_in(a)]
+
+
+def _is_secret(model: type[BaseModel], loc: tuple[Any, ...]) -> bool:
+    """Does the error location `loc` of `model` fall inside a secret field? (Walks the field
+    annotations; a list index or dict key keeps the element types.)"""
+    kinds: list[Any] = [model]
+    for part in loc:
+        nxt: list[Any] = []
+        for kind in kinds:
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                field = kind.model_fields.get(str(part))
+                if field is not None:
+                    nxt += _types_in(field.annotation)
+            else:
+                nxt.append(kind)
+        kinds = nxt
+    return any(isinstance(k, type) and issubclass(k, SecretStr) for k in kinds)
+
+
+def format_validation_error(err: ValidationError, section: str | None = None,
+                            model: type[BaseModel] | None = None) -> str:
+    """One line naming each bad field and the value it got -- except a secret's value."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         where = f"{section}.{loc}" if section else loc
         got = e.get("input")
-        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        secret = model is not None and _is_secret(model, tuple(e["loc"]))
+        got_s = "" if isinstance(got, dict) or secret else f" (got {got!r})"
         lines.append(f"{where}: {e['msg']}{got_s}")
     return "invalid config: " + "; ".join(lines)
 
@@ -54,8 +112,9 @@ class RLRTSettings(BaseSettings):
     """Base for every config model. Subclasses set `section` and `env_prefix`."""
 
     section: ClassVar[str] = ""
+    # hide_input_in_errors: a ValidationError printed as is never shows a value (secrets).
     model_config = SettingsConfigDict(env_nested_delimiter="__", extra="forbid",
-                                      validate_default=True)
+                                      validate_default=True, hide_input_in_errors=True)
 
     @classmethod
     def settings_customise_sources(
@@ -84,7 +143,7 @@ class RLRTSettings(BaseSettings):
             if clean:
                 obj = cls.model_validate({**obj.model_dump(), **clean})
         except ValidationError as e:
-            raise ConfigError(format_validation_error(e, section)) from None
+            raise ConfigError(format_validation_error(e, section, cls)) from None
         return obj
 
 
@@ -126,6 +185,12 @@ class BusSettings(RLRTSettings):
         24 * 3600, ge=60, description="how long a published msg_id is remembered (publish-once guard)"
     )
     dead_letter_maxlen: int = Field(100_000, ge=1, description="approximate cap of a dead-letter stream")
+    reconnect_timeout_s: float = Field(
+        60.0, ge=0,
+        description="a Redis command that loses its connection retries with backoff (0.05 s "
+        "doubling to 1 s) for about this long before it fails; consumers go on retrying "
+        "after that until stopped, so a restarted Redis is picked up whenever it returns",
+    )
 
     def stream(self, name: str) -> str:
         return f"{self.prefix}:{name}"

@@ -7,7 +7,6 @@ then stops the children in order) and is asked by the kernel to die with its par
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -19,14 +18,8 @@ from pathlib import Path
 
 import httpx
 
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:  # not Linux: Ctrl-C handling in the launcher still stops children
-        pass
+# Not Linux: a no-op, and Ctrl-C handling in the launcher still stops the children.
+from protocol.redis_server import die_with_parent as _die_with_parent
 
 
 def port_free(host: str, port: int) -> bool:

@@ -1,0 +1,86 @@
+"""The embedded redis-server is supervised like any child (issue 16, defect 4): it dies with
+the process that started it, a second server on a live AOF directory is refused, and a
+server that died is started again on the same data."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+
+from protocol.redis_server import EmbeddedRedis, RedisDirBusy
+
+REPO = Path(__file__).resolve().parents[1]
+
+_OWNER = """
+import sys, time
+from protocol.redis_server import EmbeddedRedis
+s = EmbeddedRedis(sys.argv[1])
+s.start()
+print(s.proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _gone(pid: int, timeout_s: float = 15.0) -> bool:
+    try:
+        psutil.Process(pid).wait(timeout_s)
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.TimeoutExpired:
+        return False
+    return True
+
+
+def test_a_sigkilled_owner_takes_its_redis_server_with_it(tmp_path: Path) -> None:
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, str(tmp_path / "r")], cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        pid = int(owner.stdout.readline())
+        assert psutil.pid_exists(pid)
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(10)
+        assert _gone(pid), "redis-server outlived the process that started it (orphan)"
+        # Its lock went with it: the next run starts on the same directory at once.
+        again = EmbeddedRedis(tmp_path / "r", busy_wait_s=0)
+        again.start()
+        again.stop()
+    finally:
+        owner.kill()
+
+
+def test_a_second_server_on_a_live_directory_is_refused(tmp_path: Path) -> None:
+    first = EmbeddedRedis(tmp_path / "r")
+    url = first.start()
+    try:
+        redis.Redis.from_url(url).set("k", "v")
+        with pytest.raises(RedisDirBusy, match=r"another redis-server \(pid \d+\) is still serving"):
+            EmbeddedRedis(tmp_path / "r", busy_wait_s=0.3).start()
+        # The first server is untouched: same socket, same data.
+        assert redis.Redis.from_url(url).get("k") == b"v"
+    finally:
+        first.stop()
+
+
+def test_a_killed_server_restarts_on_the_same_data(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path / "r")
+    url = server.start()
+    try:
+        redis.Redis.from_url(url).set("k", "v")
+        server.proc.kill()  # SIGKILL: the AOF was written before the reply, nothing is lost
+        server.proc.wait(10)
+        assert not server.alive
+        t0 = time.monotonic()
+        assert server.restart() == url
+        assert server.restarts == 1 and time.monotonic() - t0 < 10
+        assert redis.Redis.from_url(url).get("k") == b"v"
+    finally:
+        server.stop()
