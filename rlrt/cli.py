@@ -70,7 +70,7 @@ def serve_verifier(config: Optional[Path] = ConfigOpt, host: Optional[str] = Hos
     from services.verifier.main import run_verifier
 
     cfg = _load("verifier", config, host=host, port=port)
-    run_verifier(cfg, _load("bus", config))
+    run_verifier(cfg, _load("bus", config), _load("reward", config))
 
 
 @serve_app.command("rollout")

@@ -15,6 +15,7 @@ SECTIONS: dict[str, str] = {
     "teacher": "services.teacher.config:TeacherConfig",
     "trainer": "trainer.config:TrainerConfig",
     "run": "rlrt.run_config:RunSettings",
+    "reward": "protocol.rewards:RewardSettings",
 }
 
 

@@ -8,8 +8,10 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 
+from protocol import rewards
 from protocol.bus import Bus
 from protocol.config import BusSettings
+from protocol.rewards import RewardSettings
 from services.common import serve, setup_logging
 from services.verifier import worker
 from services.verifier.api import build_app
@@ -28,9 +30,13 @@ def make_pool(cfg: VerifierConfig) -> VerifyPool:
 
 
 async def serve_verifier(cfg: VerifierConfig, bus_cfg: BusSettings | None = None,
-                         stop: asyncio.Event | None = None) -> None:
-    """Run until `stop` is set (or SIGTERM/SIGINT): pool, HTTP API, job runner, bus worker."""
+                         stop: asyncio.Event | None = None, reward: RewardSettings | None = None) -> None:
+    """Run until `stop` is set (or SIGTERM/SIGINT): pool, HTTP API, job runner, bus worker.
+    `reward` (the run's `reward:` section) grades the bus worker's groups when it is set."""
     bus_cfg = bus_cfg or BusSettings()
+    spec = reward.spec() if reward is not None else None
+    if spec is not None:
+        rewards.locate(spec)  # a typo in a module name fails here, once
     url = cfg.redis_url or bus_cfg.redis_url
     pool = make_pool(cfg)
     # Forking the workers blocks for a moment (first time: the forkserver imports sympy).
@@ -47,7 +53,7 @@ async def serve_verifier(cfg: VerifierConfig, bus_cfg: BusSettings | None = None
             workers.append(lambda s: worker.consume(
                 bus, pool, s, in_stream=bus_cfg.stream(cfg.in_stream), out_stream=bus_cfg.stream(cfg.out_stream),
                 group=cfg.group, consumer=cfg.consumer, timeout_s=cfg.default_timeout_s,
-                concurrency=cfg.concurrency))
+                concurrency=cfg.concurrency, reward=spec))
 
     async def ready() -> bool:
         if not pool.ready:
@@ -82,7 +88,8 @@ async def serve_workers(workers: list[Callable[[asyncio.Event], Awaitable[object
     await asyncio.gather(*(w(stop) for w in workers))
 
 
-def run_verifier(cfg: VerifierConfig, bus_cfg: BusSettings | None = None) -> None:
+def run_verifier(cfg: VerifierConfig, bus_cfg: BusSettings | None = None,
+                 reward: RewardSettings | None = None) -> None:
     """Blocking entry point of `rlrt serve verifier --config FILE [--host H] [--port P]`."""
     setup_logging()
-    asyncio.run(serve_verifier(cfg, bus_cfg))
+    asyncio.run(serve_verifier(cfg, bus_cfg, reward=reward))

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from pydantic import Field
 
+from protocol import rewards
 from protocol.tasks.base import CheckResult
 from services.verifier import sandbox
 
@@ -55,6 +56,10 @@ class Verdict(CheckResult):
     """A CheckResult plus the time the item spent in the service (queue + check)."""
 
     latency_ms: float = Field(0.0, description="submit-to-answer time in milliseconds")
+    reward_error: str | None = Field(
+        None, description="traceback of a user reward function that failed on this item "
+        "(protocol/rewards.py); the bus worker dead-letters the group with it"
+    )
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,10 @@ class Item:
     response: str
     reference: str
     timeout_s: float
+    # The run's reward plug-ins (protocol.rewards.Spec) and the prompt's row they receive;
+    # None = grade with the task's checker alone.
+    reward: rewards.Spec | None = None
+    row: dict | None = None
 
 
 @dataclass
@@ -212,7 +221,8 @@ class _Slot(threading.Thread):
             if self.proc is None:  # stopping
                 pool._queue.put_front(jobs)
                 return
-        batch = [(k, j.item.task, j.item.response, j.item.reference, j.item.timeout_s) for k, j in enumerate(jobs)]
+        batch = [(k, j.item.task, j.item.response, j.item.reference, j.item.timeout_s, j.item.reward, j.item.row)
+                 for k, j in enumerate(jobs)]
         try:
             self.conn.send(batch)
         except (OSError, ValueError) as e:
@@ -381,13 +391,13 @@ class VerifyPool:
             self._counts[name] += n
 
     def _finish(self, job: _Job, msg: sandbox.Result) -> None:
-        _, correct, reward, status, parsed_response, parsed_reference, detail = msg
+        _, correct, reward, status, parsed_response, parsed_reference, detail, reward_error = msg
         if status == "timeout":
             self._bump("timeouts")
         self._bump("completed")
         self._set(job, Verdict(
             correct=correct, reward=reward, status=status, parsed_response=parsed_response,
-            parsed_reference=parsed_reference, detail=detail,
+            parsed_reference=parsed_reference, detail=detail, reward_error=reward_error,
             latency_ms=(time.monotonic() - job.submitted) * 1000.0,
         ))
 

@@ -2,9 +2,12 @@
 
 Protocol over one multiprocessing Connection:
   child -> parent  ("ready", pid)                        once, after limits are set
-  parent -> child  [(seq, task, response, reference, timeout_s), ...]   a batch, or None = exit
-  child -> parent  (seq, correct, reward, status, parsed_response, parsed_reference, detail)
-                   one per item, in batch order, as soon as each item is done
+  parent -> child  [(seq, task, response, reference, timeout_s, reward, row), ...]
+                   a batch, or None = exit. `reward` is None (grade with the task's checker)
+                   or a protocol.rewards.Spec (the run's reward plug-ins; `row` is their row)
+  child -> parent  (seq, correct, reward, status, parsed_response, parsed_reference, detail,
+                   reward_error)  one per item, in batch order, as soon as each item is done;
+                   reward_error is the traceback of a user reward function that failed, else None
   child -> parent  ("bye", reason)   before a planned exit (after a MemoryError, or after
                    max_items to shed leaks); the rest of the batch is re-queued
 
@@ -20,12 +23,14 @@ import os
 import resource
 import signal
 from multiprocessing.connection import Connection
+from typing import Any
 
+from protocol import rewards
 from protocol.tasks import TASKS, get_task
 from services.verifier import core
 
 # Result tuples are plain, so pickling is cheap and needs no pydantic on the parent's hot path.
-Result = tuple[int, bool, float, str, "str | None", "str | None", str]
+Result = tuple[int, bool, float, str, "str | None", "str | None", str, "str | None"]
 
 
 class SoftDeadline(BaseException):
@@ -66,26 +71,39 @@ def _limit_memory(memory_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def run_one(seq: int, task: str, response: str, reference: str, timeout_s: float) -> tuple[Result, bool]:
-    """Check one item under the soft deadline. Returns (result, worker_must_exit)."""
+def _failed(seq: int, status: str, detail: str, reward_error: str | None = None) -> Result:
+    return (seq, False, 0.0, status, None, None, detail, reward_error)
+
+
+def run_one(seq: int, task: str, response: str, reference: str, timeout_s: float,
+            reward: rewards.Spec | None = None, row: dict[str, Any] | None = None) -> tuple[Result, bool]:
+    """Check one item under the soft deadline: with the task's checker, or with the reward
+    plug-ins of `reward` (which may include that checker). Returns (result, worker_must_exit)."""
     global _armed
     _armed = True
     signal.setitimer(signal.ITIMER_REAL, max(timeout_s, 0.001))
     try:
-        r = core.check(task, response, reference)
+        if reward is None:
+            r = core.check(task, response, reference)
+        else:
+            r = rewards.score(reward, response, reference, row or {},
+                              lambda: core.check(task, response, reference))
         _armed = False
-        return (seq, r.correct, r.reward, r.status, r.parsed_response, r.parsed_reference, r.detail), False
+        return (seq, r.correct, r.reward, r.status, r.parsed_response, r.parsed_reference, r.detail, None), False
     except SoftDeadline:
-        return (seq, False, 0.0, "timeout", None, None, f"deadline of {timeout_s:g}s exceeded"), False
+        return _failed(seq, "timeout", f"deadline of {timeout_s:g}s exceeded"), False
+    except rewards.RewardFnError as e:
+        # The user's code failed (not the response): the caller dead-letters the group with this.
+        return _failed(seq, "error", f"reward function {e.fn} failed", e.text), e.memory
     except MemoryError:
         # The heap may be fragmented or half-freed: answer, then let the parent start a fresh worker.
-        return (seq, False, 0.0, "error", None, None, "memory limit exceeded"), True
+        return _failed(seq, "error", "memory limit exceeded"), True
     except RecursionError:
-        return (seq, False, 0.0, "error", None, None, "expression nested too deeply"), False
+        return _failed(seq, "error", "expression nested too deeply"), False
     except BaseException as e:  # noqa: BLE001 - includes math-verify's TimeoutException
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        return (seq, False, 0.0, "error", None, None, f"{type(e).__name__}: {str(e)[:200]}"), False
+        return _failed(seq, "error", f"{type(e).__name__}: {str(e)[:200]}"), False
     finally:
         _armed = False
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -118,12 +136,12 @@ def main(conn: Connection, memory_mb: int, max_items: int) -> None:
             return
         if batch is None:
             return
-        for seq, task, response, reference, timeout_s in batch:
+        for seq, task, response, reference, timeout_s, reward, row in batch:
             try:
-                result, must_exit = run_one(seq, task, response, reference, timeout_s)
+                result, must_exit = run_one(seq, task, response, reference, timeout_s, reward, row)
             except SoftDeadline:
                 # The alarm fired in the few instructions between finishing and disarming.
-                result, must_exit = (seq, False, 0.0, "timeout", None, None, "deadline exceeded"), False
+                result, must_exit = _failed(seq, "timeout", "deadline exceeded"), False
             conn.send(result)
             done += 1
             if must_exit or done >= max_items:
