@@ -5,7 +5,11 @@
 
 The launcher supervises: a service that dies is named, restarted and given the current
 weights; if that keeps failing, the trainer is stopped with SIGTERM (it checkpoints) and the run
-can be continued with `--resume`. Ctrl-C stops everything in order and leaves no process.
+can be continued with `--resume`. The embedded Redis is a child like the others: restarted on
+its own AOF directory if it dies (every process reconnects and resumes), dead with the launcher
+(parent-death signal), never started twice on one directory. Where the run cannot go on, the
+last line says why and gives the `--resume` command. Ctrl-C stops everything in order and
+leaves no process.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import redis
 from rich.console import Console
 
 from protocol.config import ConfigError
-from protocol.redis_server import EmbeddedRedis
+from protocol.redis_server import EmbeddedRedis, RedisDirBusy
 from rlrt.processes import Child, free_port, port_free, rlrt_argv
 from rlrt.sections import load_all
 
@@ -110,8 +114,46 @@ class LocalRun:
         if self.redis_url:
             return
         self.redis = EmbeddedRedis(self.run_dir / "redis")
-        self.redis_url = self.redis.start()
+        try:
+            self.redis_url = self.redis.start()
+        except RedisDirBusy as e:
+            raise LaunchError(f"{e} (is this run still running, e.g. a killed launcher's "
+                              "trainer finishing its step?)") from None
         self.console.print(f"[dim]redis: {self.redis_url}[/]")
+
+    @property
+    def resume_command(self) -> str:
+        return f"rlrt train --config {self.config_path} --resume"
+
+    def redis_problem(self) -> str | None:
+        """Why Redis cannot be reached now, or None if it answers."""
+        if not self.redis_url:
+            return None
+        try:
+            redis.Redis.from_url(self.redis_url, socket_connect_timeout=3, socket_timeout=3).ping()
+            return None
+        except (redis.RedisError, OSError) as e:
+            return f"{type(e).__name__}: {e}"
+
+    def revive_redis(self) -> bool:
+        """Restart the embedded Redis on its AOF directory (nothing acknowledged is lost: Redis
+        writes the AOF before it replies). The services and the trainer reconnect by
+        themselves within bus.reconnect_timeout_s."""
+        assert self.redis is not None and self.redis.proc is not None
+        code = self.redis.proc.returncode
+        if self.redis.restarts >= self.run.max_restarts:
+            self.console.print(f"[red]redis died (exit {code}) {self.redis.restarts + 1} times; "
+                               "giving up[/]")
+            return False
+        self.console.print(f"[yellow]redis died (exit {code}); restarting it on "
+                           f"{self.redis.directory}[/] (log: {self.redis.directory / 'redis.log'})")
+        try:
+            self.redis.restart()
+        except RuntimeError as e:
+            self.console.print(f"[red]redis did not come back: {e}[/]")
+            return False
+        self.console.print("redis back; the services and the trainer reconnect")
+        return True
 
     def start_service(self, name: str) -> Child:
         child = Child(name, rlrt_argv("serve", name, "--config", str(self.config_path)),
@@ -181,19 +223,36 @@ class LocalRun:
         self.console.print(f"[yellow]{name} died (exit {code}); restarting[/] "
                            f"(log: {child.log_path})")
         child.restarts += 1
-        child.start()
-        child.wait_ready(self.run.start_timeout_s)
+        try:
+            child.start()
+            child.wait_ready(self.run.start_timeout_s)
+        except (RuntimeError, OSError) as e:
+            # A service cannot come back while Redis is down (its readiness needs Redis): say
+            # which, instead of a traceback.
+            why = self.redis_problem()
+            self.console.print(f"[red]{name} did not come back"
+                               + (f": Redis is unreachable ({why})" if why else f": {e}") + "[/]")
+            return False
         update = self.latest_weights()
         if update is not None:
-            r = httpx.post(f"{self.url(name)}/v1/weights", json=update, timeout=300,
-                           headers={"Authorization": f"Bearer {self.token}"})
-            self.console.print(f"{name} back at weights version {update['version']} ({r.status_code})")
+            try:
+                r = httpx.post(f"{self.url(name)}/v1/weights", json=update, timeout=300,
+                               headers={"Authorization": f"Bearer {self.token}"})
+                self.console.print(f"{name} back at weights version {update['version']} "
+                                   f"({r.status_code})")
+            except httpx.HTTPError as e:  # the trainer's next push brings it up to date
+                self.console.print(f"[yellow]{name} back, weights not pushed yet: {e!r}[/]")
         return True
 
     def supervise(self) -> int:
         """Wait for the trainer; keep the services alive meanwhile. Returns its exit code."""
         assert self.trainer is not None and self.trainer.proc is not None
         while self.trainer.proc.poll() is None:
+            if self.redis is not None and not self.redis.alive and not self._stopping \
+                    and not self.revive_redis():
+                self.console.print("[red]stopping the trainer; continue later with --resume[/]")
+                self.trainer.stop(timeout_s=120)
+                return 3
             for name, child in self.children.items():
                 if not child.alive and not self._stopping and not self.revive(name):
                     self.console.print("[red]stopping the trainer; continue later with --resume[/]")
@@ -301,8 +360,12 @@ class LocalRun:
             report["train_seconds"] = time.perf_counter() - t0
             report["trainer_exit_code"] = code
             if code != 0:
-                raise LaunchError(f"the trainer exited with code {code}; see the messages above "
-                                  "(continue with --resume)")
+                why = self.redis_problem()
+                if why is not None:
+                    raise LaunchError(f"lost Redis at {self.redis_url} ({why}); the run stopped at "
+                                      f"its last checkpoint. Once Redis is back: {self.resume_command}")
+                raise LaunchError(f"the trainer exited with code {code}; see the messages above. "
+                                  f"Continue with: {self.resume_command}")
             report["eval_after"] = (self.evaluate("after training")
                                     if self.run.eval_prompts > 0 else None)
         except KeyboardInterrupt:
