@@ -116,9 +116,20 @@ def train(config: Path = typer.Option(..., "--config", "-c", help="run config (Y
 def run_trainer_cmd(config: Path = typer.Option(..., "--config", "-c", help="run config (YAML)"),
                     resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint")) -> None:
     """Only the trainer process (services must be running; `rlrt train` starts everything)."""
+    from protocol.bus import REDIS_DOWN
     from trainer.main import run_trainer
 
-    run_trainer(_load("trainer", config), _load("bus", config), resume=resume)
+    bus = _load("bus", config)
+    try:
+        run_trainer(_load("trainer", config), bus, resume=resume)
+    except REDIS_DOWN as e:
+        # Outlived the bus's reconnect budget: one line that says what and what next, not a
+        # traceback from deep inside redis-py.
+        typer.echo(f"error: trainer: lost Redis at {bus.redis_url} for over "
+                   f"{bus.reconnect_timeout_s:g} s ({type(e).__name__}: {e}); the run stopped at its "
+                   f"last checkpoint. Once Redis is back: rlrt train --config {config} --resume",
+                   err=True)
+        raise typer.Exit(3) from None
 
 
 @app.command("bootstrap")
