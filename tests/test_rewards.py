@@ -6,6 +6,10 @@ into the trainer's batch and advantages."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import textwrap
 import uuid
 from collections.abc import Iterator
@@ -13,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from protocol.bus import Bus
 from protocol.config import BusSettings, ConfigError
@@ -304,3 +309,84 @@ async def test_bus_worker_dead_letters_failing_groups_and_rewards_flow_to_the_tr
     assert batch.correct.tolist() == [True, False, True, False]
     adv = group_advantages(batch.rewards, batch.group_ids).advantages
     assert adv[0] > 0 > adv[1] and adv[0] == pytest.approx(-adv[1])
+
+
+# --------------------------------------------------------------------------- the real service
+
+
+def _rlrt() -> list[str]:
+    # The console script, as a user runs it: its sys.path does not hold the working directory,
+    # so this also proves the workers find the user's package there.
+    script = Path(sys.executable).parent / "rlrt"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "rlrt.cli"]
+
+
+def _service(root: Path, redis_url: str, prefix: str, reward: dict) -> tuple[subprocess.Popen, str, Path]:
+    from tests.helpers.verifier_live import free_port
+
+    port = free_port()
+    cfg = root / f"run-{prefix}.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "bus": {"redis_url": redis_url, "prefix": prefix, "block_ms": 50},
+        "verifier": {"port": port, "workers": 1, "consumer": "v-test"},
+        "reward": reward,
+    }))
+    log = root / f"verifier-{prefix}.log"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.Popen([*_rlrt(), "serve", "verifier", "--config", cfg.name], cwd=root, env=env,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+async def test_rlrt_serve_verifier_grades_with_the_users_module(
+        redis_url: str, prefix: str, user_pkg: tuple[Path, str]) -> None:
+    import httpx
+
+    root, name = user_pkg
+    proc, url, log = _service(root, redis_url, prefix,
+                              {"fns": [{"fn": "task"}, {"fn": f"{name}.rewards:shortness", "weight": 0.5}]})
+    try:
+        async with httpx.AsyncClient() as client:
+            for _ in range(1200):
+                assert proc.poll() is None, log.read_text()[-3000:]
+                try:
+                    if (await client.get(url + "/readyz", timeout=2)).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.1)
+        bus = Bus.from_url(redis_url, BusSettings(prefix=prefix, block_ms=50))
+        texts = [r"\boxed{2}", "x" * 100]
+        await bus.publish(f"{prefix}:rollouts", group(0, texts, "2"))
+        got: list[VerifiedGroup] = []
+
+        async def keep(m: VerifiedGroup) -> None:
+            got.append(m)
+
+        await asyncio.wait_for(bus.consume(f"{prefix}:verified", "t", "t", keep, VerifiedGroup,
+                                           asyncio.Event(), max_messages=1), timeout=120)
+        await bus.close()
+    finally:
+        _stop(proc)
+    assert got[0].rewards == pytest.approx([1.0 + 0.5 * (1 - len(texts[0]) / 100), 0.0])
+    assert [v.correct for v in got[0].verifications] == [True, False]
+
+
+def test_rlrt_serve_verifier_refuses_a_missing_reward_module(
+        redis_url: str, prefix: str, user_pkg: tuple[Path, str]) -> None:
+    proc, _, log = _service(user_pkg[0], redis_url, prefix, {"fn": "no_such_pkg_xyz.rewards:f"})
+    try:
+        assert proc.wait(120) != 0
+    finally:
+        _stop(proc)
+    assert "module 'no_such_pkg_xyz.rewards' not found" in log.read_text()

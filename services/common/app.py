@@ -19,7 +19,7 @@ REQUESTS = Counter("rlrt_http_requests_total", "HTTP requests", ["service", "rou
 LATENCY = Histogram("rlrt_http_request_seconds", "HTTP request latency", ["service", "route"],
                     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 
-Ready = Callable[[], bool | Awaitable[bool]]
+Ready = Callable[[], bool | dict | Awaitable[bool | dict]]
 
 
 class BodyLimit:
@@ -125,11 +125,15 @@ def create_app(name: str, *, token: str | None = None, max_body_bytes: int = 16 
     @app.get("/readyz", tags=["ops"])
     async def readyz() -> Response:
         """Readiness: the service can do its work (model loaded, Redis reachable, ...)."""
-        ok = True
+        ok, extra = True, {}
         if ready is not None:
             res = ready()
-            ok = bool(await res) if inspect.isawaitable(res) else bool(res)
-        return JSONResponse({"ready": ok, "service": name}, status_code=200 if ok else 503)
+            res = await res if inspect.isawaitable(res) else res
+            # A dict is {"ready": bool, **details} (e.g. "redis": false while the REST path
+            # still serves).
+            ok, extra = (bool(res.get("ready")), res) if isinstance(res, dict) else (bool(res), {})
+        return JSONResponse({**extra, "ready": ok, "service": name},
+                            status_code=200 if ok else 503)
 
     @app.get("/metrics", tags=["ops"])
     async def metrics() -> Response:

@@ -51,7 +51,8 @@ def build_service_app(name: str, slot: EngineSlot, bus: Bus | None, *, token: st
             return False
         try:
             ok = bool((await slot.engine.health()).get("ok"))
-            return ok and (bus is None or bool(await bus.r.ping()))
+            # reachable(): one short PING, not a wait through the bus's reconnect budget.
+            return ok and (bus is None or await bus.reachable())
         except Exception:  # readiness never raises: it answers 503
             return False
 

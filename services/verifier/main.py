@@ -55,15 +55,14 @@ async def serve_verifier(cfg: VerifierConfig, bus_cfg: BusSettings | None = None
                 group=cfg.group, consumer=cfg.consumer, timeout_s=cfg.default_timeout_s,
                 concurrency=cfg.concurrency, reward=spec))
 
-    async def ready() -> bool:
-        if not pool.ready:
-            return False
-        if bus is None:
-            return True
-        try:
-            return bool(await bus.r.ping())
-        except Exception:
-            return False
+    async def ready() -> dict:
+        # /v1/verify needs only the pool, so a Redis outage does not make the verifier unready
+        # (an orchestrator would stop routing REST traffic to it); it is reported, and the job
+        # runner and bus worker wait for Redis and resume by themselves.
+        state: dict = {"ready": pool.ready}
+        if bus is not None:
+            state["redis"] = await bus.reachable()
+        return state
 
     app = build_app(cfg, pool, jobs, ready=ready)
     log.info("verifier on http://%s:%d (%d workers, redis %s)", cfg.host, cfg.port, cfg.workers, url or "none")
