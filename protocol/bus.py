@@ -60,9 +60,9 @@ HANDLE_SECONDS = Histogram("rlrt_bus_handle_seconds", "handler time", ["stream"]
 REDIS_UP = Gauge("rlrt_bus_redis_up", "1 while this process reaches Redis, 0 during an outage")
 OUTAGES = Counter("rlrt_bus_redis_outages_total", "times a consumer lost Redis")
 
-# What a lost or refused connection raises (a unix socket whose server is gone: FileNotFoundError
-# inside redis-py, surfaced as ConnectionError).
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+# What a lost or refused connection raises (redis-py wraps the socket errors -- a unix socket
+# whose server is gone, a reset -- in its own ConnectionError).
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 _BACKOFF_BASE_S, _BACKOFF_CAP_S = 0.05, 1.0
 
 
