@@ -200,8 +200,25 @@ class CheckpointConfig(_Section):
     on_sigterm: bool = Field(True, description="write a checkpoint when SIGTERM/SIGINT arrives")
 
 
+class WandbConfig(_Section):
+    """Weights & Biases logging (optional extra: `pip install 'rlrt[wandb]'`). Off unless
+    `project` is set. The run's id is kept in <output_dir>/wandb-run-id, so a resumed run
+    continues the same W&B run."""
+
+    project: str | None = Field(None, description="W&B project; None = no W&B logging")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "online", description="online: stream to the server (WANDB_API_KEY or `wandb login`); "
+        "offline: write <output_dir>/wandb only (upload later with `wandb sync`); disabled: no-op",
+    )
+    entity: str | None = Field(None, description="W&B team or user; None = your default entity")
+    name: str | None = Field(None, description="run name; None = the trainer's run_id")
+    group: str | None = Field(None, description="W&B group (e.g. one per study)")
+    tags: list[str] = Field(default_factory=list, description="W&B tags")
+
+
 class MetricsConfig(_Section):
     tensorboard: bool = Field(True, description="write TensorBoard events to <output_dir>/tb")
+    wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases (off by default)")
     prometheus_port: int | None = Field(
         None, ge=0, le=65535, description="serve Prometheus /metrics on this port (0 = any free port); None = off"
     )

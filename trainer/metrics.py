@@ -1,4 +1,5 @@
-"""Per-step metrics to `metrics.jsonl`, TensorBoard and Prometheus, plus a rich progress bar.
+"""Per-step metrics to `metrics.jsonl`, TensorBoard, Prometheus and (optionally) Weights &
+Biases, plus a rich progress bar.
 
 `metrics.jsonl` has one JSON object per step (`step` = 0-based index of the optimizer step,
 `version` = the policy version it produced). On resume, lines of steps that will be redone
@@ -11,10 +12,11 @@ import json
 import logging
 import math
 import re
+import uuid
 from pathlib import Path
 from typing import Any
 
-from trainer.config import MetricsConfig
+from trainer.config import MetricsConfig, WandbConfig
 
 log = logging.getLogger("rlrt.trainer.metrics")
 
@@ -54,6 +56,30 @@ def _scalar(v: Any) -> float | None:
     return None
 
 
+def start_wandb(out: Path, cfg: WandbConfig) -> Any:
+    """A W&B run for this output directory: the same run again on resume (its id is kept in
+    <out>/wandb-run-id), the trainer's saved config (secrets already redacted) as its config,
+    files under <out>/wandb. W&B's steps only increase: after an online resume it ignores the
+    steps the resumed run redoes (metrics.jsonl has the redone values)."""
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError("trainer.metrics.wandb.project is set but wandb is not installed: "
+                           "pip install 'rlrt[wandb]'") from None
+    id_file = out / "wandb-run-id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id + "\n")
+    saved = out / "trainer_config.json"
+    config = json.loads(saved.read_text()) if saved.is_file() else {}
+    return wandb.init(
+        project=cfg.project, entity=cfg.entity, name=cfg.name or config.get("run_id"),
+        group=cfg.group, tags=cfg.tags or None, mode=cfg.mode, dir=str(out), id=run_id,
+        resume="allow", config=config,
+        # W&B's console capture would wrap the progress bar's stderr: the log files hold it.
+        settings=wandb.Settings(console="off"),
+    )
+
+
 class MetricsSink:
     """Rank 0 only. `log(record)` once per step; `close()` at the end."""
 
@@ -71,6 +97,7 @@ class MetricsSink:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.out / "tb"), purge_step=start_step)
+        self.wandb = start_wandb(self.out, cfg.wandb) if cfg.wandb.project else None
         self.prometheus_port: int | None = None
         if cfg.prometheus_port is not None:
             from prometheus_client import start_http_server
@@ -106,14 +133,18 @@ class MetricsSink:
         if trained is not None:
             with open(self.trained, "a") as f:
                 f.write(json.dumps({"step": step, **trained}) + "\n")
+        scalars: dict[str, float] = {}
         for k, v in record.items():
             x = _scalar(v)
             if x is None:
                 continue
+            scalars[k] = x
             if self.tb is not None:
                 self.tb.add_scalar(k, x, step)
             if self.prometheus_port is not None:
                 _gauge(k).set(x)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
         if self.tb is not None and staleness:
             import numpy as np
 
@@ -133,6 +164,8 @@ class MetricsSink:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+        if self.wandb is not None:
+            self.wandb.finish()
         if self.tb is not None:
             self.tb.close()
         if self.prometheus_port is not None:
