@@ -8,52 +8,17 @@ Paper defaults: k = 16, temperature 0.7, top-p 0.8.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import time
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
 
 from protocol.bus import Bus
 from protocol.messages import PromptTask, RolloutGroup, SamplingParams
-
-
-@dataclass(frozen=True)
-class EvalItem:
-    prompt_id: str
-    prompt: str
-    answer: str
-    task: str = "math"
-
-
-def load_items(source: str, *, n: int | None = None, seed: int = 0, task: str = "math",
-               prompt_field: str = "prompt", answer_field: str = "answer",
-               countdown_knobs: dict | None = None) -> list[EvalItem]:
-    """`countdown` (held-out split of the built-in task) or a JSONL file of
-    `{prompt, answer}` rows (AIME/MATH500 style)."""
-    if source == "countdown":
-        from protocol.tasks import countdown
-
-        probs = countdown.dataset("heldout", n or 200, seed, **(countdown_knobs or {}))
-        return [EvalItem(f"countdown:{p.key()}", p.prompt_text(), p.reference(), "countdown")
-                for p in probs]
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"evaluation data not found: {path}")
-    items = []
-    for i, line in enumerate(path.read_text().splitlines()):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if prompt_field not in row or answer_field not in row:
-            raise ValueError(f"{path}:{i + 1}: row lacks '{prompt_field}' or '{answer_field}'")
-        items.append(EvalItem(str(row.get("id", i)), str(row[prompt_field]),
-                              str(row[answer_field]), str(row.get("task", task))))
-    return items[:n] if n else items
+from protocol.tasks.base import Row, render_prompt
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -61,14 +26,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def render_prompt(tokenizer: Any, text: str) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                        add_generation_prompt=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)
 
 
 async def grade(client: httpx.AsyncClient, verifier_url: str, token: str | None,
@@ -87,18 +44,23 @@ async def grade(client: httpx.AsyncClient, verifier_url: str, token: str | None,
     return out
 
 
-async def evaluate(items: list[EvalItem], *, tokenizer: Any, bus: Bus, prompts_stream: str,
+async def evaluate(items: list[Row], *, tokenizer: Any, bus: Bus, prompts_stream: str,
                    verifier_url: str, token: str | None = None, k: int = 16,
                    sampling: SamplingParams | None = None, run_id: str = "eval",
-                   timeout_s: float = 1800.0, seed: int = 0) -> dict[str, Any]:
-    """Sample k responses per item through the rollout service and grade them."""
+                   timeout_s: float = 1800.0, seed: int = 0, system_prompt: str | None = None,
+                   chat_template_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Sample k responses per row through the rollout service and grade them. Rows are
+    rendered exactly as training renders them (the data section's system prompt and
+    chat-template arguments)."""
     sampling = sampling or SamplingParams(temperature=0.7, top_p=0.8, max_new_tokens=1024)
     reply = bus.cfg.stream(f"eval:{uuid.uuid4().hex[:12]}")
-    by_group: dict[str, EvalItem] = {}
+    by_group: dict[str, Row] = {}
     t0 = time.perf_counter()
     for i, it in enumerate(items):
         task = PromptTask(run_id=run_id, prompt_id=it.prompt_id, prompt_text=it.prompt,
-                          prompt_ids=render_prompt(tokenizer, it.prompt), answer=it.answer,
+                          prompt_ids=render_prompt(tokenizer, it.prompt, system_prompt=system_prompt,
+                                                   chat_template_kwargs=chat_template_kwargs),
+                          answer=it.answer, solution=it.solution,
                           task=it.task, group_size=k,
                           sampling=sampling.model_copy(update={"seed": seed * 100_003 + i}),
                           reply_to=reply)

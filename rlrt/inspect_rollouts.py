@@ -10,8 +10,8 @@ response of a mixed group computes, per token,
 then writes inspect.html / inspect.png / inspect.json (rendering in rlrt/inspect_render.py).
 
 Every step goes through the code the running system uses, so what is shown is what training
-would do: the chat template rendering of trainer.data, the verifier's `check` dispatch, the
-teacher service's `build_contexts` (sibling demonstration, reference-solution fallback), the
+would do: the data loading and the one prompt rendering of protocol/tasks, the verifier's
+`check` dispatch, the teacher service's `build_contexts` (sibling demonstration, reference-solution fallback), the
 trainer's chunked `token_logprobs` and `token_advantages`. Only sampling differs: plain HF
 `generate` stands in for the rollout engine (same model, same EOS set, full-vocabulary
 sampling), because s_t is recomputed by the trainer from the tokens anyway.
@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from protocol.hub import looks_like_hub_id
 from protocol.messages import (
     PromptTask,
     Response,
@@ -40,18 +41,11 @@ from protocol.messages import (
     Verification,
     VerifiedGroup,
 )
+from protocol.tasks.base import render_prompt
+from protocol.tasks.data import DataConfig, load_rows, spec_from_cli
 from trainer.algorithm import AlgorithmConfig, token_advantages, token_logprobs
 
 log = logging.getLogger("rlrt.inspect")
-
-
-@dataclass(frozen=True)
-class Item:
-    prompt_id: str
-    prompt: str
-    answer: str
-    solution: str | None
-    task: str
 
 
 @dataclass
@@ -102,38 +96,15 @@ class Report:
 # --------------------------------------------------------------------------- data
 
 
-def load_items(data: str, n: int, seed: int) -> list[Item]:
-    """`countdown` (the built-in task's training split, with reference solutions, so the
-    solution fallback is exercised) or a JSONL file of {prompt, answer[, solution, task, id]}."""
-    if data == "countdown":
-        from protocol.tasks import countdown
-
-        return [Item(f"countdown:{p.key()}", p.prompt_text(), p.reference(), p.solution_text(),
-                     "countdown") for p in countdown.dataset("train", n, seed)]
-    path = Path(data)
-    if not path.is_file():
-        raise FileNotFoundError(f"data not found: {path} (use 'countdown' or a JSONL file)")
-    items: list[Item] = []
-    for i, line in enumerate(path.read_text().splitlines()):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if "prompt" not in row or "answer" not in row:
-            raise ValueError(f"{path}:{i + 1}: row lacks 'prompt' or 'answer'")
-        sol = row.get("solution")
-        items.append(Item(str(row.get("id", f"row:{i}")), str(row["prompt"]), str(row["answer"]),
-                          str(sol) if sol else None, str(row.get("task", "math"))))
-        if len(items) == n:
-            break
-    return items
-
-
-def render_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """As trainer.data.PromptSource.render (no system prompt): chat template with the
-    generation prompt, tokenized without added specials."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def inspect_data(data: str | DataConfig) -> DataConfig:
+    """`countdown` (the built-in task's training split: its rows carry reference solutions, so
+    the solution fallback is exercised), a data file, or a data section."""
+    if isinstance(data, DataConfig):
+        return data
+    spec = spec_from_cli(data)
+    if "hf_dataset" in spec and not looks_like_hub_id(data):
+        raise FileNotFoundError(f"data not found: {data} (use 'countdown' or a JSONL file)")
+    return DataConfig.model_validate(spec)
 
 
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -219,7 +190,7 @@ def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
     return pieces
 
 
-def inspect_rollouts(model_dir: str | Path, *, data: str = "countdown", n: int = 8, g: int = 8,
+def inspect_rollouts(model_dir: str | Path, *, data: str | DataConfig = "countdown", n: int = 8, g: int = 8,
                      preset: str = "rlrt", eps_w: float | None = None, lam: float | None = None,
                      seed: int = 0, temperature: float = 1.0, max_new_tokens: int = 64,
                      log_fn: Callable[[str], None] = log.info) -> Report:
@@ -235,15 +206,16 @@ def inspect_rollouts(model_dir: str | Path, *, data: str = "countdown", n: int =
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     stop = eos_ids(model, tokenizer)
-    items = load_items(data, n, seed)
-    if not items:
-        raise ValueError(f"no prompts in {data}")
-    request: TeacherRequest = cfg.teacher_request()
+    data_cfg = inspect_data(data)
+    items = load_rows(data_cfg, seed=seed, n=n)
+    request: TeacherRequest = cfg.teacher_request(
+        system_prompt=data_cfg.system_prompt, chat_template_kwargs=data_cfg.chat_template_kwargs)
     s_temp = temperature if temperature > 0 else 1.0
 
     groups: list[VerifiedGroup] = []
     for i, it in enumerate(items):
-        prompt_ids = render_prompt(tokenizer, it.prompt)
+        prompt_ids = render_prompt(tokenizer, it.prompt, system_prompt=data_cfg.system_prompt,
+                                   chat_template_kwargs=data_cfg.chat_template_kwargs)
         responses = sample_group(model, tokenizer, prompt_ids, g, temperature=temperature,
                                  max_new_tokens=max_new_tokens, seed=seed * 100_003 + i, stop=stop)
         task = PromptTask(

@@ -57,7 +57,9 @@ def test_checker_bad_reference_is_an_error():
 
 
 def test_registered_in_task_registry():
-    assert get_task("countdown").verify is cd.verify
+    task = get_task("countdown")
+    assert isinstance(task, cd.CountdownTask)
+    assert task.verify(CORRECT[0], REF).correct
 
 
 # --- generator and split ---------------------------------------------------------------------

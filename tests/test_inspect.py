@@ -19,9 +19,8 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from protocol.tasks import TASKS
+from protocol.tasks.data import DataConfig, load_rows
 from rlrt.cli import app
-from rlrt.inspect_rollouts import load_items
 from trainer.bootstrap.model import build_model
 from trainer.bootstrap.tokenizer import build_tokenizer
 
@@ -32,6 +31,7 @@ ROWS = [  # references chosen so that most groups are mixed for this model and s
     {"id": "d", "prompt": "Make 13 from 3 4 3.", "answer": "+", "solution": "no solution here"},
 ]
 G = 6
+CONTAINS = "helpers.inspect_task:ContainsTask"  # a task registered by dotted path only
 TEMPLATE = "{p}\n\nCorrect solution:\n\n{d}\n\nCorrectly solve the original question.\n"
 
 
@@ -61,13 +61,11 @@ def run(tmp_path_factory: pytest.TempPathFactory):
     build_model(tok, seed=0, hidden=32, layers=2, heads=2, kv_heads=1).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     data = root / "rows.jsonl"
-    data.write_text("\n".join(json.dumps({**r, "task": "contains"}) for r in ROWS) + "\n")
+    data.write_text("\n".join(json.dumps({**r, "task": CONTAINS}) for r in ROWS) + "\n")
     out = root / "out"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(TASKS, "contains", "helpers.inspect_task")
-        res = CliRunner().invoke(app, [
-            "inspect", "--model", str(model_dir), "--data", str(data), "--n", "4", "--g", str(G),
-            "--max-new-tokens", "24", "--out", str(out), "--seed", "0"])
+    res = CliRunner().invoke(app, [
+        "inspect", "--model", str(model_dir), "--data", str(data), "--n", "4", "--g", str(G),
+        "--max-new-tokens", "24", "--out", str(out), "--seed", "0"])
     torch.set_num_threads(before)
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
@@ -188,7 +186,7 @@ def test_preset_without_teacher_is_refused(run):
 
 
 def test_countdown_items_carry_their_solution():
-    items = load_items("countdown", 3, 0)
+    items = load_rows(DataConfig(task="countdown"), seed=0, n=3)
     assert len(items) == 3
     assert all(it.task == "countdown" and it.solution and it.answer.startswith("numbers=")
                for it in items)

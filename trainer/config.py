@@ -165,6 +165,15 @@ class PushConfig(_Section):
         description="a service still failing after its retries: warn = report (log + metrics) "
         "and keep training (its samples turn stale and are dropped); raise = stop the run",
     )
+    canary: bool = Field(
+        True,
+        description="send a weight canary with every push: the policy's log-probs of a few fixed "
+        "token sequences under the pushed weights (one small forward). Each service scores them "
+        "after loading and refuses the version (409, reported in the push result) when they "
+        "differ: it catches a load that reported success but serves other weights",
+    )
+    canary_sequences: int = Field(4, ge=1, le=64, description="canary: number of sequences")
+    canary_tokens: int = Field(32, ge=2, le=1024, description="canary: tokens per sequence")
     bucket_mb: float = Field(
         512, gt=0, description="nccl mode: size of one broadcast bucket, in MiB (sized by ds_numel)"
     )

@@ -1,5 +1,6 @@
-"""Prompts: rows from local JSONL / Parquet files (through `datasets`) or the built-in
-synthetic countdown task, rendered through the tokenizer's chat template.
+"""Training prompts: the rows of the run's `data` section (protocol/tasks/data.py: the task's
+generator, local files or a hub dataset), rendered by the one `render_prompt` of
+protocol/tasks/base.py, drawn in a seeded order.
 
 A row is drawn by its *cursor*, a position in an endless stream of epochs, each a seeded
 permutation of the rows: the cursor alone (saved in checkpoints) says which row comes next,
@@ -20,60 +21,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.config import DataConfig
+from protocol.tasks.base import Row, render_prompt
+from protocol.tasks.data import DataConfig, DataError, describe, load_table, to_row
 
 log = logging.getLogger("rlrt.trainer.data")
 
-
-class DataError(RuntimeError):
-    """The data source is unusable (no file, no usable row, ...)."""
-
-
-@dataclass(frozen=True)
-class PromptRow:
-    prompt_id: str
-    prompt: str
-    answer: str
-    solution: str | None
-    task: str
+__all__ = ["DataError", "Drawn", "PromptSource"]
 
 
 @dataclass(frozen=True)
 class Drawn:
     """One usable row: where it came from in the stream, and its rendered token ids."""
 
-    row: PromptRow
+    row: Row
     prompt_ids: list[int]
     index: int  # row index in the source
     epoch: int
     cursor: int  # stream position of this row
-
-
-def _countdown_rows(cfg: DataConfig, seed: int) -> list[dict[str, Any]]:
-    from protocol.tasks import countdown
-
-    problems = countdown.dataset("train", cfg.num_prompts, seed, **cfg.countdown_knobs)
-    return [
-        {
-            "id": f"countdown:{p.key()}",
-            "prompt": p.prompt_text(),
-            "answer": p.reference(),
-            "solution": p.solution_text(),
-        }
-        for p in problems
-    ]
-
-
-def _file_rows(cfg: DataConfig) -> Any:
-    if not cfg.path:
-        raise DataError(f"data.source={cfg.source} needs data.path (one or more local files)")
-    import datasets
-
-    builder = "json" if cfg.source == "jsonl" else "parquet"
-    try:
-        return datasets.load_dataset(builder, data_files=list(cfg.path), split="train")
-    except FileNotFoundError as e:
-        raise DataError(f"data file not found: {e}") from e
 
 
 class PromptSource:
@@ -86,14 +50,8 @@ class PromptSource:
         self.max_prompt_tokens = max_prompt_tokens
         self.seed = seed
         self.report_path = Path(report_path) if report_path else None
-        if cfg.source == "countdown":
-            self.rows: Any = _countdown_rows(cfg, seed)
-            self.task = "countdown"
-        else:
-            self.rows = _file_rows(cfg)
-            self.task = cfg.task
-        if len(self.rows) == 0:
-            raise DataError(f"data source {cfg.source} {cfg.path} has no rows")
+        self.rows: Any = load_table(cfg, seed=seed)
+        self.task = cfg.task
         self.skipped: Counter[str] = Counter()
         self._reported: set[int] = set()
         self._perm_epoch = -1
@@ -122,36 +80,15 @@ class PromptSource:
         return dict(self.rows[index])
 
     def render(self, prompt: str) -> list[int]:
-        """Chat template with the generation prompt, then tokens without added specials (the
-        template already holds them): the same rendering as protocol.teacher's contexts."""
-        messages = []
-        if self.cfg.system_prompt:
-            messages.append({"role": "system", "content": self.cfg.system_prompt})
-        messages.append({"role": "user", "content": prompt})
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **self.cfg.chat_template_kwargs
-        )
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return render_prompt(self.tokenizer, prompt, system_prompt=self.cfg.system_prompt,
+                             chat_template_kwargs=self.cfg.chat_template_kwargs)
 
-    def parse(self, index: int) -> tuple[PromptRow | None, list[int], str | None]:
+    def parse(self, index: int) -> tuple[Row | None, list[int], str | None]:
         """The row at `index` as (row, prompt_ids, None), or (None, [], why it is unusable)."""
-        raw = self._row(index)
-        prompt = raw.get(self.cfg.prompt_field)
-        answer = raw.get(self.cfg.answer_field)
-        if not isinstance(prompt, str) or not prompt.strip():
-            return None, [], "no_prompt"
-        if answer is None or (isinstance(answer, str) and not answer.strip()):
-            return None, [], "no_answer"
-        solution = raw.get(self.cfg.solution_field)
-        pid = raw.get(self.cfg.id_field)
-        row = PromptRow(
-            prompt_id=str(pid) if pid is not None else f"row:{index}",
-            prompt=prompt,
-            answer=str(answer),
-            solution=str(solution) if solution else None,
-            task=self.task,
-        )
-        ids = self.render(prompt)
+        row = to_row(self._row(index), index, self.cfg)
+        if isinstance(row, str):
+            return None, [], row
+        ids = self.render(row.prompt)
         if len(ids) > self.max_prompt_tokens:
             return None, ids, "overflow"
         return row, ids, None
@@ -178,5 +115,5 @@ class PromptSource:
             if row is not None:
                 return Drawn(row=row, prompt_ids=ids, index=index, epoch=epoch, cursor=k)
             self._report(index, why or "unknown", len(ids))
-        raise DataError(f"no usable row in {len(self.rows)} rows of {self.cfg.source} "
-                        f"{self.cfg.path}: skipped {dict(self.skipped)}")
+        raise DataError(f"no usable row in {len(self.rows)} rows of {describe(self.cfg)}: "
+                        f"skipped {dict(self.skipped)}")

@@ -30,10 +30,12 @@ from typing import Any
 import torch
 
 from protocol.bus import Bus
+from protocol.canary import Canary
 from protocol.config import BusSettings
 from protocol.messages import ScoredGroup
 from trainer import dist
 from trainer.batch import build_batch
+from trainer.canary import canary_dtype, canary_logprobs, fixed_sequences
 from trainer.checkpoint import Checkpointer
 from trainer.config import TrainerConfig
 from trainer.data import PromptSource
@@ -86,6 +88,8 @@ class _Collective:
             return nccl_push_all(self.policy, self.cfg.push, version=args[0],
                                  dtype=_push_dtype(self.cfg, self.policy),
                                  run_id=self.cfg.run_id)
+        if op == "canary":
+            return canary_logprobs(self.policy, args[0])
         if op == "ckpt":
             step, state = args
             return self.ckpt.save(self.policy, step, state)
@@ -163,6 +167,7 @@ class _Lead:
         self.pushes = 0
         self.notifying: asyncio.Task[PushResult] | None = None  # a push loading in the background
         self.unreported: PushResult | None = None  # a finished push not yet in the metrics
+        self.canary_seqs: list[list[int]] | None = None  # fixed for the run
 
     # ------------------------------------------------------------------ helpers
     async def _all(self, op: str, *args: Any) -> Any:
@@ -184,6 +189,18 @@ class _Lead:
     def _max_seq_len(self) -> int:
         return int(self.cfg.max_seq_len or self.policy.hf_model.config.max_position_embeddings)
 
+    async def canary(self) -> Canary | None:
+        """The weight canary of the current weights (protocol/canary.py); a collective."""
+        cfg = self.cfg.push
+        if not cfg.canary:
+            return None
+        if self.canary_seqs is None:
+            self.canary_seqs = fixed_sequences(self.policy.hf_model, self.tokenizer,
+                                               cfg.canary_sequences, cfg.canary_tokens)
+        logprobs = await self._all("canary", self.canary_seqs)
+        dtype = canary_dtype(self.policy.dtype, _push_dtype(self.cfg, self.policy))
+        return Canary(sequences=self.canary_seqs, logprobs=logprobs, dtype=dtype)
+
     async def push(self, version: int) -> PushResult:
         """Push `version` to the services. With push.overlap (disk mode) this returns once the
         directory is written -- the weights may change from here on -- and the services are
@@ -194,22 +211,25 @@ class _Lead:
         self.pushes += 1
         if by_disk:
             sd = await self._all("gather")
+            canary = await self.canary()
             # The first push of a process may go *back* in version (a resumed run whose
             # services had loaded later weights from the killed one): say so explicitly.
             meta = {"reason": "start", "allow_rollback": True} if first else {"reason": "step"}
             if cfg.overlap and not first:
-                update, write_s = await self.pusher.write_update(sd, version, meta)
+                update, write_s = await self.pusher.write_update(sd, version, meta, canary)
                 self.notifying = asyncio.create_task(self.pusher.notify(update))
                 return PushResult(version=version, location=update.location,
                                   sha256=update.sha256, write_s=write_s)
-            res = await self.pusher.push(sd, version, meta=meta)
+            res = await self.pusher.push(sd, version, meta=meta, canary=canary)
         else:
             res = await self._all("nccl", version)
             if res.failed:  # fall back to the directory for those services
                 retry = [s for s in cfg.services if s.name in res.failed]
                 sd = await self._all("gather")
-                disk = await self.pusher.push(sd, version, services=retry)
+                disk = await self.pusher.push(sd, version, services=retry,
+                                              canary=await self.canary())
                 res.ok += disk.ok
+                res.canary_refused.update(disk.canary_refused)
                 res.failed = {k: f"{v}; disk fallback: {disk.failed[k]}"
                               for k, v in res.failed.items() if k in disk.failed}
         self._check_push(res)
@@ -231,7 +251,8 @@ class _Lead:
         if res is None:
             return {}
         return {"push_wait_s": time.perf_counter() - t0, "push_notify_s": res.notify_s,
-                "push_ok": len(res.ok), "push_failed": sorted(res.failed)}
+                "push_ok": len(res.ok), "push_failed": sorted(res.failed),
+                "push_canary_refused": sorted(res.canary_refused)}
 
     async def save(self, version: int) -> float:
         t0 = time.perf_counter()
@@ -347,7 +368,8 @@ class _Lead:
                 record.update(time_push_s=time.perf_counter() - t0, push_write_s=res.write_s)
                 if self.notifying is None:  # completed within this step: report it
                     settled = {"push_notify_s": res.notify_s, "push_ok": len(res.ok),
-                               "push_failed": sorted(res.failed)}
+                               "push_failed": sorted(res.failed),
+                               "push_canary_refused": sorted(res.canary_refused)}
             record.update(settled)
             self.uncommitted += coll.consumed
             self.boundary = DriverState.from_dict(driver.state.to_dict())

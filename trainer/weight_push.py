@@ -31,6 +31,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from protocol.canary import Canary
 from protocol.messages import WeightUpdate
 from protocol.weights import save_weights_dir
 from trainer.config import PushConfig, ServiceEndpoint
@@ -41,11 +42,13 @@ _RETRY_STATUS = {408, 425, 429}
 
 
 class PushError(RuntimeError):
-    """One service refused or failed an update; `retryable` says whether to try again."""
+    """One service refused or failed an update; `retryable` says whether to try again.
+    `canary`: the service's weight-canary verdict when that is why it refused."""
 
-    def __init__(self, msg: str, retryable: bool) -> None:
+    def __init__(self, msg: str, retryable: bool, canary: dict | None = None) -> None:
         super().__init__(msg)
         self.retryable = retryable
+        self.canary = canary
 
 
 def _retryable(e: BaseException) -> bool:
@@ -62,6 +65,9 @@ class PushResult:
     ok: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)
+    # services that loaded the weights but refused them because the weight canary did not
+    # match (max_diff, tolerance, ...): they serve another version, or nothing (consistent)
+    canary_refused: dict[str, dict] = field(default_factory=dict)
     write_s: float = 0.0
     notify_s: float = 0.0
 
@@ -70,7 +76,16 @@ def _check_reply(svc: ServiceEndpoint, r: httpx.Response) -> None:
     if r.status_code >= 300:
         detail = r.text[:500]
         retry = r.status_code >= 500 or r.status_code in _RETRY_STATUS
-        raise PushError(f"{svc.name}: HTTP {r.status_code}: {detail}", retry)
+        canary = None
+        if r.status_code == 409:
+            try:
+                body = r.json()
+            except ValueError:
+                body = None
+            if isinstance(body, dict) and isinstance(body.get("canary"), dict):
+                canary = {**body["canary"], "consistent": body.get("consistent", True),
+                          "version": body.get("version")}
+        raise PushError(f"{svc.name}: HTTP {r.status_code}: {detail}", retry, canary)
     try:
         body = r.json()
     except ValueError:
@@ -164,30 +179,41 @@ class WeightPusher:
                 elif f.exception() is not None:
                     e = f.exception()
                     res.failed[name] = f"{type(e).__name__}: {e}"
+                    if isinstance(e, PushError) and e.canary is not None:
+                        res.canary_refused[name] = e.canary
                 else:
                     res.ok.append(name)
         res.notify_s = time.perf_counter() - t0
         for name, why in res.failed.items():
+            if name in res.canary_refused:
+                log.error("weight push v%d: %s loaded the weights but its weight canary does "
+                          "not match (max |delta log-prob| %s, tolerance %s): %s", update.version,
+                          name, res.canary_refused[name].get("max_diff"),
+                          res.canary_refused[name].get("tolerance"), why)
+                continue
             log.error("weight push v%d to %s failed after %d attempt(s): %s", update.version,
                       name, res.attempts.get(name, 0), why)
         return res
 
     async def write_update(self, state_dict: dict[str, torch.Tensor], version: int,
-                           meta: dict | None = None) -> tuple[WeightUpdate, float]:
+                           meta: dict | None = None, canary: Canary | None = None
+                           ) -> tuple[WeightUpdate, float]:
         """Write the directory (in a thread: it is disk and hashing work); return the
-        WeightUpdate that names it and the seconds the write took."""
+        WeightUpdate that names it (with `canary`, protocol/canary.py) and the seconds the
+        write took."""
         t0 = time.perf_counter()
         path, sha = await asyncio.to_thread(self.write, state_dict, version)
         update = WeightUpdate(run_id=self.run_id, version=version, format="safetensors_dir",
-                              location=str(path.resolve()), sha256=sha, meta=meta or {})
+                              location=str(path.resolve()), sha256=sha, meta=meta or {},
+                              canary=canary)
         return update, time.perf_counter() - t0
 
     async def push(self, state_dict: dict[str, torch.Tensor], version: int,
                    services: list[ServiceEndpoint] | None = None,
-                   meta: dict | None = None) -> PushResult:
-        """Write the directory, then notify `services` (default: all); `meta` goes into the
-        WeightUpdate."""
-        update, write_s = await self.write_update(state_dict, version, meta)
+                   meta: dict | None = None, canary: Canary | None = None) -> PushResult:
+        """Write the directory, then notify `services` (default: all); `meta` and `canary`
+        go into the WeightUpdate."""
+        update, write_s = await self.write_update(state_dict, version, meta, canary)
         res = await self.notify(update, services)
         res.write_s = write_s
         return res

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from protocol.tasks.base import CheckResult
+from protocol.tasks.base import CheckResult, Task
 
 OPS = "+-*/"
 
@@ -370,3 +370,25 @@ def dataset(which: Split, n: int, seed: int, *, heldout_fraction: float = 0.1,
     """The first `n` problems of `stream(seed, **knobs)` that fall in split `which`."""
     side = (p for p in stream(seed, **knobs) if split_of(p, heldout_fraction) == which)
     return list(itertools.islice(side, n))
+
+
+# ---------------------------------------------------------------------------------------------
+# The task
+# ---------------------------------------------------------------------------------------------
+
+
+class CountdownTask(Task):
+    """Countdown as a generator task. `knobs` are `stream`'s difficulty arguments (and
+    `heldout_fraction`); "train" and "heldout" never share a problem (see `split_of`)."""
+
+    name = "countdown"
+
+    def generate(self, split: str, n: int, seed: int) -> list[dict]:
+        if split not in ("train", "heldout"):
+            raise ValueError(f"countdown has splits 'train' and 'heldout', not {split!r}")
+        return [{"id": f"countdown:{p.key()}", "prompt": p.prompt_text(),
+                 "answer": p.reference(), "solution": p.solution_text()}
+                for p in dataset(split, n, seed, **self.knobs)]  # type: ignore[arg-type]
+
+    def verify(self, response: str, reference: str) -> CheckResult:
+        return verify(response, reference)

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from protocol.canary import DEFAULT_TOLERANCE
 from protocol.config import RLRTSettings
 
 
@@ -51,6 +52,25 @@ class EngineConfig(BaseModel):
     engine_world_size: int = Field(
         1, ge=1, description="GPUs of the server (tensor parallel size); the trainer's NCCL group "
         "is 1 + this. vLLM reports its own via /get_world_size")
+    canary_check: bool = Field(
+        True, description="score a weight update's canary (the trainer's log-probs of a few fixed "
+        "sequences, protocol/canary.py) after loading it, and refuse the version when any "
+        "differs by more than canary_tolerance: the server reported success but serves other "
+        "weights (e.g. vLLM-CPU's stale tied output projection). Updates without one are not checked")
+    canary_tolerance: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_TOLERANCE), description="max |log-prob difference| "
+        "per dtype; the coarser of the pushed weights' dtype and serving_dtype applies. "
+        "Defaults: float32 1e-3, float16 0.1, bfloat16 0.5 (correct loads measure ~1e-6 in "
+        "float32; a stale tensor is of order 1)")
+    serving_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="sglang/vllm: the dtype the server computes in (its --dtype), when it "
+        "is coarser than the pushed weights (picks the canary tolerance); None = the pushed "
+        "weights' dtype. cpu: the engine's own dtype is used")
+    vllm_reload_method: str = Field(
+        "reload_weights", description="vLLM: the worker method /collective_rpc calls for a disk "
+        "update. 'rlrt_reload_weights' needs the server started with our worker extension "
+        "(services/engines/vllm_ext/rlrt_vllm_ext.py): it also refreshes a tied output "
+        "projection, which vLLM-CPU's reload_weights leaves stale (docs/engines.md)")
     cpu: dict[str, Any] = Field(
         default_factory=dict, description="extra keyword arguments of the CPU engine "
         "(see services/engines/cpu.py)")

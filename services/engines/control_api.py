@@ -23,6 +23,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from protocol.canary import Canary
 from protocol.messages import WeightUpdate
 from services.common import ControlAuth
 from services.engines.base import (
@@ -32,6 +33,7 @@ from services.engines.base import (
     InvalidRequest,
     WeightUpdateError,
 )
+from services.engines.canary_check import canary_fields
 
 log = logging.getLogger("rlrt.control")
 
@@ -48,6 +50,8 @@ class WeightsRequest(BaseModel):
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$",
                                description="digest of the directory's manifest.json (protocol.weights)")
     meta: dict[str, Any] = Field(default_factory=dict, description='e.g. {"nccl": {...}} (docs/engines.md)')
+    canary: Canary | None = Field(None, description="trainer's log-probs of fixed sequences under "
+                                  "these weights; a mismatch after loading refuses the update")
     run_id: str = Field("control", max_length=200)
     # The rest of protocol.messages.WeightUpdate's envelope, so `update.model_dump(mode="json")`
     # can be posted as is.
@@ -107,9 +111,11 @@ def control_router(slot: EngineSlot) -> APIRouter:
             except EngineClosed as e:
                 return JSONResponse({"detail": str(e)}, 503)
             except (WeightUpdateError, InvalidRequest) as e:
+                verdict = canary_fields(e)  # a weight canary mismatch: say by how much
                 log.warning("weight update to v%d refused: %s", req.version, e)
                 return JSONResponse({"detail": str(e), "version": engine.version,
-                                     "consistent": getattr(engine, "consistent", True)}, 409)
+                                     "consistent": getattr(engine, "consistent", True),
+                                     **verdict}, 409)
             except EngineError as e:
                 log.error("weight update to v%d failed upstream: %s", req.version, e)
                 return JSONResponse({"detail": str(e), "version": engine.version,

@@ -10,7 +10,9 @@ Semantics:
 - update_weights(): verified and loaded off the worker (the engine keeps serving meanwhile),
   then swapped in when no row is mid-generation: admission stops until the running rows
   drain, so every response comes from exactly one weight version (reported per output),
-  as SGLang's update_weights_from_disk does. A refused update changes nothing.
+  as SGLang's update_weights_from_disk does. A refused update changes nothing. An update
+  carrying a weight canary (protocol/canary.py) is scored right after the swap, before any
+  request runs on it; a mismatch swaps the old tensors back and refuses the version.
 - Sampling: temperature / top-k / top-p per request, float32 math; log-probs per
   `logprobs_mode` (see cpu_sampler.py). `seed` makes a request's draws reproducible (up to
   float rounding differences from the batch it shares).
@@ -24,13 +26,14 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from protocol.canary import DEFAULT_TOLERANCE, Canary
 from protocol.messages import SamplingParams, WeightUpdate
 from services.engines.base import (
     Engine,
@@ -44,6 +47,7 @@ from services.engines.base import (
     check_prompt,
     check_score_request,
 )
+from services.engines.canary_check import check_canary_shape, judge_canary
 from services.engines.cpu_batching import DecodeBatch, GenRequest
 from services.engines.cpu_model import (
     ModelRunner,
@@ -86,6 +90,7 @@ class _SwapRequest:
     prepared: Prepared
     version: int
     future: concurrent.futures.Future
+    canary: Canary | None = None
 
 
 class CpuEngine(Engine):
@@ -95,7 +100,10 @@ class CpuEngine(Engine):
     `max_model_len` (context window; default the model's max_position_embeddings),
     `prefill_token_budget` / `score_token_budget` (padded tokens per forward), `num_threads`
     (torch intra-op threads, process-wide; default `default_threads()`), `seed` (for requests
-    without their own seed), `dtype`, `detokenize` (fill GenOutput.text when a tokenizer exists).
+    without their own seed), `dtype`, `detokenize` (fill GenOutput.text when a tokenizer exists),
+    `canary_check` (score an update's weight canary after the swap; a mismatch is refused),
+    `canary_tolerance` (dtype -> max |log-prob difference|; None = protocol.canary's defaults;
+    the coarser of the pushed weights' dtype and this engine's `dtype` applies).
     """
 
     def __init__(
@@ -112,6 +120,8 @@ class CpuEngine(Engine):
         dtype: str = "float32",
         detokenize: bool = True,
         version: int = 0,
+        canary_check: bool = True,
+        canary_tolerance: Mapping[str, float] | None = None,
     ) -> None:
         if logprobs_mode not in ("processed", "raw"):
             raise ValueError(f"logprobs_mode must be 'processed' or 'raw', got {logprobs_mode!r}")
@@ -121,6 +131,9 @@ class CpuEngine(Engine):
             raise ValueError("max_batch_rows must be >= 1")
         torch.set_num_threads(num_threads or default_threads())
         self.model_dir = str(model_dir)
+        self.dtype = dtype
+        self.canary_check = canary_check
+        self.canary_tolerance = dict(canary_tolerance or DEFAULT_TOLERANCE)
         self.model, self.tokenizer = load_model(model_dir, _DTYPES[dtype])
         self.runner = ModelRunner(self.model)
         check_supported(self.runner)
@@ -198,8 +211,11 @@ class CpuEngine(Engine):
                 f"format {update.format!r} is not supported by the CPU engine (NCCL needs a GPU "
                 "engine); send format='safetensors_dir'"
             )
+        canary = update.canary if self.canary_check else None
+        if canary is not None:
+            check_canary_shape(canary, self.vocab_size, self.max_model_len)
         prepared = await asyncio.to_thread(prepare_update, self.model, update.location, update.sha256)
-        req = _SwapRequest(prepared, update.version, concurrent.futures.Future())
+        req = _SwapRequest(prepared, update.version, concurrent.futures.Future(), canary)
         self._submit(self._swaps, req)
         await asyncio.wrap_future(req.future)
         return self._version
@@ -314,13 +330,28 @@ class CpuEngine(Engine):
         self._drain_on_close()
 
     def _apply_swap(self, swap: _SwapRequest) -> None:
+        old = _live(swap.prepared) if swap.canary is not None else None
         try:
             apply_update(swap.prepared)
         except Exception as e:  # pragma: no cover -- reference assignments do not fail
             _fail(swap.future, WeightUpdateError(f"swap failed: {e}"))
             raise
-        self._version = swap.version
         swap.prepared = []
+        if swap.canary is not None and old is not None:
+            # Nothing has run on the new weights yet (the worker thread is here): judge them,
+            # and on a mismatch put the old tensors back as if the swap never happened.
+            try:
+                seqs = swap.canary.sequences
+                served = score_sequences(self.runner, seqs, [1] * len(seqs),
+                                         token_budget=self.score_token_budget)
+                judge_canary("cpu", swap.canary, served, swap.version, self.canary_tolerance,
+                             self.dtype)
+            except Exception as e:  # noqa: BLE001 -- any failure refuses the version
+                apply_update(old)
+                _fail(swap.future, e if isinstance(e, WeightUpdateError)
+                      else WeightUpdateError(f"weight canary could not be scored: {e}"))
+                return
+        self._version = swap.version
         _done(swap.future, swap.version)
 
     def _run_score(self, req: _ScoreRequest) -> None:
@@ -340,6 +371,12 @@ class CpuEngine(Engine):
             for q in (self._gen_queue, self._score_queue, self._swaps):
                 while q:
                     _fail(q.popleft().future, err)
+
+
+def _live(prepared: Prepared) -> Prepared:
+    """The tensors `prepared` would replace, in the same form: applying it undoes the swap."""
+    return [(mod, attr, is_param, mod._parameters[attr].data if is_param else mod._buffers[attr])
+            for mod, attr, is_param, _ in prepared]
 
 
 def _done(fut: concurrent.futures.Future, value: Any) -> None:

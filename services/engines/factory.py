@@ -35,7 +35,9 @@ async def make_engine(cfg: EngineConfig) -> Engine:
     if cfg.kind == "cpu":
         from services.engines.cpu import CpuEngine  # torch + transformers: import only if used
 
-        kw: dict[str, Any] = {"logprobs_mode": cfg.logprobs_mode, "max_model_len": cfg.context_len}
+        kw: dict[str, Any] = {"logprobs_mode": cfg.logprobs_mode, "max_model_len": cfg.context_len,
+                              "canary_check": cfg.canary_check,
+                              "canary_tolerance": cfg.canary_tolerance}
         kw.update(cfg.cpu)  # explicit CPU knobs win
         # Loading the model takes a while: keep the event loop (HTTP health) responsive.
         return await asyncio.to_thread(CpuEngine, cfg.model_path, **kw)  # type: ignore[arg-type]
@@ -46,7 +48,8 @@ async def make_engine(cfg: EngineConfig) -> Engine:
         vocab_size=cfg.vocab_size or vocab, context_len=cfg.context_len or ctx,
         verify_weights=cfg.verify_weights, weight_timeout_s=cfg.weight_update_timeout_s,
         abort_retries=cfg.abort_retries, engine_world_size=cfg.engine_world_size,
-        quarantine_wait_s=cfg.quarantine_wait_s)
+        quarantine_wait_s=cfg.quarantine_wait_s, canary_check=cfg.canary_check,
+        canary_tolerance=cfg.canary_tolerance, serving_dtype=cfg.serving_dtype)
     engine: Engine
     if cfg.kind == "sglang":
         from services.engines.sglang import SGLangEngine
@@ -58,7 +61,8 @@ async def make_engine(cfg: EngineConfig) -> Engine:
         from services.engines.vllm import VLLMEngine
 
         engine = VLLMEngine(http, served_model_name=cfg.served_model_name,
-                            max_tokens_per_request=cfg.max_tokens_per_request, **common)
+                            max_tokens_per_request=cfg.max_tokens_per_request,
+                            reload_method=cfg.vllm_reload_method, **common)
     try:
         await engine.start()  # type: ignore[attr-defined]
     except BaseException:

@@ -12,6 +12,10 @@ The transaction (one at a time):
    otherwise mark the engine *inconsistent* (quarantine): generate/score calls wait for a
    later successful update (up to `quarantine_wait_s`, then fail) and /readyz reports
    not-ready meanwhile. Never serve mixed weights.
+   An update carrying a weight canary (protocol/canary.py) is only a success once the server,
+   resumed but still behind our closed gate, reproduces the trainer's log-probs for it; a
+   mismatch is handled like a failed load (rollback, verified with the previous version's
+   canary, or quarantine): the server reported success but serves other weights.
 4. Always resume the server and reopen the gate (unless the operator paused us).
 """
 
@@ -21,11 +25,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
+from protocol.canary import DEFAULT_TOLERANCE, Canary
 from protocol.messages import WeightUpdate
 from protocol.weights import WeightsError, verify_weights_dir
 from services.engines.base import (
@@ -35,6 +41,7 @@ from services.engines.base import (
     UpstreamError,
     WeightUpdateError,
 )
+from services.engines.canary_check import check_canary_shape, judge_canary
 from services.engines.http import EngineHTTP
 from services.engines.nccl_sync import GroupKey, NcclSpec, nccl_spec
 
@@ -60,7 +67,9 @@ class RemoteEngine(Engine):
     def __init__(self, http: EngineHTTP, *, vocab_size: int | None = None,
                  context_len: int | None = None, verify_weights: bool = True,
                  weight_timeout_s: float = 600.0, abort_retries: int = 3,
-                 engine_world_size: int = 1, quarantine_wait_s: float = 300.0) -> None:
+                 engine_world_size: int = 1, quarantine_wait_s: float = 300.0,
+                 canary_check: bool = True, canary_tolerance: Mapping[str, float] | None = None,
+                 serving_dtype: str | None = None) -> None:
         self.http = http
         self.vocab_size = vocab_size
         self.context_len = context_len
@@ -69,6 +78,10 @@ class RemoteEngine(Engine):
         self.abort_retries = abort_retries
         self.engine_world_size = engine_world_size
         self.quarantine_wait_s = quarantine_wait_s
+        self.canary_check = canary_check
+        self.canary_tolerance = dict(canary_tolerance or DEFAULT_TOLERANCE)
+        self.serving_dtype = serving_dtype
+        self._canary: Canary | None = None  # the serving version's canary (checks a rollback)
         self._version = 0
         self._sha: str | None = None
         self._last_dir: str | None = None  # weights we can reload to undo a failed update
@@ -109,6 +122,10 @@ class RemoteEngine(Engine):
         raise NotImplementedError
 
     async def _srv_healthy(self) -> bool:
+        raise NotImplementedError
+
+    async def _srv_score(self, sequences: list[list[int]], offsets: list[int]) -> list[np.ndarray]:
+        """score() without our gate (closed during an update): for the weight canary."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ lifecycle
@@ -220,6 +237,8 @@ class RemoteEngine(Engine):
                     and update.sha256 is not None and update.sha256 == self._sha):
                 return old  # a retried request for what we already serve
             spec = key = None
+            if update.canary is not None and self.canary_check:
+                check_canary_shape(update.canary, self.vocab_size, self.context_len)
             if update.format == "safetensors_dir":
                 await self._verify_dir(update)
             else:
@@ -256,6 +275,9 @@ class RemoteEngine(Engine):
                 await self._srv_nccl(spec, key, update.version)
             else:
                 await self._srv_load_dir(update.location, update.version)
+            canary = update.canary if self.canary_check else None
+            if canary is not None:
+                await self._verify_canary(canary, update.version)
         except UpdateRefused as e:
             self._last_error = str(e)
             raise
@@ -263,27 +285,50 @@ class RemoteEngine(Engine):
             await self._recover(e, old)  # always raises
         self._version = update.version
         self._sha = update.sha256
+        self._canary = update.canary
         self._last_dir = update.location if spec is None else None
         self._last_error = None
         self._usable.set()
         VERSION.labels(self.kind).set(self._version)
         INCONSISTENT.labels(self.kind).set(0)
 
+    async def _verify_canary(self, canary: Canary, version: int) -> None:
+        """Score the canary on the server (running, behind our closed gate); raise
+        CanaryMismatch (a WeightUpdateError) when it does not reproduce the trainer's values."""
+        await self._srv_resume()  # a paused server queues requests: it must run to score
+        try:
+            served = await self._srv_score(canary.sequences, [1] * len(canary.sequences))
+            judge_canary(self.kind, canary, served, version, self.canary_tolerance,
+                         self.serving_dtype)
+        except EngineError:
+            with contextlib.suppress(EngineError):
+                await self._srv_pause()  # what follows (rollback) expects a paused server
+            raise
+
     async def _recover(self, err: EngineError, old: int) -> None:
-        """The server may hold a mix of old and new weights: reload the old ones or quarantine."""
+        """The server may hold a mix of old and new weights (or, after a canary mismatch,
+        other weights than the pushed ones): reload the old ones or quarantine."""
         self._group = None  # a failed broadcast leaves the group unusable on both sides
         msg = f"weight update failed: {err}"
         if self._last_dir is not None:
             try:
                 await self._srv_load_dir(self._last_dir, old)
+                if self._canary is not None and self.canary_check:
+                    await self._verify_canary(self._canary, old)
             except EngineError as e2:
                 msg += f"; rollback to {self._last_dir} failed too: {e2}"
             else:
                 self._last_error = msg
-                raise WeightUpdateError(f"{msg}; rolled back to version {old} "
-                                        f"from {self._last_dir}") from None
+                raise _with_canary(WeightUpdateError(
+                    f"{msg}; rolled back to version {old} from {self._last_dir}"), err) from None
         else:
             msg += "; no known-good weight directory to roll back to"
         self._quarantine(msg)
-        raise WeightUpdateError(f"{msg}; the engine refuses requests until a successful "
-                                "update") from None
+        raise _with_canary(WeightUpdateError(
+            f"{msg}; the engine refuses requests until a successful update"), err) from None
+
+
+def _with_canary(exc: WeightUpdateError, cause: EngineError) -> WeightUpdateError:
+    """Carry a canary verdict from the failure to the error the caller sees (409 body)."""
+    exc.canary_result = getattr(cause, "canary_result", None)  # type: ignore[attr-defined]
+    return exc

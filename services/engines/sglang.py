@@ -22,6 +22,7 @@ never mixes weight versions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -133,13 +134,21 @@ class SGLangEngine(RemoteEngine):
     async def score(self, sequences: Sequence[Sequence[int]],
                     response_offsets: Sequence[int]) -> list[np.ndarray]:
         """Prompt log-probs via max_new_tokens=0, logprob_start_len=0 (slime's teacher path)."""
+        return await self._score(sequences, response_offsets, gated=True)
+
+    async def _srv_score(self, sequences: list[list[int]], offsets: list[int]) -> list[np.ndarray]:
+        return await self._score(sequences, offsets, gated=False)
+
+    async def _score(self, sequences: Sequence[Sequence[int]], response_offsets: Sequence[int],
+                     *, gated: bool) -> list[np.ndarray]:
         seqs = check_score_request(sequences, response_offsets, self.vocab_size or 2**31 - 1,
                                    self.context_len or 2**31 - 1)
         if not seqs:
             return []
         body = {"input_ids": seqs, "sampling_params": {"max_new_tokens": 0},
                 "return_logprob": True, "logprob_start_len": 0}
-        async with self._request_slot():
+        # ungated: the weight canary, scored inside an update while our gate is closed
+        async with self._request_slot() if gated else contextlib.nullcontext():
             raw = await self.http.post("/generate", body)
         items = raw if isinstance(raw, list) else [raw]
         if len(items) != len(seqs):

@@ -21,6 +21,7 @@ Both then POST /reset_prefix_cache: cached KV was computed with the old weights.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -48,10 +49,14 @@ class VLLMEngine(RemoteEngine):
     kind = "vllm"
 
     def __init__(self, http: EngineHTTP, *, served_model_name: str | None = None,
-                 max_tokens_per_request: int = 16384, **kw: Any) -> None:
+                 max_tokens_per_request: int = 16384, reload_method: str = "reload_weights",
+                 **kw: Any) -> None:
         super().__init__(http, **kw)
         self.served_model_name = served_model_name
         self.max_tokens_per_request = max_tokens_per_request
+        # the worker method of a disk update: "rlrt_reload_weights" when the server runs our
+        # worker extension (services/engines/vllm_ext: tied embeddings on vLLM-CPU)
+        self.reload_method = reload_method
 
     async def start(self) -> None:
         await super().start()
@@ -70,12 +75,19 @@ class VLLMEngine(RemoteEngine):
     # ------------------------------------------------------------------ scoring
     async def score(self, sequences: Sequence[Sequence[int]],
                     response_offsets: Sequence[int]) -> list[np.ndarray]:
+        return await self._score(sequences, response_offsets, gated=True)
+
+    async def _srv_score(self, sequences: list[list[int]], offsets: list[int]) -> list[np.ndarray]:
+        return await self._score(sequences, offsets, gated=False)
+
+    async def _score(self, sequences: Sequence[Sequence[int]], response_offsets: Sequence[int],
+                     *, gated: bool) -> list[np.ndarray]:
         # max_tokens=1 needs one free position after the sequence.
         limit = (self.context_len - 1) if self.context_len else 2**31 - 1
         seqs = check_score_request(sequences, response_offsets, self.vocab_size or 2**31 - 1, limit)
         out: list[np.ndarray] = []
         for chunk in self._chunks(seqs):
-            lps = await self._prompt_logprobs([seqs[i] for i in chunk])
+            lps = await self._prompt_logprobs([seqs[i] for i in chunk], gated=gated)
             for i, row in zip(chunk, lps, strict=True):
                 out.append(np.asarray(row[int(response_offsets[i]):], dtype=np.float32))
         return out
@@ -91,10 +103,12 @@ class VLLMEngine(RemoteEngine):
             size += len(s)
         return [c for c in chunks if c]
 
-    async def _prompt_logprobs(self, seqs: list[list[int]]) -> list[list[float]]:
+    async def _prompt_logprobs(self, seqs: list[list[int]], *,
+                               gated: bool = True) -> list[list[float]]:
         body = {"model": self.served_model_name, "prompt": seqs, "max_tokens": 1,
                 "temperature": 0.0, "prompt_logprobs": 0}
-        async with self._request_slot():
+        # ungated: the weight canary, scored inside an update while our gate is closed
+        async with self._request_slot() if gated else contextlib.nullcontext():
             raw = await self.http.post("/v1/completions", body)
         choices = self._choices(raw, len(seqs))
         out = []
@@ -191,7 +205,7 @@ class VLLMEngine(RemoteEngine):
             log.warning("vllm reset_prefix_cache failed after a weight update: %s", e)
 
     async def _srv_load_dir(self, path: str, version: int) -> None:
-        body = {"method": "reload_weights", "kwargs": {"weights_path": path},
+        body = {"method": self.reload_method, "kwargs": {"weights_path": path},
                 "timeout": self.weight_timeout_s}
         await self.http.post("/collective_rpc", body, timeout_s=self.weight_timeout_s + 30)
         await self.http.post("/update_weight_version", {"new_version": str(version)}, timeout_s=60)

@@ -1,0 +1,232 @@
+"""The `data` section: which task, where its rows come from, how a row's fields map onto a
+prompt. One model for training (the trainer), evaluation (`rlrt eval`, the eval sets of
+`rlrt train`) and `rlrt inspect`, so they cannot disagree on a row.
+
+    data:
+      task: math                         # or countdown, or "mypkg.tasks:MyTask"
+      path: examples/byo/maths.jsonl     # or hf_dataset: org/name (HF cache, see protocol/hub.py)
+      prompt_field: question
+      answer_field: answer
+      system_prompt: "Put the final answer after 'Answer:'."
+
+Rows come from `path` (local JSONL / JSON / Parquet / Arrow / CSV files, or a directory),
+from `hf_dataset` (a hub dataset, through the HF cache), or else from the task's own generator
+(Countdown). Loading files goes through `datasets`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from protocol.tasks import get_task
+from protocol.tasks.base import Row
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow",
+             ".csv": "csv"}
+
+
+class DataError(RuntimeError):
+    """The data source is unusable (no file, no usable row, ...)."""
+
+
+class DataConfig(BaseModel):
+    """Where the prompts come from and how they become `PromptTask.prompt_ids`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    task: str = Field(
+        "countdown",
+        description="the task (rows, rendering, grading): a built-in name (countdown, math) or "
+        "a 'module:Class' path of a protocol.tasks.base.Task subclass. Stamped into "
+        "PromptTask.task for the verifier. Default: countdown, or math when `path` or "
+        "`hf_dataset` is given",
+    )
+    source: Literal["auto", "countdown", "jsonl", "parquet", "arrow", "csv"] = Field(
+        "auto",
+        description="auto: `hf_dataset` if set, else the files of `path` (format from their "
+        "extension), else the task's generator; the other values force one (countdown = the "
+        "generator; jsonl/parquet/... = the files' format)",
+    )
+    path: list[str] = Field(
+        default_factory=list,
+        description="local data file(s) (globs allowed, as `datasets` data_files) or one directory",
+    )
+    hf_dataset: str | None = Field(
+        None, description="a Hugging Face Hub dataset id, fetched into (or read offline from) "
+        "the HF cache"
+    )
+    hf_config: str | None = Field(None, description="hf_dataset: its configuration (subset) name")
+    revision: str | None = Field(None, description="hf_dataset: branch, tag or commit")
+    split: str = Field(
+        "train",
+        description="split to read: a `datasets` split of the files / hub dataset; for a "
+        "generator task 'train' or 'heldout' (which never share a problem)",
+    )
+    prompt_field: str = Field("prompt", description="column holding the question")
+    answer_field: str = Field("answer", description="column holding the reference final answer")
+    solution_field: str = Field(
+        "solution", description="column holding an optional reference solution (teacher context)"
+    )
+    id_field: str = Field(
+        "id", description="column holding a stable prompt id; absent = 'row:<row index>'"
+    )
+    num_prompts: int = Field(
+        10_000, ge=1, description="generator tasks: how many distinct problems to generate"
+    )
+    knobs: dict[str, int | float | str] = Field(
+        default_factory=dict,
+        validation_alias=AliasChoices("knobs", "countdown_knobs"),
+        description="generator settings of the task (countdown: num_numbers, max_number, "
+        "min_target, max_target, min_used, ops); empty = the generator's defaults",
+    )
+    system_prompt: str | None = Field(
+        None, description="optional system message rendered before the user turn (the "
+        "student's prompt and the teacher's context alike)"
+    )
+    chat_template_kwargs: dict[str, object] = Field(
+        default_factory=dict,
+        description="extra apply_chat_template arguments (e.g. {'enable_thinking': False}); "
+        "also sent to the teacher so it renders its context the same way",
+    )
+    max_prompt_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="a rendered prompt longer than this is reported and skipped; None = "
+        "max_seq_len - sampling.max_new_tokens",
+    )
+    shuffle: bool = Field(True, description="reshuffle the rows every epoch (seeded by the run seed)")
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _one_path(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _defaults(self) -> DataConfig:
+        if self.path and self.hf_dataset:
+            raise ValueError("give `path` or `hf_dataset`, not both")
+        if "task" not in self.model_fields_set and (self.path or self.hf_dataset):
+            self.task = "math"
+        return self
+
+    @property
+    def kind(self) -> Literal["generator", "files", "hub"]:
+        if self.source == "countdown":
+            return "generator"
+        if self.hf_dataset:
+            return "hub"
+        if self.path or self.source != "auto":
+            return "files"
+        return "generator"
+
+
+def _load_files(cfg: DataConfig) -> Any:
+    import datasets
+
+    if not cfg.path:
+        raise DataError(f"data.source={cfg.source} needs data.path (one or more local files)")
+    if len(cfg.path) == 1 and Path(cfg.path[0]).is_dir():
+        return datasets.load_dataset(cfg.path[0], split=cfg.split)
+    exts = {Path(p).suffix.lower() for p in cfg.path}
+    builder = {"jsonl": "json"}.get(cfg.source, cfg.source)
+    if builder == "auto":
+        kinds = {_BUILDERS.get(e) for e in exts}
+        if len(kinds) != 1 or None in kinds:
+            raise DataError(f"data.path {cfg.path}: cannot tell the format from the extension(s) "
+                            f"{sorted(exts)}; use {sorted(_BUILDERS)} or set data.source")
+        builder = kinds.pop()
+    try:
+        return datasets.load_dataset(builder, data_files={cfg.split: list(cfg.path)},
+                                     split=cfg.split)
+    except FileNotFoundError as e:
+        raise DataError(f"data file not found: {e}") from e
+
+
+def _load_hub(cfg: DataConfig) -> Any:
+    import datasets
+
+    from protocol.hub import HubError, resolve
+
+    try:
+        local = resolve(cfg.hf_dataset or "", "dataset", revision=cfg.revision)
+    except HubError as e:
+        raise DataError(str(e)) from None
+    try:
+        return datasets.load_dataset(str(local), name=cfg.hf_config, split=cfg.split)
+    except ValueError as e:  # an unknown split or config: datasets names the ones there are
+        raise DataError(f"hf_dataset {cfg.hf_dataset!r}: {e}") from None
+
+
+def load_table(cfg: DataConfig, *, seed: int, n: int | None = None) -> Sequence[Mapping[str, Any]]:
+    """The raw rows of split `cfg.split` (a `datasets.Dataset` or a list of dicts), in source
+    order. Generator tasks make `n` (default `num_prompts`) rows from `seed`."""
+    if cfg.kind == "generator":
+        rows = get_task(cfg.task, cfg.knobs or None).generate(cfg.split, n or cfg.num_prompts, seed)
+        if rows is None:
+            raise DataError(f"task {cfg.task!r} generates no rows: give data.path or data.hf_dataset")
+        table: Any = rows
+    else:
+        table = _load_hub(cfg) if cfg.kind == "hub" else _load_files(cfg)
+    if len(table) == 0:
+        raise DataError(f"data {describe(cfg)} has no rows")
+    return table
+
+
+def describe(cfg: DataConfig) -> str:
+    where = cfg.hf_dataset or (", ".join(cfg.path) if cfg.path else f"{cfg.task} generator")
+    return f"{where} (split {cfg.split})"
+
+
+def to_row(raw: Mapping[str, Any], index: int, cfg: DataConfig) -> Row | str:
+    """Raw row -> Row through the field mapping, or why the row is unusable ('no_prompt',
+    'no_answer'). A row's own `task` column wins over the section's (mixed files)."""
+    prompt = raw.get(cfg.prompt_field)
+    answer = raw.get(cfg.answer_field)
+    if not isinstance(prompt, str) or not prompt.strip():
+        return "no_prompt"
+    if answer is None or (isinstance(answer, str) and not answer.strip()):
+        return "no_answer"
+    solution = raw.get(cfg.solution_field)
+    pid = raw.get(cfg.id_field)
+    task = raw.get("task") if cfg.kind != "generator" and isinstance(raw.get("task"), str) else None
+    return Row(prompt_id=str(pid) if pid is not None else f"row:{index}", prompt=prompt,
+               answer=str(answer), solution=str(solution) if solution else None,
+               task=task or cfg.task)
+
+
+def load_rows(cfg: DataConfig, *, seed: int, n: int | None = None) -> list[Row]:
+    """The first `n` usable rows (all when None), in source order: evaluation and inspection.
+    Raises DataError when there is none, naming why rows were unusable."""
+    table = load_table(cfg, seed=seed, n=n)
+    rows: list[Row] = []
+    skipped: dict[str, int] = {}
+    for i in range(len(table)):
+        r = to_row(table[i], i, cfg)
+        if isinstance(r, str):
+            skipped[r] = skipped.get(r, 0) + 1
+            continue
+        rows.append(r)
+        if n is not None and len(rows) == n:
+            break
+    if not rows:
+        raise DataError(f"no usable row in {describe(cfg)} (fields {cfg.prompt_field!r}, "
+                        f"{cfg.answer_field!r}): skipped {skipped}")
+    return rows
+
+
+def spec_from_cli(data: str, *, task: str | None = None, split: str | None = None) -> dict[str, Any]:
+    """A command line's `--data X` as a data-section mapping: an existing file or directory,
+    a task name with its own rows (countdown), or else a hub dataset id."""
+    from protocol.tasks import TASKS, is_dotted
+
+    if Path(data).exists():
+        spec: dict[str, Any] = {"path": [data], "task": task or "math"}
+    elif data in TASKS or is_dotted(data):
+        spec = {"task": data}
+    else:
+        spec = {"hf_dataset": data, "task": task or "math"}
+    return {**spec, **({"split": split} if split else {})}
