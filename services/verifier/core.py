@@ -1,9 +1,9 @@
-"""Dispatch one check by task name: "math" goes to math-verify, anything else to the
-synthetic task's own exact checker from the protocol.tasks registry."""
+"""Dispatch one check by task name: "math" goes to math-verify, anything else to the task's
+own checker (protocol.tasks: a built-in name or a "module:Class" path)."""
 
 from __future__ import annotations
 
-from protocol.tasks import TASKS, get_task
+from protocol.tasks import TASKS, get_task, task_class
 from protocol.tasks.base import CheckResult
 from services.verifier.mathcheck import check_math
 
@@ -12,7 +12,24 @@ MATH = "math"
 
 def known_tasks() -> list[str]:
     """Every task name the verifier accepts (validated at the API edge, before queueing)."""
-    return [MATH, *sorted(TASKS)]
+    return sorted(TASKS)
+
+
+# "module:Class" tasks of this run (its data and eval sections), set by `rlrt serve verifier`.
+# Only these are accepted: a request must never make the verifier import a module it names.
+_RUN_TASKS: set[str] = set()
+
+
+def allow_tasks(names: list[str]) -> None:
+    """Accept these tasks too (importing each now, so a bad path fails at start-up)."""
+    for name in names:
+        if name not in TASKS:
+            task_class(name)
+            _RUN_TASKS.add(name)
+
+
+def is_known(task: str) -> bool:
+    return task in TASKS or task in _RUN_TASKS
 
 
 def check(task: str, response: str, reference: str) -> CheckResult:

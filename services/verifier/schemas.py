@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.verifier.core import known_tasks
+from services.verifier.core import is_known, known_tasks
 
 JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"done", "failed", "cancelled"})
@@ -44,7 +44,7 @@ class VerifyRequest(BaseModel):
     @field_validator("task")
     @classmethod
     def _known_task(cls, v: str) -> str:
-        if v not in known_tasks():
+        if not is_known(v):
             raise ValueError(f"unknown task {v!r}; known: {', '.join(known_tasks())}")
         return v
 

@@ -9,7 +9,7 @@ from protocol.bus import Bus, PermanentError
 from protocol.messages import RolloutGroup, Verification, VerifiedGroup, derive_id
 from protocol.rewards import Spec, prompt_row
 from services.verifier import metrics
-from services.verifier.core import known_tasks
+from services.verifier.core import is_known, known_tasks
 from services.verifier.pool import Item, VerifyPool
 
 
@@ -27,7 +27,7 @@ async def verify_group(pool: VerifyPool, group: RolloutGroup, timeout_s: float,
     """Grade every response of the group against the prompt's reference answer, with the
     task's checker or, when `reward` is set, the run's reward plug-ins (protocol/rewards.py)."""
     task = group.task.task
-    if task not in known_tasks():
+    if not is_known(task):
         raise UnknownTask(f"unknown task {task!r}; known: {', '.join(known_tasks())}")
     row = prompt_row(group.task) if reward is not None else None
     items = [Item(task=task, response=r.text, reference=group.task.answer, timeout_s=timeout_s,
