@@ -97,3 +97,44 @@ def test_micro_batch_size_does_not_change_the_update(model_dir, batch, reference
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_stages_match_plain_pytorch(model_dir, batch, reference, stage):
     assert_same(ds_run(model_dir, batch, zero_stage=stage, micro_batch_size=4), reference)
+
+
+def test_ppo_mini_batches_match_plain_pytorch_and_clip(model_dir, batch):
+    """verl semantics: s_t once with the weights that begin the step, one optimizer update per
+    mini-batch of prompts (3 groups, 2 per mini-batch -> 2 updates), the second one's ratio
+    against pi_old: the clip binds. The lr advances once per RL step."""
+    cfg = case_config(model_dir, ppo_mini_batch_size=2, old_logprobs="reuse")
+    rank, world = dist.setup("cpu", 120)
+    policy = build_policy(cfg, rank=rank, world_size=world, device="cpu")
+    kw = dict(micro_batch_size=cfg.micro_batch_size, old_logprobs_mode=cfg.old_logprobs,
+              ppo_mini_batch_size=2)
+    ms = [update_step(policy, batch, cfg.algorithm, step=s, **kw) for s in range(STEPS)]
+    weights = full_state_dict(policy)
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    opt, sched = reference_optimizer(model, cfg)
+    gids = batch.group_ids.tolist()
+    minis = [[i for i, g in enumerate(gids) if g in (0, 1)], [i for i, g in enumerate(gids) if g == 2]]
+    ref_ms = [reference_update(model, opt, sched, batch, cfg.algorithm, step=s,
+                               micro_batch_size=3, max_grad_norm=cfg.max_grad_norm, minis=minis)
+              for s in range(STEPS)]
+    ref_w = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert_same((ms, weights), (ref_ms, ref_w))
+    for m, r in zip(ms, ref_ms, strict=True):
+        assert m["optimizer_steps"] == 2
+        assert m["clipfrac_low"] + m["clipfrac_high"] == pytest.approx(r["clipfrac"], abs=1e-6)
+    # mini-batches of one group: the updates after the first are clipped against pi_old
+    # (a tiny model moves little per update: lr 2e-2 makes some ratios leave [0.8, 1.28]).
+    policy = build_policy(case_config(model_dir, lr=2e-2), rank=rank, world_size=world,
+                          device="cpu")
+    one = update_step(policy, batch, cfg.algorithm, step=0, micro_batch_size=3,
+                      ppo_mini_batch_size=1)
+    assert one["optimizer_steps"] == 3
+    assert one["clipfrac_low"] + one["clipfrac_high"] > 0
+    assert one["approx_kl"] > 0 and one["ratio_mean"] != 1.0
+    single = update_step(build_policy(case_config(model_dir), rank=rank, world_size=world,
+                                      device="cpu"), batch, cfg.algorithm, step=0,
+                         micro_batch_size=3)
+    assert single["clipfrac_low"] + single["clipfrac_high"] == 0  # one update: ratio == 1
+    # lr: warm-up of 1 step -> the peak from RL step 1 on, however many updates a step makes
+    assert [m["lr"] for m in ms] == pytest.approx([cfg.lr, cfg.lr])

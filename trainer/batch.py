@@ -102,13 +102,30 @@ def build_batch(groups: list[ScoredGroup], version: int, pad_id: int,
                       rlen, trunc)
 
 
-def shard_rows(batch: TrainBatch, rank: int, world_size: int) -> list[int]:
-    """This rank's rows: rows sorted by length (longest first) and dealt round-robin, so every
-    rank gets about the same number of tokens, and consecutive rows (one micro-batch) have
-    similar lengths (little padding)."""
+def shard_rows(batch: TrainBatch, rank: int, world_size: int,
+               rows: list[int] | None = None) -> list[int]:
+    """This rank's rows (of `rows`, default all): sorted by length (longest first) and dealt
+    round-robin, so every rank gets about the same number of tokens, and consecutive rows
+    (one micro-batch) have similar lengths (little padding)."""
     lengths = batch.attention_mask.sum(-1).tolist()
-    order = sorted(range(batch.size), key=lambda i: (-lengths[i], i))
+    pool = range(batch.size) if rows is None else rows
+    order = sorted(pool, key=lambda i: (-lengths[i], i))
     return order[rank::world_size]
+
+
+def ppo_mini_batches(batch: TrainBatch, prompts: int | None) -> list[list[int]]:
+    """The rows of each PPO mini-batch: the batch's groups, in batch order, `prompts` groups
+    per mini-batch (the last may be smaller); None (or >= the groups) = one mini-batch.
+    Whole groups only, as verl's ppo_mini_batch_size (counted in prompts) keeps them."""
+    gids = batch.group_ids.tolist()
+    groups = sorted(set(gids))
+    if prompts is None or prompts >= len(groups):
+        return [list(range(batch.size))]
+    out = []
+    for k in range(0, len(groups), prompts):
+        chosen = set(groups[k:k + prompts])
+        out.append([i for i, g in enumerate(gids) if g in chosen])
+    return out
 
 
 def micro_batches(rows: list[int], size: int, count: int) -> list[list[int]]:

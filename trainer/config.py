@@ -262,6 +262,18 @@ class TrainerConfig(RLRTSettings):
     micro_batch_size: int = Field(
         4, ge=1, description="sequences per forward/backward (gradient accumulation over them)"
     )
+    ppo_mini_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="prompts (whole groups) per optimizer update, verl's ppo_mini_batch_size: "
+        "a step of prompts_per_step prompts makes ceil(prompts_per_step / this) updates per "
+        "epoch, all against the same pi_old (s_t recomputed once, with the weights that begin "
+        "the step), so the PPO clip binds from the second update on; None = one update per "
+        "step (the ratio is then exactly 1)",
+    )
+    ppo_epochs: int = Field(
+        1, ge=1, description="passes over the step's mini-batches (verl's ppo_epochs)"
+    )
     logprob_chunk_size: int = Field(
         1024, ge=1, description="rows of hidden states per lm_head chunk (bounds the [N,V] logits)"
     )
@@ -269,8 +281,15 @@ class TrainerConfig(RLRTSettings):
         "reuse",
         description="how s_t (the behaviour policy's log-probs) is obtained: recompute = a "
         "separate no-grad pass over the batch before the update; reuse = from the update's "
-        "own forward, detached, before each micro-batch's loss. Identical values (one "
-        "optimizer step per batch: the weights do not move in between), one pass fewer",
+        "own forward, detached, before each micro-batch's loss: identical values when the "
+        "step is ONE optimizer update (the weights do not move in between), one pass fewer. "
+        "With several updates per step (ppo_mini_batch_size, ppo_epochs) s_t is always "
+        "recomputed, whatever this says",
+    )
+    ref_model_path: str | None = Field(
+        None,
+        description="the frozen reference policy of the KL term (algorithm.kl_coef > 0), a "
+        "local HF directory; None = model_path (the initial weights, as verl and TRL)",
     )
     logprob_temperature: float | None = Field(
         None,
@@ -321,9 +340,11 @@ class TrainerConfig(RLRTSettings):
         "t - v <= max_staleness; tasks are admitted at most this many versions ahead",
     )
     zero_variance: Literal["keep", "drop", "backfill"] = Field(
-        "drop",
-        description="groups whose rewards are all equal (advantage 0): keep them in the batch, "
-        "drop them (smaller step), or drop and admit a replacement prompt",
+        "keep",
+        description="groups that carry no signal (every advantage 0: equal rewards, for the "
+        "reward-based estimators): keep them in the batch with A = 0 (verl's GRPO; they count "
+        "in the token-mean denominator), drop them (smaller step), or drop and admit a "
+        "replacement prompt (DAPO's dynamic sampling, bounded by backfill_max)",
     )
     backfill_max: int = Field(
         8, ge=0, description="backfill: at most this many replacement prompts per step"
@@ -334,6 +355,14 @@ class TrainerConfig(RLRTSettings):
         description="unusable groups (too stale, or from weights newer than the trainer's) "
         "tolerated while collecting one step before the run stops with an error naming the "
         "versions seen; None = 8 * (max_staleness + 1) * prompts_per_step",
+    )
+    max_groups_without_context: int = Field(
+        32,
+        ge=1,
+        description="a teacher preset whose context comes from the data (context_mode "
+        "reference_solution / reference_answer, e.g. opsd): this many consecutive prompts "
+        "without that field stop the run with the reason, instead of training on advantages "
+        "that are all 0 (opsd) or never re-weighted",
     )
     wait_timeout_s: float = Field(
         900.0,
@@ -354,6 +383,14 @@ class TrainerConfig(RLRTSettings):
 
     @model_validator(mode="after")
     def _check(self) -> TrainerConfig:
+        alg = self.algorithm
+        if (alg.uses_teacher and alg.teacher_temperature is None
+                and self.sampling.temperature not in (0.0, 1.0)):
+            raise ValueError(
+                f"preset {alg.preset!r} compares s_t (at the sampling temperature "
+                f"{self.sampling.temperature}) with the teacher's q_t, which the engines score "
+                "at temperature 1: set algorithm.teacher_temperature: 1.0 to accept that "
+                "mismatch explicitly, or sample at temperature 1")
         if self.push.mode == "nccl":
             for s in self.push.services:
                 if s.engine is None:

@@ -5,7 +5,8 @@ One step t (the policy is at version t), orchestrated by rank 0:
 
     driver.collect(t)          admit PromptTasks (bounded by max_staleness), take ScoredGroups
     build_batch                padded tensors, broadcast to every rank
-    update_step                old log-probs, advantages, micro-batched loss/backward, AdamW
+    update_step                old log-probs (pi_old, and the KL reference's), advantages, then
+                               per PPO mini-batch: micro-batched loss/backward, AdamW
     -> version t+1
     push (every k)             full weights gathered (ZeRO-3: per bucket), written once,
                                POSTed to every service's /v1/weights (or NCCL, GPU); the
@@ -43,8 +44,9 @@ from trainer.driver import Driver, DriverState
 from trainer.inbox import Inbox
 from trainer.metrics import MetricsSink
 from trainer.model import DTYPES, Policy, build_policy, export_pretrained, full_state_dict
+from trainer.reference import Reference, build_reference
 from trainer.stats import batch_stats, collect_stats, trained_record
-from trainer.update import update_step
+from trainer.update import train_step
 from trainer.weight_push import PushResult, WeightPusher
 
 log = logging.getLogger("rlrt.trainer")
@@ -65,18 +67,17 @@ class _Collective:
     ranks loop in `follow()` and run the same call, so collectives always pair up."""
 
     def __init__(self, cfg: TrainerConfig, policy: Policy, ckpt: Checkpointer,
-                 tokenizer: Any) -> None:
+                 tokenizer: Any, reference: Reference | None = None) -> None:
         self.cfg = cfg
         self.policy = policy
         self.ckpt = ckpt
         self.tokenizer = tokenizer
+        self.reference = reference  # the frozen KL reference (kl_coef > 0), else None
 
     def run(self, op: str, *args: Any) -> Any:
         if op == "train":
             batch, step = args
-            return update_step(self.policy, batch, self.cfg.algorithm, step=step,
-                               micro_batch_size=self.cfg.micro_batch_size,
-                               old_logprobs_mode=self.cfg.old_logprobs)
+            return train_step(self.cfg, self.policy, batch, step, self.reference)
         if op == "gather":
             # No copy: the push completes before the next optimizer step touches the weights.
             return full_state_dict(self.policy, _push_dtype(self.cfg, self.policy),
@@ -143,7 +144,8 @@ def run_trainer(cfg: TrainerConfig, bus: BusSettings, *, resume: bool = False) -
     state = ckpt.load(policy) if resume else None
     if resume and state is None:
         log.warning("--resume: no checkpoint in %s; starting a fresh run", ckpt.root)
-    coll = _Collective(cfg, policy, ckpt, tokenizer)
+    reference = build_reference(cfg, rank=rank, world_size=world, device=device)
+    coll = _Collective(cfg, policy, ckpt, tokenizer, reference)
     if rank != 0:
         coll.follow()
         return {}

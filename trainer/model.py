@@ -182,7 +182,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def lr_lambda(cfg: TrainerConfig) -> Callable[[int], float]:
-    """Multiplier of the peak lr at optimizer step `s` (0-based): linear warm-up that never
+    """Multiplier of the peak lr at RL step `s` (0-based): linear warm-up that never
     starts at 0 ((s+1)/warmup), then constant or a decay to min_lr_ratio at total_steps."""
     warm, total, floor = cfg.warmup_steps, cfg.total_steps, cfg.min_lr_ratio
 
@@ -197,6 +197,17 @@ def lr_lambda(cfg: TrainerConfig) -> Callable[[int], float]:
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
 
     return f
+
+
+class RLStepLR(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR advanced once per RL step, not per optimizer update. DeepSpeed's engine.step()
+    calls `step(**lr_kwargs)` after every update; with PPO mini-batches a step makes several,
+    and the trainer passes advance=False for all but the last (verl steps its lr scheduler
+    once per RL step, so warm-up and decay count RL steps)."""
+
+    def step(self, advance: bool = True) -> None:  # type: ignore[override]
+        if advance:
+            super().step()
 
 
 # --------------------------------------------------------------------------- the engine
@@ -237,7 +248,7 @@ def build_policy(cfg: TrainerConfig, *, rank: int, world_size: int, device: str)
     wrapper = PolicyModel(hf, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature)
     opt = torch.optim.AdamW(param_groups(hf, cfg.weight_decay), lr=cfg.lr,
                             betas=cfg.adam_betas, eps=cfg.adam_eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    sched = RLStepLR(opt, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=wrapper, optimizer=opt, lr_scheduler=sched,
                                            config=ds, dist_init_required=False)
     engine.train()

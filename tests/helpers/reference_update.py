@@ -27,7 +27,10 @@ def reference_update(model: nn.Module, opt: torch.optim.Optimizer,
                      sched: torch.optim.lr_scheduler.LambdaLR, batch: TrainBatch,
                      alg: AlgorithmConfig, *, step: int, micro_batch_size: int,
                      max_grad_norm: float, temperature: float = 1.0,
-                     chunk_size: int = 1024) -> dict[str, float]:
+                     chunk_size: int = 1024, minis: list[list[int]] | None = None
+                     ) -> dict[str, float]:
+    """One RL step; `minis` = the rows of each PPO mini-batch (one optimizer step each, all
+    against the s_t of the weights that began the step); None = the whole batch."""
     rows = list(range(batch.size))
     mbs = [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
     mask = batch.response_mask
@@ -42,23 +45,29 @@ def reference_update(model: nn.Module, opt: torch.optim.Optimizer,
     adv = token_advantages(alg, rewards=batch.rewards, group_ids=batch.group_ids, mask=mask,
                            student_logprobs=s, teacher_logprobs=batch.teacher_logprobs,
                            has_teacher=batch.has_teacher, correct=batch.correct, step=step)
-    n_tokens = float(mask.sum())
-    n_seqs = float((mask.sum(-1) > 0).sum())
-    total = 0.0
-    for r in mbs:
-        mb = batch.select(r)
-        idx = torch.as_tensor(r)
-        T = mb.input_ids.shape[1]
-        lp = token_logprobs(model, mb.input_ids, mb.attention_mask, logprob_mask=mb.response_mask,
-                            temperature=temperature, chunk_size=chunk_size).logprobs
-        out = policy_loss(lp, s[idx, :T], adv.advantages[idx, :T], mb.response_mask, alg,
-                          engine_logprobs=mb.engine_logprobs, num_tokens=n_tokens,
-                          num_seqs=n_seqs)
-        out.loss.backward()
-        total += float(out.loss.detach())
-    gn = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)) \
-        if max_grad_norm > 0 else float("nan")
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    return {"loss": total, "grad_norm": gn}
+    total, gns, clipped = 0.0, [], 0.0
+    for mini in minis or [rows]:
+        n_tokens = float(mask[mini].sum())
+        n_seqs = float((mask[mini].sum(-1) > 0).sum())
+        for k in range(0, len(mini), micro_batch_size):
+            r = mini[k:k + micro_batch_size]
+            mb = batch.select(r)
+            idx = torch.as_tensor(r)
+            T = mb.input_ids.shape[1]
+            lp = token_logprobs(model, mb.input_ids, mb.attention_mask,
+                                logprob_mask=mb.response_mask, temperature=temperature,
+                                chunk_size=chunk_size).logprobs
+            out = policy_loss(lp, s[idx, :T], adv.advantages[idx, :T], mb.response_mask, alg,
+                              engine_logprobs=mb.engine_logprobs, num_tokens=n_tokens,
+                              num_seqs=n_seqs)
+            out.loss.backward()
+            total += float(out.loss.detach()) / len(minis or [rows])
+            clipped += float(out.metrics["clipfrac_low"] + out.metrics["clipfrac_high"]) \
+                * float(mb.response_mask.sum())
+        gns.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+                   if max_grad_norm > 0 else float("nan"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sched.step()  # once per RL step
+    return {"loss": total, "grad_norm": sum(gns) / len(gns),
+            "clipfrac": clipped / float(mask.sum())}
