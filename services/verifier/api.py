@@ -1,14 +1,19 @@
 """The verifier's REST API (FastAPI; OpenAPI at /docs). Routes only: the checking happens in
-the pool, the job state in jobs.JobStore."""
+the pool, the job state in jobs.JobStore.
+
+Each /v1/verify(/batch) request is one pool request: it gets a fair share of the workers,
+at most `request_budget_s` in total, and is cancelled (queued items dropped, a running one
+killed) as soon as its client disconnects."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from redis.exceptions import RedisError
 
 from services.common import create_app, require_token
@@ -77,6 +82,29 @@ def _result(v: Verdict) -> VerifyResult:
     return VerifyResult.model_validate(v.model_dump())
 
 
+class ClientGone(Exception):
+    """The client disconnected before its verdicts were ready (its work was cancelled)."""
+
+
+# How often a waiting request checks whether its client is still there.
+DISCONNECT_POLL_S = 0.2
+
+
+async def run_for_client(request: Request, pool: VerifyPool, items: list[Item],
+                         budget_s: float) -> list[Verdict]:
+    """Verify `items` as one pool request, cancelled the moment the client goes away."""
+    work = asyncio.ensure_future(pool.run(items, budget_s=budget_s))
+    try:
+        while True:
+            done, _ = await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return work.result()
+            if await request.is_disconnected():
+                raise ClientGone()
+    finally:
+        work.cancel()  # pool.run cancels its request: nothing keeps running for nobody
+
+
 def build_app(cfg: VerifierConfig, pool: VerifyPool, jobs: JobStore | None = None,
               ready: Ready | None = None) -> FastAPI:
     """The verifier app: common health/metrics/limits plus the /v1 routes."""
@@ -99,6 +127,11 @@ def build_app(cfg: VerifierConfig, pool: VerifyPool, jobs: JobStore | None = Non
         metrics.REJECTED.labels("queue_full").inc()
         return JSONResponse({"detail": str(exc)}, 429, headers={"Retry-After": str(max(1, round(exc.retry_after_s)))})
 
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone) -> Response:
+        metrics.REJECTED.labels("client_gone").inc()
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+
     @app.exception_handler(PoolClosed)
     async def _closed(request: Request, exc: PoolClosed) -> JSONResponse:
         return JSONResponse({"detail": "verifier is shutting down"}, 503, headers={"Retry-After": "5"})
@@ -109,19 +142,20 @@ def build_app(cfg: VerifierConfig, pool: VerifyPool, jobs: JobStore | None = Non
                             headers={"Retry-After": "5"})
 
     @v1.post("/verify", response_model=VerifyResult, responses=_ERRORS)
-    async def verify_one(req: VerifyRequest) -> VerifyResult:
+    async def verify_one(req: VerifyRequest, request: Request) -> VerifyResult:
         """Grade one response. Answers within the item's deadline (plus a small margin)."""
-        (verdict,) = await pool.run(to_items(cfg, [req]))
+        (verdict,) = await run_for_client(request, pool, to_items(cfg, [req]), cfg.request_budget_s)
         metrics.observe("http", [verdict])
         return _result(verdict)
 
     @v1.post("/verify/batch", response_model=BatchResult, responses=_ERRORS)
-    async def verify_batch(req: BatchRequest) -> BatchResult:
+    async def verify_batch(req: BatchRequest, request: Request) -> BatchResult:
         """Grade up to `max_batch` items in parallel; results come back in input order."""
         if len(req.items) > cfg.max_batch:
             raise _invalid(("items",), f"at most {cfg.max_batch} items per batch (got {len(req.items)}); "
                            "use /v1/jobs for more", "too_long")
-        verdicts = await pool.run(to_items(cfg, req.items, ("items",)))
+        verdicts = await run_for_client(request, pool, to_items(cfg, req.items, ("items",)),
+                                        cfg.request_budget_s)
         metrics.observe("http", verdicts)
         return BatchResult(results=[_result(v) for v in verdicts])
 

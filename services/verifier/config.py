@@ -46,6 +46,16 @@ class VerifierConfig(RLRTSettings):
     max_items_per_worker: int = Field(
         20_000, ge=1, description="a worker is replaced after this many items (sheds sympy cache growth)"
     )
+    max_worker_rss_mb: int = Field(
+        512, ge=0,
+        description="a worker whose resident memory is above this after a batch is replaced "
+        "(sympy's caches grow with hostile input; an idle worker is ~70 MB); 0 = never",
+    )
+    request_budget_s: float = Field(
+        60.0, gt=0,
+        description="total time one /v1/verify or /v1/verify/batch request may take; items not "
+        "checked by then answer 'timeout' (per-item deadlines alone let 38 slow items take 50 s)",
+    )
 
     # --- admission limits ---------------------------------------------------------------------
     max_item_bytes: int = Field(64 * 1024, ge=1, description="413 above this size of one response or reference (UTF-8)")

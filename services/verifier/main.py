@@ -26,7 +26,8 @@ JOBS_STREAM = "verifier:jobs"
 def make_pool(cfg: VerifierConfig) -> VerifyPool:
     return VerifyPool(cfg.workers, memory_mb=cfg.memory_mb, max_queue=cfg.max_queue,
                       kill_grace_s=cfg.kill_grace_s, batch_max=cfg.ipc_batch,
-                      max_items_per_worker=cfg.max_items_per_worker)
+                      max_items_per_worker=cfg.max_items_per_worker,
+                      max_worker_rss_mb=cfg.max_worker_rss_mb)
 
 
 async def serve_verifier(cfg: VerifierConfig, bus_cfg: BusSettings | None = None,

@@ -13,6 +13,16 @@ service down with them.
   asyncio side only waits on futures.
 - The queue is bounded for admission control (`QueueFull` -> HTTP 429); internal callers that
   bound their own concurrency (bus worker, job runner) may bypass the bound.
+- Fair share: every submission (`run` call: one HTTP request, one job chunk, one RolloutGroup)
+  is a `Request`, and workers take items round-robin from the requests with the fewest items
+  running, not first-in-first-out; a worker whose batch has run for `yield_after_s` while
+  another request waits hands the rest of its batch back after the current item. So one
+  client's slow batch delays another's trivial request by at most one item, not the batch.
+- Cancellation: a request whose caller gives up (client disconnected, job deleted, budget
+  spent) has its queued items dropped and its running item's worker killed and replaced.
+  `run(budget_s=...)` bounds a request's total time (items left then answer `timeout`).
+- Recycling: a worker is replaced after `max_items_per_worker` items, or after a batch that
+  left its resident memory above `max_worker_rss_mb` (sympy's caches grow without bound).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import asyncio
 import logging
 import math
 import multiprocessing
+import os
 import threading
 import time
 from collections import deque
@@ -38,6 +49,15 @@ log = logging.getLogger(__name__)
 
 # Imported once in the forkserver so every forked worker starts warm.
 _PRELOAD = ["services.verifier.preload"]
+
+
+def worker_rss_mb(pid: int) -> float:
+    """Resident memory of a process in MB (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 class QueueFull(Exception):
@@ -74,10 +94,35 @@ class Item:
     row: dict | None = None
 
 
+class Request:
+    """One submission's share of the pool; `cancel()` drops its queued items and kills the
+    worker running one of them. Thread-safe (flags only)."""
+
+    def __init__(self, budget_s: float | None = None) -> None:
+        self.deadline = None if budget_s is None else time.monotonic() + budget_s
+        self.budget_s = budget_s
+        self.cancelled = False
+        self.inflight = 0  # items of this request in workers now (guarded by the queue's lock)
+        self.served = 0.0  # when a worker last took one of its items
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    @property
+    def gone(self) -> bool:
+        """Nobody wants these verdicts any more."""
+        return self.cancelled or self.expired
+
+
 @dataclass
 class _Job:
     item: Item
     future: Future
+    owner: Request = field(default_factory=Request)
     submitted: float = field(default_factory=time.monotonic)
     claimed: bool = False
 
@@ -92,52 +137,96 @@ class PoolStats:
     timeouts: int
     crashes: int
     completed: int
+    recycled: int = 0
+    cancelled: int = 0
 
 
 class _Queue:
-    """FIFO of jobs with a capacity check at submission and a front door for re-queued work."""
+    """Jobs per request, served round-robin (fewest running first), with a capacity check at
+    submission and a front door for re-queued work."""
 
     def __init__(self) -> None:
-        self._dq: deque[_Job] = deque()
+        self._by: dict[Request, deque[_Job]] = {}
+        self._n = 0
         self._cv = threading.Condition()
         self._closed = False
 
     def __len__(self) -> int:
-        return len(self._dq)
+        return self._n
+
+    def _add(self, jobs: Sequence[_Job], front: bool) -> None:
+        for j in (reversed(jobs) if front else jobs):
+            dq = self._by.setdefault(j.owner, deque())
+            dq.appendleft(j) if front else dq.append(j)
+        self._n += len(jobs)
+        # Wake only as many slot threads as there is work for: each woken thread competes
+        # for the GIL with the event loop.
+        self._cv.notify(len(jobs))
 
     def put(self, jobs: Sequence[_Job], limit: int | None) -> None:
         with self._cv:
             if self._closed:
                 raise PoolClosed("verification pool is closed")
-            if limit is not None and len(self._dq) + len(jobs) > limit:
-                raise QueueFull(len(self._dq), limit, retry_after_s=1.0)
-            self._dq.extend(jobs)
-            # Wake only as many slot threads as there is work for: each woken thread competes
-            # for the GIL with the event loop.
-            self._cv.notify(len(jobs))
+            if limit is not None and self._n + len(jobs) > limit:
+                raise QueueFull(self._n, limit, retry_after_s=1.0)
+            self._add(jobs, front=False)
 
     def put_front(self, jobs: Sequence[_Job]) -> None:
         with self._cv:
-            self._dq.extendleft(reversed(jobs))
-            self._cv.notify(len(jobs))
+            self._add(jobs, front=True)
+
+    def others_waiting(self, owners: set[Request]) -> bool:
+        """Work of a request not in `owners` is queued (a slot should hand its batch back)."""
+        with self._cv:
+            return any(r not in owners for r in self._by)
+
+    def drop(self, owner: Request) -> list[_Job]:
+        """Remove and return the queued jobs of `owner`."""
+        with self._cv:
+            jobs = list(self._by.pop(owner, ()))
+            self._n -= len(jobs)
+            return jobs
+
+    def done(self, job: _Job) -> None:
+        with self._cv:
+            job.owner.inflight -= 1
 
     def take(self, workers: int, batch_max: int) -> list[_Job] | None:
         """Block for work; return a fair share of the queue (≤ batch_max), None once closed."""
         with self._cv:
-            while not self._dq and not self._closed:
+            while not self._n and not self._closed:
                 self._cv.wait()
             if self._closed:
                 return None
             # Splitting the backlog evenly keeps every worker busy at low load and amortises
             # the IPC round trip at high load.
-            n = max(1, min(batch_max, math.ceil(len(self._dq) / workers)))
-            return [self._dq.popleft() for _ in range(min(n, len(self._dq)))]
+            n = max(1, min(batch_max, math.ceil(self._n / workers)))
+            # Requests with the fewest items running go first, then the longest unserved;
+            # one item from each in turn.
+            order = sorted(self._by, key=lambda r: (r.inflight, r.served))
+            out: list[_Job] = []
+            now = time.monotonic()
+            while len(out) < n and order:
+                for r in list(order):
+                    dq = self._by[r]
+                    j = dq.popleft()
+                    out.append(j)
+                    r.inflight += 1
+                    r.served = now
+                    if not dq:
+                        del self._by[r]
+                        order.remove(r)
+                    if len(out) >= n:
+                        break
+            self._n -= len(out)
+            return out
 
     def close(self) -> list[_Job]:
         with self._cv:
             self._closed = True
-            left = list(self._dq)
-            self._dq.clear()
+            left = [j for dq in self._by.values() for j in dq]
+            self._by.clear()
+            self._n = 0
             self._cv.notify_all()
             return left
 
@@ -203,7 +292,12 @@ class _Slot(threading.Thread):
             live = []
             for j in jobs:
                 # A job is claimed once; a re-queued job stays claimed (its future is running).
-                if j.claimed or j.future.set_running_or_notify_cancel():
+                if not (j.claimed or j.future.set_running_or_notify_cancel()):
+                    self.pool._queue.done(j)  # cancelled while queued
+                elif j.owner.gone:
+                    j.claimed = True
+                    self.pool._give_up(j)
+                else:
                     j.claimed = True
                     live.append(j)
             if live:
@@ -219,7 +313,7 @@ class _Slot(threading.Thread):
         if self.proc is None:
             self.ensure_worker()
             if self.proc is None:  # stopping
-                pool._queue.put_front(jobs)
+                pool._requeue(jobs)
                 return
         batch = [(k, j.item.task, j.item.response, j.item.reference, j.item.timeout_s, j.item.reward, j.item.row)
                  for k, j in enumerate(jobs)]
@@ -228,20 +322,32 @@ class _Slot(threading.Thread):
         except (OSError, ValueError) as e:
             # The worker died while idle (e.g. killed from outside): nobody's item is at fault.
             self.discard(f"send failed: {e}")
-            pool._queue.put_front(jobs)
+            pool._requeue(jobs)
             return
         pending = deque(jobs)
-        started = time.monotonic()
+        started = batch_start = time.monotonic()
+        owners = {j.owner for j in jobs}
+        yielded = False  # asked the worker for the rest of the batch back
         while pending:
             job = pending[0]
             left = started + job.item.timeout_s + pool.kill_grace_s - time.monotonic()
-            if left <= 0 or not self.conn.poll(left):
+            # Wake now and then to notice a request that was cancelled or ran out of budget.
+            if left > 0 and not self.conn.poll(min(left, pool.watch_s)):
+                if job.owner.gone:
+                    self.cut(pending)
+                    return
+                if not yielded and len(pending) > 1 and \
+                        time.monotonic() - batch_start >= pool.yield_after_s and \
+                        pool._queue.others_waiting(owners):
+                    yielded = self.ask_yield()
+                continue
+            if left <= 0:
                 # Kill first, answer second: whoever sees the answer sees the pool already
                 # rid of the hung process.
                 self.discard("item overran its deadline")
                 pending.popleft()
                 pool._resolve(job, False, "timeout", f"killed after the {job.item.timeout_s:g}s deadline")
-                pool._queue.put_front(list(pending))
+                pool._requeue(pending)
                 self.ensure_worker()
                 return
             try:
@@ -253,18 +359,74 @@ class _Slot(threading.Thread):
                 self.discard(f"worker died with exit code {code}")
                 pending.popleft()
                 pool._resolve(job, False, "error", f"verifier worker died (exit code {code})")
-                pool._queue.put_front(list(pending))
+                pool._requeue(pending)
                 self.ensure_worker()
                 return
             if msg[0] == "bye":
                 self.discard(f"planned exit ({msg[1]})", count=msg[1] != "recycled")
-                pool._queue.put_front(list(pending))
+                pool._requeue(pending)
                 self.ensure_worker()
+                return
+            if msg[0] == "yielded":  # the worker handed back what it had not started
+                pool._requeue(pending)
                 return
             pending.popleft()
             pool._finish(job, msg)
             # The worker starts the next item the moment it sends this result.
             started = time.monotonic()
+            if pending and not yielded and started - batch_start >= pool.yield_after_s \
+                    and pool._queue.others_waiting(owners):
+                yielded = self.ask_yield()
+        if yielded:
+            self.await_yield_ack()
+        self.check_rss()
+
+    def ask_yield(self) -> bool:
+        """Ask the worker to hand back the rest of its batch after the current item (another
+        request is waiting). Exactly one ("yielded", n) comes back, mid-batch or after it."""
+        try:
+            self.conn.send("yield")
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def await_yield_ack(self) -> None:
+        # The batch finished before the worker saw our request: it answers between batches.
+        try:
+            if self.conn.poll(self.pool.spawn_timeout_s):
+                msg = self.conn.recv()
+                if msg[0] == "yielded":
+                    return
+        except (EOFError, OSError):
+            pass
+        self.discard("no answer to a yield request")
+
+    def cut(self, pending: deque[_Job]) -> None:
+        """The request of the item running now was cancelled or ran out of budget: kill the
+        worker (the only way to stop a check mid-item), answer that request's items, re-queue
+        the others'."""
+        pool = self.pool
+        self.discard("its request was cancelled or ran out of budget", count=False)
+        pool._bump("cancelled")
+        gone = [j for j in pending if j.owner.gone]
+        for j in gone:
+            pool._give_up(j)
+        pool._requeue([j for j in pending if not j.owner.gone])
+        self.ensure_worker()
+
+    def check_rss(self) -> None:
+        """Recycle a worker whose resident memory crossed max_worker_rss_mb (between batches,
+        so no item is lost; the replacement is one fork from the warm forkserver)."""
+        limit = self.pool.max_worker_rss_mb
+        if not limit or self.proc is None:
+            return
+        rss = worker_rss_mb(self.proc.pid)
+        if rss > limit:
+            log.info("recycling verifier worker %s: RSS %.0f MB > max_worker_rss_mb %d",
+                     self.proc.pid, rss, limit)
+            self.pool._bump("recycled")
+            self.stop_worker()
+            self.ensure_worker()
 
     def stop_worker(self) -> None:
         if self.conn is not None:
@@ -289,6 +451,8 @@ class VerifyPool:
         kill_grace_s: float = 0.5,
         batch_max: int = 16,
         max_items_per_worker: int = 20000,
+        max_worker_rss_mb: int = 0,
+        yield_after_s: float = 0.2,
         spawn_timeout_s: float = 120.0,
         start_method: str = "forkserver",
     ) -> None:
@@ -300,6 +464,11 @@ class VerifyPool:
         self.kill_grace_s = kill_grace_s
         self.batch_max = batch_max
         self.max_items_per_worker = max_items_per_worker
+        self.max_worker_rss_mb = max_worker_rss_mb  # 0 = no RSS-based recycling
+        # A batch that has run this long hands its rest back when another request waits.
+        self.yield_after_s = yield_after_s
+        # How often a slot waiting on its worker looks for a cancelled / over-budget request.
+        self.watch_s = 0.05
         self.spawn_timeout_s = spawn_timeout_s
         self.ctx = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
@@ -307,7 +476,8 @@ class VerifyPool:
         self._queue = _Queue()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
-        self._counts = {"restarts": 0, "timeouts": 0, "crashes": 0, "completed": 0}
+        self._counts = {"restarts": 0, "timeouts": 0, "crashes": 0, "completed": 0,
+                        "recycled": 0, "cancelled": 0}
         self._slots = [_Slot(self, i) for i in range(workers)]
         self._started = False
 
@@ -349,20 +519,42 @@ class VerifyPool:
         self.close()
 
     # --- submission -----------------------------------------------------------------------
-    def submit(self, items: Sequence[Item], *, enforce_limit: bool = True) -> list[Future]:
-        """Queue all items or none (raises QueueFull). One Future[Verdict] per item, in order."""
-        jobs = [_Job(item=i, future=Future()) for i in items]
+    def submit(self, items: Sequence[Item], *, enforce_limit: bool = True,
+               request: Request | None = None) -> list[Future]:
+        """Queue all items or none (raises QueueFull). One Future[Verdict] per item, in order.
+        The items share the pool as one `request` (a new one if not given)."""
+        request = request or Request()
+        jobs = [_Job(item=i, future=Future(), owner=request) for i in items]
         self._queue.put(jobs, self.max_queue if enforce_limit else None)
         return [j.future for j in jobs]
 
-    async def run(self, items: Sequence[Item], *, enforce_limit: bool = True) -> list[Verdict]:
-        """Verify items and wait for all verdicts. Cancelling the caller drops queued items."""
-        futures = self.submit(items, enforce_limit=enforce_limit)
+    async def run(self, items: Sequence[Item], *, enforce_limit: bool = True,
+                  budget_s: float | None = None) -> list[Verdict]:
+        """Verify items and wait for all verdicts, as one request with its fair share of the
+        workers. With `budget_s`, items not answered within it answer `timeout`. Cancelling
+        the caller cancels the request: queued items are dropped, a running one is killed."""
+        request = Request(budget_s)
+        futures = self.submit(items, enforce_limit=enforce_limit, request=request)
+        waits = [asyncio.wrap_future(f) for f in futures]
         try:
-            return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+            if budget_s is None:
+                return list(await asyncio.gather(*waits))
+            # The slots answer a spent request's items themselves; the margin covers the kill.
+            await asyncio.wait(waits, timeout=budget_s + self.kill_grace_s + 1.0)
+            return [w.result() if w.done() and not w.cancelled() else self._over_budget(request)
+                    for w in waits]
         finally:
+            if not all(f.done() for f in futures):
+                self.cancel(request)
             for f in futures:
                 f.cancel()  # no-op for finished or running items
+
+    def cancel(self, request: Request) -> None:
+        """Drop `request`'s queued items now; a slot running one of them kills its worker."""
+        request.cancel()
+        for job in self._queue.drop(request):
+            if job.claimed or job.future.set_running_or_notify_cancel():
+                self._set(job, self._over_budget(request))
 
     def run_sync(self, items: Sequence[Item], *, enforce_limit: bool = False) -> list[Verdict]:
         return [f.result() for f in self.submit(items, enforce_limit=enforce_limit)]
@@ -391,6 +583,7 @@ class VerifyPool:
             self._counts[name] += n
 
     def _finish(self, job: _Job, msg: sandbox.Result) -> None:
+        self._queue.done(job)
         _, correct, reward, status, parsed_response, parsed_reference, detail, reward_error = msg
         if status == "timeout":
             self._bump("timeouts")
@@ -401,7 +594,27 @@ class VerifyPool:
             latency_ms=(time.monotonic() - job.submitted) * 1000.0,
         ))
 
+    def _requeue(self, jobs: Sequence[_Job]) -> None:
+        for j in jobs:
+            self._queue.done(j)
+        self._queue.put_front(list(jobs))
+
+    @staticmethod
+    def _over_budget(request: Request) -> Verdict:
+        if request.expired:
+            return Verdict(correct=False, reward=0.0, status="timeout",
+                           detail=f"the request's budget of {request.budget_s:g}s was spent")
+        return Verdict(correct=False, reward=0.0, status="error", detail="request cancelled")
+
+    def _give_up(self, job: _Job) -> None:
+        """Answer an item of a cancelled or over-budget request without checking it."""
+        if job.owner.expired:
+            self._bump("timeouts")
+        self._set(job, self._over_budget(job.owner))
+        self._queue.done(job)
+
     def _resolve(self, job: _Job, correct: bool, status: str, detail: str) -> None:
+        self._queue.done(job)
         if status == "timeout":
             self._bump("timeouts")
         self._bump("completed")

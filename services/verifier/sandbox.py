@@ -8,6 +8,9 @@ Protocol over one multiprocessing Connection:
   child -> parent  (seq, correct, reward, status, parsed_response, parsed_reference, detail,
                    reward_error)  one per item, in batch order, as soon as each item is done;
                    reward_error is the traceback of a user reward function that failed, else None
+  parent -> child  "yield"   (mid-batch) hand back the items not started yet
+  child -> parent  ("yielded", n)   exactly once per "yield": after n items of the batch (the
+                   rest is the parent's again), or n = 0 if the batch had already finished
   child -> parent  ("bye", reason)   before a planned exit (after a MemoryError, or after
                    max_items to shed leaks); the rest of the batch is re-queued
 
@@ -136,7 +139,16 @@ def main(conn: Connection, memory_mb: int, max_items: int) -> None:
             return
         if batch is None:
             return
-        for seq, task, response, reference, timeout_s, reward, row in batch:
+        if batch == "yield":  # asked for a batch that had already finished: nothing to give
+            conn.send(("yielded", 0))
+            continue
+        for k, (seq, task, response, reference, timeout_s, reward, row) in enumerate(batch):
+            # Between items: the parent may want the rest back (another request is waiting;
+            # it re-queues what we have not started). Only "yield" arrives mid-batch.
+            if k and conn.poll():
+                conn.recv()
+                conn.send(("yielded", k))
+                break
             try:
                 result, must_exit = run_one(seq, task, response, reference, timeout_s, reward, row)
             except SoftDeadline:
