@@ -81,7 +81,7 @@ def test_fake_follows_vllm_limits(fake_vllm: Fake) -> None:
     url = f"{fake_vllm.url}/v1/completions"
     r = httpx.post(url, json={"prompt": SEQS[0], "max_tokens": 1, "prompt_logprobs": 21})
     assert r.status_code == 400 and "max allowed" in r.json()["error"]["message"]
-    r = httpx.post(url, json={"prompt": SEQS[0], "max_tokens": 1, "prompt_logprobs": 0, "stream": True})
+    r = httpx.post(url, json={"prompt": SEQS[0], "max_tokens": 1, "prompt_logprobs": 1, "stream": True})
     assert r.status_code == 400
     r = httpx.post(url, json={"prompt": SEQS[0], "max_tokens": 1, "prompt_logprobs": 2})
     first, second = r.json()["choices"][0]["prompt_logprobs"][:2]

@@ -10,6 +10,39 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from protocol.canary import DEFAULT_TOLERANCE
 from protocol.config import RLRTSettings
 
+# What a CPU host needs to start vLLM's CPU build (docs/engines.md, "A real vLLM on the CPU"):
+# float32 (the CPU kernels' reference dtype), a short window so the KV cache stays small, and no
+# graph compilation (minutes of start-up for no gain at this size).
+VLLM_CPU_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager"]
+
+
+class EngineLaunch(BaseModel):
+    """`rlrt train` / `rlrt eval` start the engine server themselves, wait for it and stop it
+    with the run (rlrt/engine_servers.py). Only vLLM is launched this way (SGLang needs a GPU)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    python: str = Field(
+        ".venv-vllm/bin/python", description="interpreter of the server's own venv "
+        "(`bash scripts/setup-vllm.sh` builds .venv-vllm); relative paths are from the "
+        "directory `rlrt train` runs in")
+    model: str | None = Field(
+        None, description="model directory the server loads; None = engine.model_path, "
+        "else trainer.model_path")
+    host: str = Field("127.0.0.1", description="bind address of the server (loopback by default)")
+    port: int = Field(0, ge=0, le=65535, description="server port; 0 = any free port")
+    args: list[str] = Field(
+        default_factory=lambda: list(VLLM_CPU_ARGS), description="extra command-line "
+        "arguments of the server; the default fits vLLM's CPU build (on GPUs: e.g. "
+        "['--dtype', 'bfloat16', '--weight-transfer-config', '{\"backend\":\"nccl\"}'])")
+    env: dict[str, str] = Field(
+        default_factory=lambda: {"VLLM_CPU_KVCACHE_SPACE": "1"}, description="extra environment "
+        "of the server (VLLM_SERVER_DEV_MODE=1 is always set: weight updates need it); "
+        "VLLM_CPU_KVCACHE_SPACE = GiB of KV cache on the CPU build")
+    start_timeout_s: float = Field(
+        900.0, gt=0, description="how long the server may take to answer /health "
+        "(vLLM's CPU build: about 1-2 min on 2 cores)")
+
 
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -74,13 +107,27 @@ class EngineConfig(BaseModel):
     cpu: dict[str, Any] = Field(
         default_factory=dict, description="extra keyword arguments of the CPU engine "
         "(see services/engines/cpu.py)")
+    launch: EngineLaunch | None = Field(
+        None, description="vllm: `rlrt train`/`rlrt eval` start this server and fill in `url` "
+        "(see EngineLaunch); None = the server is already running at `url`")
+    share_rollout_server: bool = Field(
+        False, description="teacher only: score on the rollout service's server instead of one "
+        "of its own (RLRT's teacher is the current policy, so one server and one weight load "
+        "per step serve both). The rollout service loads each pushed version; this service "
+        "only waits until the server reports it. `rlrt train` fills in `url`")
 
     @model_validator(mode="after")
     def _complete(self) -> EngineConfig:
         if self.kind == "cpu" and not self.model_path:
             raise ValueError("engine.kind=cpu needs engine.model_path")
-        if self.kind in ("sglang", "vllm") and not self.url:
-            raise ValueError(f"engine.kind={self.kind} needs engine.url")
+        if self.kind == "cpu" and (self.launch is not None or self.share_rollout_server):
+            raise ValueError("engine.launch and engine.share_rollout_server need kind sglang or vllm")
+        if self.kind == "sglang" and self.launch is not None:
+            raise ValueError("engine.launch starts vLLM only; start SGLang yourself (engine.url)")
+        # With `launch` or `share_rollout_server` the launcher sets the URL (RLRT_*__ENGINE__URL).
+        if self.kind in ("sglang", "vllm") and not (self.url or self.launch
+                                                    or self.share_rollout_server):
+            raise ValueError(f"engine.kind={self.kind} needs engine.url (or engine.launch)")
         return self
 
 

@@ -21,8 +21,10 @@ Both then POST /reset_prefix_cache: cached KV was computed with the old weights.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -189,6 +191,16 @@ class VLLMEngine(RemoteEngine):
         return True
 
     async def _srv_pause(self) -> None:
+        # Our gate is closed: first let our own requests finish. mode=wait drains only what the
+        # engine core already holds; a request still on its way (parsed by the API server but
+        # not yet scheduled) would be queued, run on the NEW weights after /resume and be
+        # stamped with the old version (seen in tests/test_vllm_parity.py, fake and real).
+        deadline = time.monotonic() + self.weight_timeout_s
+        while self._inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._inflight:
+            raise UpdateRefused(f"{self._inflight} request(s) still running after "
+                                f"{self.weight_timeout_s:g}s; the update was not started")
         # mode=wait: let running scoring requests finish (they are short), admit no new ones.
         try:
             await self.http.post("/pause", params={"mode": "wait"}, timeout_s=self.weight_timeout_s)

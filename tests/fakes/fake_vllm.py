@@ -46,7 +46,7 @@ class FakeVLLM:
         self.served_model_name = served_model_name
         self.world_size = world_size
         self.knobs = Knobs()
-        self.weight_version: str | None = None
+        self.weight_version = "default"  # what a fresh vLLM 0.32 reports (/weight_info)
         self.paused = False
         self.transfer_init: dict[str, Any] | None = None
         self.updating = False
@@ -90,7 +90,7 @@ class FakeVLLM:
         if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
             raise ValueError("prompt must be a list of token ids")
         if not ids:
-            raise ValueError("The decoder prompt cannot be empty")
+            raise ValueError("You must pass at least one prompt")  # vLLM 0.32's text
         bad = [t for t in ids if t < 0 or t >= self.lm.vocab_size]
         if bad:
             raise ValueError(f"Token id {bad[0]} is out of vocabulary")
@@ -132,7 +132,8 @@ class FakeVLLM:
         if k is not None and (not isinstance(k, int) or k > MAX_LOGPROBS or k < -1):
             return _error(f"Requested prompt logprobs of {k}, which is greater than max allowed: "
                           f"{MAX_LOGPROBS}")
-        if body.get("stream") and k is not None:
+        # vLLM 0.32 refuses only k > 0 (or -1) when streaming; k = 0 streams
+        if body.get("stream") and k is not None and (k > 0 or k == -1):
             return _error("`prompt_logprobs` are not available when `stream=True`.")
         prompt = body.get("prompt")
         prompts = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], list) \

