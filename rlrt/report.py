@@ -1,5 +1,5 @@
-"""The end-of-run report: PNG plots of the training curves and a short markdown summary with
-held-out accuracy before and after."""
+"""The end-of-run report: PNG plots of the training curves and of the evaluation sets, and a
+short markdown summary with each set's avg@k / pass@k before, during and after training."""
 
 from __future__ import annotations
 
@@ -82,25 +82,70 @@ def plot_curves(rows: list[dict], out: Path, title: str = "") -> Path | None:
     return out
 
 
+def eval_table(name: str, results: list[dict[str, Any]]) -> list[str]:
+    """Markdown rows of one evaluation set: avg@k, pass@1 and pass@k at every evaluated step."""
+    k = results[0].get("k")
+    keys = [key for key in (f"avg@{k}", "pass@1", f"pass@{k}", "mean_response_tokens")
+            if key in results[0]]
+    lines = [f"| {name} | step | " + " | ".join(keys) + " |",
+             "|---|---|" + "---|" * len(keys)]
+    for r in results:
+        vals = " | ".join(f"{r[key]:.3f}" if key in r else "" for key in keys)
+        lines.append(f"| {r.get('label', '')} | {r.get('step', '')} | {vals} |")
+    return lines
+
+
+def plot_evals(by_set: dict[str, list[dict[str, Any]]], out: Path) -> Path | None:
+    """avg@k and pass@k of every evaluation set against trainer steps (before = step 0)."""
+    if not any(len(v) >= 2 for v in by_set.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for name, results in by_set.items():
+        k = results[0].get("k")
+        for key, style in ((f"avg@{k}", "-o"), (f"pass@{k}", "--s")):
+            pts = [(r["step"], r[key]) for r in results if key in r]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, label=f"{name} {key}", lw=1.4, ms=3)
+    ax.set_xlabel("step")
+    ax.set_title("evaluation sets", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def write_report(run_dir: Path, trainer_cfg: Any, report: dict[str, Any],
                  console: Console | None = None) -> Path:
+    from rlrt.eval_runner import read_results
+
     out_dir = Path(trainer_cfg.output_dir)
     rows = read_metrics(out_dir / "metrics.jsonl")
     preset = getattr(getattr(trainer_cfg, "algorithm", None), "preset", "?")
     png = plot_curves(rows, run_dir / "training.png", title=f"{preset}: {len(rows)} steps")
+    # Every evaluation of the run (before, during, after; a resumed run's too), by set.
+    by_set: dict[str, list[dict[str, Any]]] = {}
+    for r in read_results(run_dir / "eval.jsonl"):
+        by_set.setdefault(str(r.get("set")), []).append(r)
+    for results in by_set.values():
+        results.sort(key=lambda r: (r.get("step", 0), r.get("label") == "after training"))
+    eval_png = plot_evals(by_set, run_dir / "eval.png")
     report["steps"] = len(rows)
     report["preset"] = preset
+    report["evals"] = by_set
     (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    before, after = report.get("eval_before") or {}, report.get("eval_after") or {}
     lines = [f"# Run report: {preset}", "", f"- steps trained: {len(rows)}",
              f"- training wall time: {report.get('train_seconds', 0):.0f} s",
-             f"- metrics: `{out_dir / 'metrics.jsonl'}`; plots: `{png}`", ""]
-    if before and after:
-        k = before.get("k")
-        lines += ["| held-out | before | after |", "|---|---|---|"]
-        for key in (f"avg@{k}", f"pass@{k}", "pass@1", "mean_response_tokens"):
-            if key in before and key in after:
-                lines.append(f"| {key} | {before[key]:.3f} | {after[key]:.3f} |")
+             f"- metrics: `{out_dir / 'metrics.jsonl'}`; plots: `{png}`"
+             + (f", `{eval_png}`" if eval_png else ""), ""]
+    for name, results in by_set.items():
+        lines += [*eval_table(name, results), ""]
     md = run_dir / "report.md"
     md.write_text("\n".join(lines) + "\n")
     if console is not None:

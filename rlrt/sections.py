@@ -22,6 +22,7 @@ others."""
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import json
 import os
@@ -159,6 +160,21 @@ def _section_values(name: str, raw: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+@functools.cache
+def _without_env(cls: Any) -> Any:
+    """`cls` reading only its init arguments (pydantic-settings re-reads the environment on
+    every validation, model_validate included)."""
+
+    class Resolved(cls):  # type: ignore[misc, valid-type]
+        @classmethod
+        def settings_customise_sources(cls_, settings_cls: Any, init_settings: Any,
+                                       **other: Any) -> tuple[Any, ...]:
+            return (init_settings,)
+
+    Resolved.__name__, Resolved.__qualname__ = cls.__name__, cls.__qualname__
+    return Resolved
+
+
 def load_section(name: str, path: str | None, sets: list[str] | None = None,
                  **overrides: Any) -> Any:
     """Section `name`: YAML (with the shared keys filled in), then env, then --set (`sets`;
@@ -176,8 +192,8 @@ def load_section(name: str, path: str | None, sets: list[str] | None = None,
     tree.update({k: v for k, v in overrides.items() if v is not None})
     try:
         obj = cls(**values)
-        if tree:
-            obj = cls.model_validate(_deep_merge(obj.model_dump(), tree))
+        if tree:  # validated again without the env source, or env would win over --set
+            obj = _without_env(cls)(**_deep_merge(obj.model_dump(), tree))
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, name, cls)) from None
     return obj
