@@ -26,12 +26,26 @@ console = Console(stderr=True)
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (sections per part)",
                          exists=False)
 HostOpt = typer.Option(None, "--host", help="bind address (default from config: 127.0.0.1)")
+SetOpt = typer.Option(None, "--set", help="override a config value: KEY.PATH=VALUE (YAML value), "
+                      "e.g. --set trainer.lr=1e-5 --set model=org/name; beats the YAML and RLRT_* "
+                      "environment variables; repeatable")
 PortOpt = typer.Option(None, "--port", help="HTTP port (default from config)")
 
 
 def fail(msg: str, code: int = 2) -> None:
     console.print(f"[bold red]error:[/] {msg}")
     raise typer.Exit(code)
+
+
+def _apply_sets(sets: Optional[list[str]]) -> None:
+    """--set overrides for this process and every process it starts (rlrt/sections.py)."""
+    from rlrt.sections import export_sets
+
+    if sets:
+        try:
+            export_sets(sets)
+        except ConfigError as e:
+            fail(str(e))
 
 
 def _load(section: str, config: Optional[Path], **overrides: object):  # noqa: ANN202
@@ -45,12 +59,21 @@ def _load(section: str, config: Optional[Path], **overrides: object):  # noqa: A
 
 @config_app.command("show")
 def config_show(config: Optional[Path] = ConfigOpt,
-                section: Optional[str] = typer.Option(None, help="only this section")) -> None:
-    """Print the resolved config (YAML file + RLRT_* environment overrides) as YAML."""
-    from rlrt.sections import SECTIONS
+                section: Optional[str] = typer.Option(None, help="only this section"),
+                sets: Optional[list[str]] = SetOpt) -> None:
+    """Print the resolved config (YAML file + RLRT_* environment + --set overrides) as YAML:
+    the shared `model` / `data` / `eval` keys, then each section as its part reads it."""
+    from rlrt.sections import SECTIONS, read_config
 
+    _apply_sets(sets)
     names = [section] if section else list(SECTIONS)
     out = {}
+    try:
+        raw = read_config(str(config) if config else None)
+    except ConfigError as e:
+        fail(str(e))
+    if not section:
+        out.update({k: raw[k] for k in ("model", "data", "eval") if k in raw})
     for name in names:
         if name not in SECTIONS:
             fail(f"unknown section {name!r}; known: {', '.join(SECTIONS)}")
@@ -70,7 +93,25 @@ def serve_verifier(config: Optional[Path] = ConfigOpt, host: Optional[str] = Hos
     from services.verifier.main import run_verifier
 
     cfg = _load("verifier", config, host=host, port=port)
+    _allow_run_tasks(config)
     run_verifier(cfg, _load("bus", config), _load("reward", config))
+
+
+def _allow_run_tasks(config: Optional[Path]) -> None:
+    """The verifier grades the run's own "module:Class" tasks (data and eval sets) and no
+    other: a request must never name a module for it to import."""
+    from rlrt.run_config import eval_sets
+    from rlrt.sections import read_config
+    from services.verifier.core import allow_tasks
+
+    trainer = _load("trainer", config) if config else None
+    if trainer is None:
+        return
+    try:
+        sets = eval_sets(read_config(str(config)).get("eval"), _load("run", config), trainer.data)
+        allow_tasks([trainer.data.task, *(s.data_config(trainer.data).task for s in sets)])
+    except (ConfigError, KeyError) as e:
+        fail(str(e))
 
 
 @serve_app.command("rollout")
@@ -95,12 +136,14 @@ def serve_teacher(config: Optional[Path] = ConfigOpt, host: Optional[str] = Host
 
 @app.command("train")
 def train(config: Path = typer.Option(..., "--config", "-c", help="run config (YAML)"),
-          resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint")) -> None:
+          resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint"),
+          sets: Optional[list[str]] = SetOpt) -> None:
     """Run a whole training run on this machine: embedded Redis, the verifier, rollout and
-    teacher services, and the DeepSpeed trainer as separate processes, with held-out
-    evaluation before and after and a report with plots."""
+    teacher services, and the DeepSpeed trainer as separate processes, with the config's
+    evaluation sets before, during and after training and a report with plots."""
     from rlrt.launch import LaunchError, LocalRun
 
+    _apply_sets(sets)
     try:
         run = LocalRun(config, resume=resume, console=console)
         run.train()
@@ -146,25 +189,45 @@ def bootstrap_cmd(out: Path = typer.Option(Path("runs/models/countdown-tiny"), "
 
 @app.command("eval")
 def eval_cmd(config: Path = typer.Option(..., "--config", "-c", help="run config (YAML)"),
-             data: str = typer.Option("countdown", help="'countdown' (held-out split) or a JSONL file with prompt/answer"),
-             model: Optional[Path] = typer.Option(None, help="model directory (default: trainer.model_path)"),
+             data: Optional[str] = typer.Option(
+                 None, help="what to evaluate: a data file or directory, a task name with its "
+                 "own rows (countdown: its held-out split), or a hub dataset id; default: the "
+                 "config's eval sets"),
+             model: Optional[str] = typer.Option(
+                 None, help="model to evaluate (local HF directory or hub id); default: the "
+                 "config's `model`. Served by the rollout service and used for the tokenizer"),
              n: Optional[int] = typer.Option(None, help="evaluate only the first N prompts"),
              k: int = typer.Option(16, help="samples per prompt (avg@k, pass@k)"),
              temperature: float = typer.Option(0.7, help="sampling temperature"),
              top_p: float = typer.Option(0.8, help="top-p"),
              max_new_tokens: int = typer.Option(1024, help="response cap"),
-             task: str = typer.Option("math", help="verifier task for JSONL rows without a 'task' field"),
+             task: Optional[str] = typer.Option(None, help="with a --data file: its task (default math)"),
+             split: Optional[str] = typer.Option(None, help="with --data: the split to read"),
+             sets: Optional[list[str]] = SetOpt,
              out: Optional[Path] = typer.Option(None, help="write the result JSON here")) -> None:
     """avg@k and pass@k of a model through the rollout and verifier services (started here,
-    on the config's ports; paper defaults k=16, temperature 0.7, top-p 0.8)."""
+    on the config's ports; paper defaults k=16, temperature 0.7, top-p 0.8). Prints
+    {set name: result}."""
+    from protocol.tasks.data import spec_from_cli
     from rlrt.launch import LaunchError, LocalRun
+    from rlrt.run_config import EvalSet
 
-    if model is not None:
-        os.environ["RLRT_TRAINER__MODEL_PATH"] = str(model)
+    _apply_sets(sets)
+    # Exactly this model: the trainer's path (tokenizer) and the rollout engine's, whatever
+    # the config's sections say.
+    extra = [f"{key}={model}" for key in ("model", "trainer.model_path",
+                                          "rollout.engine.model_path")] if model else []
     try:
-        run = LocalRun(config, services=("verifier", "rollout"), console=console)
-        result = run.evaluate_once(data, n=n, k=k, temperature=temperature, top_p=top_p,
-                                   max_new_tokens=max_new_tokens, task=task)
+        run = LocalRun(config, services=("verifier", "rollout"), console=console, sets=extra)
+        knobs = {"k": k, "temperature": temperature, "top_p": top_p,
+                 "max_new_tokens": max_new_tokens, "n": n}
+        if data is None:
+            chosen = [s.model_copy(update={kk: v for kk, v in knobs.items() if v is not None})
+                      for s in run.eval_sets]
+        else:
+            chosen = [EvalSet(name=Path(data).stem if Path(data).exists() else data,
+                              data=spec_from_cli(data, task=task, split=split), **knobs)]
+        result = run.evaluate_once(chosen)
     except (LaunchError, FileNotFoundError, ValueError) as e:
         fail(str(e))
     text = json.dumps(result, indent=2)
@@ -227,7 +290,8 @@ def bench(name: str = typer.Argument(..., help="bus | engine | verifier | traine
 
 @app.command("inspect")
 def inspect_cmd(model: Path = typer.Option(..., "--model", help="HF model directory (config.json + weights + tokenizer)"),
-                data: str = typer.Option("countdown", help="'countdown' or a JSONL file of {prompt, answer[, solution, task]}"),
+                data: Optional[str] = typer.Option(None, help="'countdown' or a data file of {prompt, answer[, solution, task]}; default: the --config's data section, else countdown"),
+                config: Optional[Path] = typer.Option(None, "--config", "-c", help="run config whose data section (fields, system prompt, chat-template arguments) is used"),
                 n: int = typer.Option(8, "--n", min=1, help="prompts"),
                 g: int = typer.Option(8, "--g", min=2, help="responses per prompt (group size)"),
                 preset: str = typer.Option("rlrt", help="algorithm preset whose weights are shown"),
@@ -243,8 +307,11 @@ def inspect_cmd(model: Path = typer.Option(..., "--model", help="HF model direct
 
     if not (model / "config.json").is_file():
         fail(f"{model} is not a Hugging Face model directory (no config.json)")
+    spec = data or "countdown"
+    if data is None and config is not None:
+        spec = _load("trainer", config).data
     try:
-        report = inspect_rollouts(model, data=data, n=n, g=g, preset=preset, eps_w=eps_w, lam=lam,
+        report = inspect_rollouts(model, data=spec, n=n, g=g, preset=preset, eps_w=eps_w, lam=lam,
                                   seed=seed, temperature=temperature, max_new_tokens=max_new_tokens,
                                   log_fn=lambda m: console.print(f"[dim]{m}[/]"))
     except (FileNotFoundError, ValueError, KeyError) as e:

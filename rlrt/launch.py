@@ -28,10 +28,14 @@ import httpx
 import redis
 from rich.console import Console
 
-from protocol.config import ConfigError
+from protocol.config import ConfigError, secret_value
+from protocol.hub import HubError, looks_like_hub_id, resolve
 from protocol.redis_server import EmbeddedRedis, RedisDirBusy
+from protocol.tasks.data import DataError
+from rlrt.eval_runner import EvalRunner, steps_done
 from rlrt.processes import Child, free_port, port_free, rlrt_argv
-from rlrt.sections import load_all
+from rlrt.run_config import TINY_MODEL, EvalSet, eval_sets
+from rlrt.sections import SET_ENV, active_sets, load_all, read_config
 
 SERVICES = ("verifier", "rollout", "teacher")
 
@@ -42,32 +46,69 @@ class LaunchError(RuntimeError):
 
 class LocalRun:
     def __init__(self, config_path: str | Path, *, resume: bool = False,
-                 services: tuple[str, ...] = SERVICES, console: Console | None = None) -> None:
+                 services: tuple[str, ...] = SERVICES, console: Console | None = None,
+                 sets: list[str] | None = None) -> None:
         self.config_path = Path(config_path).resolve()
         self.resume = resume
         self.services = services
         self.console = console or Console(stderr=True)
-        try:
-            self.cfg: dict[str, Any] = load_all(str(self.config_path))
-        except ConfigError as e:
-            raise LaunchError(str(e)) from None
+        # --set overrides of this run: the caller's, then `sets`; every child gets them.
+        self.sets = [*active_sets(), *(sets or [])]
+        self._load()
         self.run = self.cfg["run"]
         self.run_dir = Path(self.run.dir).resolve()
-        self.token = self.run.control_token or secrets.token_hex(16)
+        self.token = secret_value(self.run.control_token) or secrets.token_hex(16)
         self.redis: EmbeddedRedis | None = None
         self.redis_url: str | None = self.cfg["bus"].redis_url
         self.children: dict[str, Child] = {}
         self.ports: dict[str, int] = {}
         self.trainer: Child | None = None
         self._stopping = False
+        self.evals: EvalRunner | None = None
+
+    def _load(self) -> None:
+        try:
+            self.cfg: dict[str, Any] = load_all(str(self.config_path), self.sets)
+            raw = read_config(str(self.config_path), self.sets)
+            self.eval_sets: list[EvalSet] = eval_sets(raw.get("eval"), self.cfg["run"],
+                                                      self.cfg["trainer"].data)
+        except ConfigError as e:
+            raise LaunchError(str(e)) from None
 
     # ------------------------------------------------------------------ preflight
     @property
     def model_path(self) -> Path:
         return Path(self.cfg["trainer"].model_path).resolve()
 
+    def is_tiny_model(self) -> bool:
+        """The trainer's model is the built-in tiny model's path: the only one ever built."""
+        return self.model_path == Path(TINY_MODEL).resolve()
+
+    def resolve_models(self) -> None:
+        """Hub ids among the trainer's and engines' models -> their HF-cache snapshot, fetched
+        once here; the children are then given the local directories (as --set overrides)."""
+        refs = {"trainer.model_path": self.cfg["trainer"].model_path}
+        for name in self.services:
+            if name in ("rollout", "teacher") and self.cfg[name].engine.model_path:
+                refs[f"{name}.engine.model_path"] = self.cfg[name].engine.model_path
+        extra = []
+        for key, ref in refs.items():
+            if Path(ref).exists() or not looks_like_hub_id(ref):
+                continue  # a local directory, or a missing one preflight reports
+            with self.console.status(f"resolving model {ref} (Hugging Face cache / hub) ..."):
+                try:
+                    local = resolve(ref, "model")
+                except HubError as e:
+                    raise LaunchError(str(e)) from None
+            self.console.print(f"[dim]model {ref}: {local}[/]")
+            extra.append(f"{key}={local}")
+        if extra:
+            self.sets += extra
+            self._load()
+
     def preflight(self) -> None:
         """Everything that can be checked before a process starts; one clear error each."""
+        self.resolve_models()
         for name in self.services:
             c = self.cfg[name]
             port = c.port or free_port(c.host)
@@ -75,9 +116,13 @@ class LocalRun:
                 raise LaunchError(f"{name}: port {port} on {c.host} is already taken "
                                   f"(set {name}.port in the config, or 0 for any free port)")
             self.ports[name] = port
-        if not self.model_path.exists() and not self.run.bootstrap:
-            raise LaunchError(f"model directory {self.model_path} does not exist "
-                              "(run `rlrt bootstrap --out DIR`, or set run.bootstrap: true)")
+        if not self.model_path.exists():
+            if not self.is_tiny_model():
+                raise LaunchError(f"model directory {self.model_path} does not exist (give a "
+                                  "local HF model directory or a hub id as `model:`)")
+            if not self.run.bootstrap:
+                raise LaunchError(f"model directory {self.model_path} does not exist "
+                                  "(run `rlrt bootstrap`, or set run.bootstrap: true)")
         if self.model_path.exists() and not (self.model_path / "config.json").exists():
             raise LaunchError(f"{self.model_path} is not a Hugging Face model directory (no config.json)")
         if self.redis_url:
@@ -93,9 +138,10 @@ class LocalRun:
             "REDIS_URL": self.redis_url or "",
             "RLRT_BUS__REDIS_URL": self.redis_url or "",
             "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_OFFLINE": "1",
             "DS_ACCELERATOR": env.get("DS_ACCELERATOR", "cpu"),
             "PYTHONUNBUFFERED": "1",
+            # Hub ids were resolved by preflight: the children get those local directories.
+            SET_ENV: json.dumps(self.sets),
         })
         model = str(self.model_path)
         for name in self.services:
@@ -106,6 +152,11 @@ class LocalRun:
                     and not self.cfg[name].engine.model_path:
                 env[f"RLRT_{up}__ENGINE__MODEL_PATH"] = model
         return env
+
+    @property
+    def metrics_path(self) -> Path:
+        out = Path(self.cfg["trainer"].output_dir)
+        return (out if out.is_absolute() else Path.cwd() / out) / "metrics.jsonl"
 
     def url(self, name: str) -> str:
         return f"http://{self.cfg[name].host}:{self.ports[name]}"
@@ -123,7 +174,10 @@ class LocalRun:
 
     @property
     def resume_command(self) -> str:
-        return f"rlrt train --config {self.config_path} --resume"
+        import shlex
+
+        sets = "".join(f" --set {shlex.quote(item)}" for item in self.sets)
+        return f"rlrt train --config {self.config_path}{sets} --resume"
 
     def redis_problem(self) -> str | None:
         """Why Redis cannot be reached now, or None if it answers."""
@@ -258,68 +312,66 @@ class LocalRun:
                     self.console.print("[red]stopping the trainer; continue later with --resume[/]")
                     self.trainer.stop(timeout_s=120)
                     return 3
+            if self.evals is not None:
+                self.evals.poll(steps_done(self.metrics_path), self.cfg["trainer"].total_steps)
             time.sleep(0.5)
         return self.trainer.proc.returncode
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, label: str, *, data: str = "countdown", n: int | None = None,
-                 k: int | None = None, temperature: float | None = None, top_p: float | None = None,
-                 max_new_tokens: int | None = None, task: str = "math") -> dict | None:
-        if "rollout" not in self.children or "verifier" not in self.children:
-            return None
+    def eval_runner(self, sets: list[EvalSet] | None = None,
+                    out: str = "eval.jsonl") -> EvalRunner:
+        """The evaluation sets against this run's rollout and verifier services; results are
+        appended to <run dir>/<out>."""
         from transformers import AutoTokenizer
 
         from protocol.bus import Bus
-        from protocol.messages import SamplingParams
-        from rlrt.evaluate import evaluate, load_items
+        from rlrt.evaluate import evaluate
+
+        tok = AutoTokenizer.from_pretrained(str(self.model_path))
+        stream = self.cfg["bus"].stream(self.cfg["rollout"].in_stream)
+
+        def one(rows: list, **kw: Any) -> dict:
+            async def go() -> dict:
+                bus = Bus.from_url(self.redis_url, self.cfg["bus"])
+                try:
+                    return await evaluate(rows, tokenizer=tok, bus=bus, prompts_stream=stream,
+                                          verifier_url=self.url("verifier"), token=self.token,
+                                          seed=self.run.seed, **kw)
+                finally:
+                    await bus.close()
+            return asyncio.run(go())
 
         trainer = self.cfg["trainer"]
-        knobs = dict(getattr(trainer.data, "countdown_knobs", {}) or {})
-        items = load_items(data, n=n if n is not None else self.run.eval_prompts,
-                           seed=self.run.seed + 7, countdown_knobs=knobs, task=task)
-        if not items:
-            return None
-        k = k or self.run.eval_k
-        tok = AutoTokenizer.from_pretrained(str(self.model_path))
-        sampling = SamplingParams(
-            temperature=self.run.eval_temperature if temperature is None else temperature,
-            top_p=self.run.eval_top_p if top_p is None else top_p,
-            max_new_tokens=max_new_tokens or self.run.eval_max_new_tokens)
+        return EvalRunner(self.eval_sets if sets is None else sets, run_data=trainer.data,
+                          sampling=trainer.sampling, seed=self.run.seed, evaluate=one,
+                          out=self.run_dir / out,
+                          log=self.console.print)
 
-        async def go() -> dict:
-            bus = Bus.from_url(self.redis_url, self.cfg["bus"])
-            try:
-                return await evaluate(items, tokenizer=tok, bus=bus,
-                                      prompts_stream=self.cfg["bus"].stream(self.cfg["rollout"].in_stream),
-                                      verifier_url=self.url("verifier"), token=self.token,
-                                      k=k, sampling=sampling, seed=self.run.seed)
-            finally:
-                await bus.close()
-
-        with self.console.status(f"held-out evaluation ({label}) ..."):
-            res = asyncio.run(go())
-        self.console.print(f"held-out {label}: avg@{k} {res[f'avg@{k}']:.3f}  pass@{k} {res[f'pass@{k}']:.3f}")
-        return res
-
-    def evaluate_once(self, data: str, **kw: Any) -> dict:
-        """`rlrt eval`: start Redis + rollout + verifier, evaluate, stop."""
+    def evaluate_once(self, sets: list[EvalSet]) -> dict[str, dict]:
+        """`rlrt eval`: start Redis + rollout + verifier, evaluate `sets`, stop."""
+        if not sets:
+            raise LaunchError("nothing to evaluate: the config has no eval sets and no --data was given")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.preflight()
         if not self.model_path.exists():
             raise LaunchError(f"model directory {self.model_path} does not exist")
+        runner = self.eval_runner(sets, out="eval-cli.jsonl")  # not the training run's log
+        for es in sets:  # a bad data set fails before anything starts
+            try:
+                runner.rows(es)
+            except (DataError, ValueError) as e:
+                raise LaunchError(f"eval set {es.name!r}: {e}") from None
         try:
             self.start_redis()
             self.start_services()
-            res = self.evaluate("eval", data=data, **kw)
+            with self.console.status("evaluating ..."):
+                return runner.run_all("eval", 0)
         finally:
             self.stop_all()
-        if res is None:
-            raise LaunchError(f"no evaluation items in {data}")
-        return res
 
     # ------------------------------------------------------------------ whole run
     def bootstrap_if_needed(self) -> None:
-        if self.model_path.exists():
+        if self.model_path.exists() or not self.is_tiny_model():
             return
         from trainer.bootstrap.run import bootstrap
 
@@ -346,17 +398,20 @@ class LocalRun:
         try:
             self.start_redis()
             self.start_services()
+            self.evals = self.eval_runner()
+            if not self.resume:  # a fresh run in an old run directory starts a fresh log
+                self.evals.out.unlink(missing_ok=True)
             before_path = self.run_dir / "eval_before.json"
             if self.resume and before_path.exists():
-                report["eval_before"] = json.loads(before_path.read_text())
+                report["evals_before"] = json.loads(before_path.read_text())
             else:
-                report["eval_before"] = (self.evaluate("before training")
-                                         if self.run.eval_prompts > 0 else None)
-                if report["eval_before"]:
-                    before_path.write_text(json.dumps(report["eval_before"], indent=2))
+                report["evals_before"] = self.evals.run_all("before training", 0)
+                if report["evals_before"]:
+                    before_path.write_text(json.dumps(report["evals_before"], indent=2))
             t0 = time.perf_counter()
             self.start_trainer()
             code = self.supervise()
+            self.evals.wait()
             report["train_seconds"] = time.perf_counter() - t0
             report["trainer_exit_code"] = code
             if code != 0:
@@ -366,8 +421,12 @@ class LocalRun:
                                       f"its last checkpoint. Once Redis is back: {self.resume_command}")
                 raise LaunchError(f"the trainer exited with code {code}; see the messages above. "
                                   f"Continue with: {self.resume_command}")
-            report["eval_after"] = (self.evaluate("after training")
-                                    if self.run.eval_prompts > 0 else None)
+            report["evals_after"] = self.evals.run_all("after training",
+                                                       self.cfg["trainer"].total_steps)
+            # The first set's results, under the names the experiment table reads.
+            first = self.eval_sets[0].name if self.eval_sets else None
+            report["eval_before"] = report["evals_before"].get(first)
+            report["eval_after"] = report["evals_after"].get(first)
         except KeyboardInterrupt:
             self.console.print("[yellow]interrupted: stopping the trainer (it checkpoints), the "
                                "services and Redis[/]")
