@@ -5,7 +5,6 @@ environment `RLRT_TRAINER__*` (nested with `__`, e.g. `RLRT_TRAINER__ALGORITHM__
     trainer:
       model_path: runs/boot/model
       algorithm: {preset: rlrt, eps_w: 0.5}
-      data: {source: countdown, num_prompts: 20000}
       prompts_per_step: 16
       group_size: 8
       sampling: {max_new_tokens: 64, temperature: 1.0}
@@ -27,62 +26,12 @@ from pydantic_settings import SettingsConfigDict
 
 from protocol.config import RLRTSettings
 from protocol.messages import SamplingParams
+from protocol.tasks.data import DataConfig
 from trainer.algorithm import AlgorithmConfig
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class DataConfig(_Section):
-    """Where the prompts come from and how they become `PromptTask.prompt_ids`."""
-
-    source: Literal["jsonl", "parquet", "countdown"] = Field(
-        "countdown",
-        description="jsonl / parquet: local file(s) read with `datasets` (fields `prompt`, "
-        "`answer`, optional `solution`, optional `id`); countdown: the built-in synthetic task "
-        "(protocol.tasks.countdown), generated deterministically from `seed`",
-    )
-    path: list[str] = Field(
-        default_factory=list,
-        description="jsonl / parquet files (globs allowed, as `datasets` data_files)",
-    )
-    task: str = Field(
-        "math",
-        description="verifier task name stamped into PromptTask.task for file data ('math' or "
-        "a synthetic task name); the countdown source always uses 'countdown'",
-    )
-    prompt_field: str = Field("prompt", description="column holding the question")
-    answer_field: str = Field("answer", description="column holding the reference final answer")
-    solution_field: str = Field(
-        "solution", description="column holding an optional reference solution (teacher context)"
-    )
-    id_field: str = Field(
-        "id", description="column holding a stable prompt id; absent = '<file row index>'"
-    )
-    num_prompts: int = Field(
-        10_000, ge=1, description="countdown: how many distinct training problems to generate"
-    )
-    countdown_knobs: dict[str, int | str] = Field(
-        default_factory=dict,
-        description="countdown difficulty (num_numbers, max_number, min_target, max_target, "
-        "ops); empty = the generator's defaults",
-    )
-    system_prompt: str | None = Field(
-        None, description="optional system message rendered before the user turn"
-    )
-    chat_template_kwargs: dict[str, object] = Field(
-        default_factory=dict,
-        description="extra apply_chat_template arguments (e.g. {'enable_thinking': False}); "
-        "also sent to the teacher so it renders its context the same way",
-    )
-    max_prompt_tokens: int | None = Field(
-        None,
-        ge=1,
-        description="a rendered prompt longer than this is reported and skipped; None = "
-        "max_seq_len - sampling.max_new_tokens",
-    )
-    shuffle: bool = Field(True, description="reshuffle the rows every epoch (seeded)")
 
 
 class ServiceEndpoint(_Section):
@@ -247,7 +196,11 @@ class TrainerConfig(RLRTSettings):
     algorithm: AlgorithmConfig = Field(
         default_factory=AlgorithmConfig, description="preset and knobs (trainer/algorithm)"
     )
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: DataConfig = Field(
+        default_factory=DataConfig,
+        description="the run's top-level `data` section (put there by rlrt/sections.py); set "
+        "here only to train on other data than the run evaluates and serves",
+    )
 
     # ---- batch -------------------------------------------------------------------------------
     prompts_per_step: int = Field(8, ge=1, description="groups (prompts) per optimizer step")

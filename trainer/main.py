@@ -294,7 +294,8 @@ class _Lead:
                 zero_variance=cfg.zero_variance, backfill_max=cfg.backfill_max,
                 sampling=cfg.sampling,
                 teacher=cfg.algorithm.teacher_request(
-                    chat_template_kwargs=dict(cfg.data.chat_template_kwargs)),
+                    chat_template_kwargs=dict(cfg.data.chat_template_kwargs),
+                    system_prompt=cfg.data.system_prompt),
                 wait_timeout_s=cfg.wait_timeout_s, publish_timeout_s=cfg.publish_timeout_s,
                 max_dropped=cfg.max_dropped_per_step, state=dstate)
             self.pusher = WeightPusher(
