@@ -63,6 +63,10 @@ class TensorEntry(BaseModel):
     dtype: str = Field(description="torch dtype name without the 'torch.' prefix")
 
 
+def _plain_name(name: str) -> bool:
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
 class Manifest(BaseModel):
     format: str = FORMAT
     version: int = Field(ge=0)
@@ -215,9 +219,18 @@ def read_manifest(weights_dir: str | os.PathLike, sha256: str | None = None) -> 
         if got != sha256.lower():
             raise WeightsHashMismatch(f"{path}: digest {got} != expected {sha256}")
     try:
-        return Manifest.model_validate_json(raw)
+        manifest = Manifest.model_validate_json(raw)
     except ValueError as e:
         raise WeightsCorrupt(f"{path} is not a valid manifest: {e}") from e
+    # Every listed file is a plain name inside the directory: a manifest naming
+    # "../../etc/shadow" would otherwise have the loader stat and hash files anywhere (and its
+    # error would say how big they are).
+    names = {*manifest.files, *(t.file for t in manifest.tensors.values())}
+    outside = [n for n in names if not _plain_name(n)]
+    if outside:
+        raise WeightsCorrupt(f"{path}: {len(outside)} listed file(s) are not plain names inside "
+                             "the directory")
+    return manifest
 
 
 def _check_structure(d: Path, sha256: str | None) -> Manifest:
@@ -226,6 +239,9 @@ def _check_structure(d: Path, sha256: str | None) -> Manifest:
     manifest = read_manifest(d, sha256)
     if manifest.format != FORMAT:
         raise WeightsCorrupt(f"{d}: unknown format {manifest.format!r} (expected {FORMAT!r})")
+    links = [n for n in manifest.files if (d / n).is_symlink()]
+    if links:  # save_weights_dir writes regular files only; a link may point anywhere
+        raise WeightsCorrupt(f"{d}: {len(links)} listed file(s) are symbolic links")
     missing = [n for n in manifest.files if not (d / n).is_file()]
     if missing:
         raise WeightsMissing(f"{d}: files listed in the manifest are missing: {sorted(missing)}")

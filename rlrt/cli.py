@@ -6,6 +6,7 @@ import json
 import os
 import runpy
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -46,6 +47,16 @@ def _apply_sets(sets: Optional[list[str]]) -> None:
             export_sets(sets)
         except ConfigError as e:
             fail(str(e))
+
+
+def _serving(run: Callable[..., None], *args: object) -> None:
+    """Run a service; a refusal to serve unprotected beyond loopback is one line, not a trace."""
+    from services.common.app import UnsafeBind
+
+    try:
+        run(*args)
+    except UnsafeBind as e:
+        fail(str(e))
 
 
 def _load(section: str, config: Optional[Path], **overrides: object):  # noqa: ANN202
@@ -94,7 +105,7 @@ def serve_verifier(config: Optional[Path] = ConfigOpt, host: Optional[str] = Hos
 
     cfg = _load("verifier", config, host=host, port=port)
     _allow_run_tasks(config)
-    run_verifier(cfg, _load("bus", config), _load("reward", config))
+    _serving(run_verifier, cfg, _load("bus", config), _load("reward", config))
 
 
 def _allow_run_tasks(config: Optional[Path]) -> None:
@@ -121,7 +132,7 @@ def serve_rollout(config: Optional[Path] = ConfigOpt, host: Optional[str] = Host
     from services.rollout.main import run_rollout
 
     cfg = _load("rollout", config, host=host, port=port)
-    run_rollout(cfg, _load("bus", config))
+    _serving(run_rollout, cfg, _load("bus", config))
 
 
 @serve_app.command("teacher")
@@ -131,7 +142,7 @@ def serve_teacher(config: Optional[Path] = ConfigOpt, host: Optional[str] = Host
     from services.teacher.main import run_teacher
 
     cfg = _load("teacher", config, host=host, port=port)
-    run_teacher(cfg, _load("bus", config))
+    _serving(run_teacher, cfg, _load("bus", config))
 
 
 @app.command("train")

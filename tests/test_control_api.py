@@ -105,7 +105,7 @@ async def test_refusals_are_409_and_keep_serving(service, fake_sglang: Fake, wei
         assert r.status_code == 409 and r.json()["consistent"] is True
         fake_sglang.config(fail_weight_load=False)
         assert (await c.post("/v1/weights", json=body(weights_v1))).status_code == 200
-        stale = await c.post("/v1/weights", json={"version": 0, "location": weights_v1.path})
+        stale = await c.post("/v1/weights", json=body(weights_v1, version=0))
         assert stale.status_code == 409 and "stale" in stale.json()["detail"]
         assert (await c.get("/readyz")).status_code == 200
     assert slot.engine.version == 1
@@ -131,7 +131,8 @@ async def test_quarantine_shows_in_readyz(service, fake_sglang: Fake, weights_v1
 async def test_engine_not_ready_is_503() -> None:
     app = build_service_app("teacher", EngineSlot(), None, token=TOKEN, max_body_bytes=64 * 1024)
     async with serve_app_here(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH) as c:
-        assert (await c.post("/v1/weights", json={"version": 1, "location": "/x"})).status_code == 503
+        assert (await c.post("/v1/weights", json={"version": 1, "location": "/x",
+                                                        "sha256": "0" * 64})).status_code == 503
         assert (await c.post("/v1/pause")).status_code == 503
         assert (await c.get("/v1/version")).status_code == 503
         assert (await c.get("/readyz")).status_code == 503

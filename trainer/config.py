@@ -24,7 +24,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from protocol.config import RLRTSettings
+from protocol.config import RLRTSettings, Secret
 from protocol.messages import SamplingParams
 from protocol.tasks.data import DataConfig
 from trainer.algorithm import AlgorithmConfig
@@ -67,8 +67,9 @@ class PushConfig(_Section):
     services: list[ServiceEndpoint] = Field(
         default_factory=list, description="services to update; empty = none (offline training)"
     )
-    control_token: str | None = Field(
-        None, description="bearer token of the services' control API (the run's control_token)"
+    control_token: Secret | None = Field(
+        None, description="bearer token of the services' control API (the run's control_token); "
+        "saved configs show it as '**********'"
     )
     weights_dir: str | None = Field(
         None, description="where pushed weight directories go; None = <output_dir>/weights"
@@ -180,6 +181,9 @@ class MetricsConfig(_Section):
     prometheus_port: int | None = Field(
         None, ge=0, le=65535, description="serve Prometheus /metrics on this port (0 = any free port); None = off"
     )
+    prometheus_host: str = Field(
+        "127.0.0.1", description="bind address of that server (loopback by default; a "
+        "Kubernetes scrape needs 0.0.0.0, which the manifests set)")
     progress: bool = Field(True, description="rich progress bar with ETA on stderr")
     log_every: int = Field(1, ge=1, description="print a one-line summary every n steps")
 

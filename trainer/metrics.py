@@ -102,7 +102,7 @@ class MetricsSink:
         if cfg.prometheus_port is not None:
             from prometheus_client import start_http_server
 
-            server, _ = start_http_server(cfg.prometheus_port)
+            server, _ = start_http_server(cfg.prometheus_port, addr=cfg.prometheus_host)
             self.prometheus_port = int(server.server_port)
             self._server = server
         self.progress = None
@@ -159,7 +159,7 @@ class MetricsSink:
                      step, record.get("reward_mean", float("nan")),
                      record.get("accuracy", float("nan")), record.get("loss", float("nan")),
                      record.get("response_len_mean", float("nan")),
-                     record.get("staleness_mean", float("nan")), record.get("time_step_s", 0.0))
+                     record.get("staleness", float("nan")), record.get("time_step_s", 0.0))
 
     def close(self) -> None:
         if self.progress is not None:

@@ -32,6 +32,7 @@ from tenacity import (
 )
 
 from protocol.canary import Canary
+from protocol.config import secret_value
 from protocol.messages import WeightUpdate
 from protocol.weights import save_weights_dir
 from trainer.config import PushConfig, ServiceEndpoint
@@ -139,7 +140,7 @@ class WeightPusher:
     def _headers(self) -> dict[str, str]:
         h = {"content-type": "application/json"}
         if self.cfg.control_token:
-            h["authorization"] = f"Bearer {self.cfg.control_token}"
+            h["authorization"] = f"Bearer {secret_value(self.cfg.control_token)}"
         return h
 
     async def _post_one(self, client: httpx.AsyncClient, svc: ServiceEndpoint,

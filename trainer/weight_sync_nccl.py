@@ -38,6 +38,7 @@ from typing import Any
 import httpx
 import torch
 
+from protocol.config import secret_value
 from protocol.messages import WeightUpdate
 from trainer.config import PushConfig, ServiceEndpoint
 from trainer.model import Policy, iter_gathered, named_weights, plan_buckets, shape_of
@@ -119,7 +120,7 @@ class Peer:
         self.failed = False
         headers = {"content-type": "application/json"}
         if cfg.control_token:
-            headers["authorization"] = f"Bearer {cfg.control_token}"
+            headers["authorization"] = f"Bearer {secret_value(cfg.control_token)}"
         self.headers = headers
         self.http = httpx.Client(timeout=httpx.Timeout(cfg.nccl_timeout_s,
                                                        connect=cfg.connect_timeout_s))

@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable, Iterator
 import uvicorn
 from fastapi import FastAPI
 
+from services.common.app import check_exposure
+
 log = logging.getLogger("rlrt.serve")
 Worker = Callable[[asyncio.Event], Awaitable[object]]
 
@@ -34,6 +36,7 @@ async def serve(app: FastAPI, host: str, port: int, workers: list[Worker] | None
                 *, stop: asyncio.Event | None = None,
                 on_shutdown: Callable[[], Awaitable[None]] | None = None,
                 log_level: str = "warning") -> None:
+    check_exposure(app, host)  # no token: loopback only (raises UnsafeBind otherwise)
     stop = stop or asyncio.Event()
     server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                     lifespan="on", timeout_graceful_shutdown=10))

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from protocol.canary import DEFAULT_TOLERANCE
-from protocol.config import RLRTSettings
+from protocol.config import RLRTSettings, Secret
 
 # What a CPU host needs to start vLLM's CPU build (docs/engines.md, "A real vLLM on the CPU"):
 # float32 (the CPU kernels' reference dtype), a short window so the KV cache stays small, and no
@@ -54,7 +54,8 @@ class EngineConfig(BaseModel):
         None, description="HF model directory. cpu: the model to load. sglang/vllm: optional, "
         "read for vocab size and context window (client-side input checks) and the tokenizer")
     url: str | None = Field(None, description="base URL of the SGLang/vLLM server, e.g. http://127.0.0.1:30000")
-    api_key: str | None = Field(None, description="bearer token of the SGLang/vLLM server (--api-key)")
+    api_key: Secret | None = Field(
+        None, description="bearer token of the SGLang/vLLM server (their --api-key); sent on every call")
     request_timeout_s: float = Field(
         600.0, gt=0, description="one generate/score HTTP call; long generations need minutes")
     connect_timeout_s: float = Field(5.0, gt=0, description="TCP connect timeout to the server")
@@ -138,10 +139,15 @@ class EngineServiceConfig(RLRTSettings):
     # --- HTTP (health, metrics, control API) ------------------------------------------------
     host: str = Field("127.0.0.1", description="bind address (loopback by default)")
     port: int = Field(8310, ge=0, le=65535, description="HTTP port")
-    token: str | None = Field(None, description="bearer token required on /v1/* (control) when set")
+    token: Secret | None = Field(
+        None, description="bearer token required on /v1/* (control). Unset: the service starts "
+        "only when `host` is a loopback address (anyone who reaches it could swap its weights)")
     max_body_bytes: int = Field(
         16 * 1024 * 1024, ge=1024,
         description="413 above this request body size (an nccl update lists every tensor)")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="408 when a request body has not fully arrived this long after "
+        "the request began (a half-sent body is dropped, not held open)")
 
     # --- engine -------------------------------------------------------------------------------
     engine: EngineConfig = Field(

@@ -21,11 +21,12 @@ from typing import Any, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from protocol.canary import Canary
 from protocol.messages import WeightUpdate
 from services.common import ControlAuth
+from services.common.app import clip
 from services.engines.base import (
     Engine,
     EngineClosed,
@@ -48,7 +49,8 @@ class WeightsRequest(BaseModel):
     location: str = Field(min_length=1, max_length=4096,
                           description="weight directory, or HOST:PORT of the trainer's NCCL rendezvous")
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$",
-                               description="digest of the directory's manifest.json (protocol.weights)")
+                               description="digest of the directory's manifest.json (protocol.weights); "
+                               "required for safetensors_dir")
     meta: dict[str, Any] = Field(default_factory=dict, description='e.g. {"nccl": {...}} (docs/engines.md)')
     canary: Canary | None = Field(None, description="trainer's log-probs of fixed sequences under "
                                   "these weights; a mismatch after loading refuses the update")
@@ -58,6 +60,14 @@ class WeightsRequest(BaseModel):
     msg_id: str | None = Field(None, max_length=200)
     created_at: float | None = None
     schema_version: int | None = None
+
+    @model_validator(mode="after")
+    def _digest_required(self) -> WeightsRequest:
+        # Without the digest the manifest itself is unchecked: whoever can write the shared
+        # volume could swap the weights between the trainer's write and this load.
+        if self.format == "safetensors_dir" and self.sha256 is None:
+            raise ValueError("sha256 (of the directory's manifest.json) is required for safetensors_dir")
+        return self
 
 
 class EngineSlot:
@@ -109,16 +119,16 @@ def control_router(slot: EngineSlot) -> APIRouter:
             try:
                 version = await engine.update_weights(update)
             except EngineClosed as e:
-                return JSONResponse({"detail": str(e)}, 503)
+                return JSONResponse({"detail": clip(e, 1000)}, 503)
             except (WeightUpdateError, InvalidRequest) as e:
                 verdict = canary_fields(e)  # a weight canary mismatch: say by how much
-                log.warning("weight update to v%d refused: %s", req.version, e)
-                return JSONResponse({"detail": str(e), "version": engine.version,
+                log.warning("weight update to v%d refused: %s", req.version, clip(e, 2000))
+                return JSONResponse({"detail": clip(e, 1000), "version": engine.version,
                                      "consistent": getattr(engine, "consistent", True),
                                      **verdict}, 409)
             except EngineError as e:
-                log.error("weight update to v%d failed upstream: %s", req.version, e)
-                return JSONResponse({"detail": str(e), "version": engine.version,
+                log.error("weight update to v%d failed upstream: %s", req.version, clip(e, 2000))
+                return JSONResponse({"detail": clip(e, 1000), "version": engine.version,
                                      "consistent": getattr(engine, "consistent", True)}, 502)
         seconds = round(time.perf_counter() - start, 3)
         log.info("weights v%d -> v%d in %.2fs (%s)", previous, version, seconds, req.format)

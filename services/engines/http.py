@@ -14,7 +14,9 @@ import math
 from typing import Any
 
 import httpx
+from pydantic import SecretStr
 
+from protocol.config import secret_value
 from services.engines.base import InvalidRequest, UpstreamError
 
 
@@ -41,11 +43,13 @@ class EngineHTTP:
     """A small async JSON client bound to one engine server."""
 
     def __init__(self, base_url: str, *, timeout_s: float = 300.0, connect_timeout_s: float = 5.0,
-                 api_key: str | None = None, name: str = "engine",
+                 api_key: SecretStr | str | None = None, name: str = "engine",
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.name = name
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # The server's --api-key (SGLang and vLLM both check `Authorization: Bearer`).
+        key = secret_value(api_key)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.timeout_s = timeout_s
         self.client = httpx.AsyncClient(
             base_url=self.base_url, headers=headers, transport=transport,

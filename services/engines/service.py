@@ -13,6 +13,8 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from pydantic import SecretStr
+
 from protocol.bus import Bus
 from protocol.config import BusSettings
 from services.common import create_app, serve
@@ -44,8 +46,9 @@ async def build_engine(slot: EngineSlot, cfg: EngineConfig, stop: asyncio.Event,
     return None
 
 
-def build_service_app(name: str, slot: EngineSlot, bus: Bus | None, *, token: str | None,
-                      max_body_bytes: int):  # noqa: ANN201 - FastAPI app
+def build_service_app(name: str, slot: EngineSlot, bus: Bus | None, *,
+                      token: SecretStr | str | None, max_body_bytes: int,
+                      body_timeout_s: float = 30.0):  # noqa: ANN201 - FastAPI app
     async def ready() -> bool:
         if slot.engine is None:
             return False
@@ -56,7 +59,8 @@ def build_service_app(name: str, slot: EngineSlot, bus: Bus | None, *, token: st
         except Exception:  # readiness never raises: it answers 503
             return False
 
-    app = create_app(name, token=token, max_body_bytes=max_body_bytes, ready=ready)
+    app = create_app(name, token=token, max_body_bytes=max_body_bytes,
+                     body_timeout_s=body_timeout_s, ready=ready)
     app.include_router(control_router(slot))
     app.state.engine_slot = slot
     return app
@@ -88,7 +92,8 @@ async def serve_engine_service(name: str, cfg: EngineServiceConfig, bus_cfg: Bus
         if bus is not None:
             await bus.close()
 
-    app = build_service_app(name, slot, bus, token=cfg.token, max_body_bytes=cfg.max_body_bytes)
+    app = build_service_app(name, slot, bus, token=cfg.token, max_body_bytes=cfg.max_body_bytes,
+                            body_timeout_s=cfg.body_timeout_s)
     log.info("%s on http://%s:%d (engine %s, redis %s)", name, cfg.host, cfg.port,
              engine_cfg.kind, redis_url or "none")
     await serve(app, cfg.host, cfg.port, [worker], stop=stop, on_shutdown=shutdown)

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from redis.exceptions import RedisError
 
 from services.common import create_app, require_token
-from services.common.app import Ready
+from services.common.app import Ready, bounded_errors
 from services.verifier import metrics
 from services.verifier.config import VerifierConfig
 from services.verifier.jobs import JOB_ID_PATTERN, JobStore
@@ -109,18 +109,15 @@ def build_app(cfg: VerifierConfig, pool: VerifyPool, jobs: JobStore | None = Non
               ready: Ready | None = None) -> FastAPI:
     """The verifier app: common health/metrics/limits plus the /v1 routes."""
     app = create_app("verifier", token=cfg.token, max_body_bytes=cfg.max_request_bytes,
+                     body_timeout_s=cfg.body_timeout_s,
                      ready=ready or (lambda: pool.ready))
     metrics.track(pool)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth)], tags=["verify"])
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI's default echoes each bad input back; an input holding a lone surrogate then
-        # cannot be encoded and the 422 turns into a 500, and a 60 KiB input comes back whole.
-        # Location, reason and type are what a client needs.
-        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
-                  for e in exc.errors()]
-        return _AsciiJSON({"detail": detail}, 422)
+        # Location, reason and type, each clipped (services/common/app.py): never the input.
+        return _AsciiJSON({"detail": bounded_errors(exc.errors())}, 422)
 
     @app.exception_handler(QueueFull)
     async def _queue_full(request: Request, exc: QueueFull) -> JSONResponse:

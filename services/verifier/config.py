@@ -9,7 +9,7 @@ from typing import ClassVar
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from protocol.config import RLRTSettings
+from protocol.config import RLRTSettings, Secret
 
 
 class VerifierConfig(RLRTSettings):
@@ -21,7 +21,7 @@ class VerifierConfig(RLRTSettings):
     # --- HTTP -------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="bind address of the REST API (loopback by default)")
     port: int = Field(8300, ge=0, le=65535, description="REST API port (0 = any free port)")
-    token: str | None = Field(
+    token: Secret | None = Field(
         None, description="bearer token required on /v1/* when set (health and metrics stay open)"
     )
     http: bool = Field(True, description="serve the REST API")
@@ -60,6 +60,9 @@ class VerifierConfig(RLRTSettings):
     # --- admission limits ---------------------------------------------------------------------
     max_item_bytes: int = Field(64 * 1024, ge=1, description="413 above this size of one response or reference (UTF-8)")
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1, description="413 above this request body size")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="408 when a request body has not fully arrived this long after "
+        "the request began (a half-sent body is dropped, not held open)")
     max_batch: int = Field(1024, ge=1, description="most items in one /v1/verify/batch request")
     max_job_items: int = Field(100_000, ge=1, description="most items in one /v1/jobs submission")
     max_queue: int = Field(
