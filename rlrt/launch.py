@@ -32,6 +32,7 @@ from protocol.config import ConfigError, secret_value
 from protocol.hub import HubError, looks_like_hub_id, resolve
 from protocol.redis_server import EmbeddedRedis, RedisDirBusy
 from protocol.tasks.data import DataError
+from rlrt.engine_servers import EngineServerError, EngineServers
 from rlrt.eval_runner import EvalRunner, steps_done
 from rlrt.processes import Child, free_port, port_free, rlrt_argv
 from rlrt.run_config import TINY_MODEL, EvalSet, eval_sets
@@ -65,6 +66,7 @@ class LocalRun:
         self.trainer: Child | None = None
         self._stopping = False
         self.evals: EvalRunner | None = None
+        self.engine_servers: EngineServers | None = None  # vLLM servers of engine.launch
 
     def _load(self) -> None:
         try:
@@ -130,6 +132,11 @@ class LocalRun:
                 redis.Redis.from_url(self.redis_url, socket_connect_timeout=3).ping()
             except (redis.RedisError, OSError) as e:
                 raise LaunchError(f"Redis at {self.redis_url} is unreachable: {e}") from None
+        try:
+            self.engine_servers = EngineServers(self.cfg, self.services, self.run_dir,
+                                                self.model_path, log=self.console.print)
+        except EngineServerError as e:
+            raise LaunchError(str(e)) from None
 
     # ------------------------------------------------------------------ processes
     def child_env(self) -> dict[str, str]:
@@ -151,6 +158,8 @@ class LocalRun:
             if name in ("rollout", "teacher") and self.cfg[name].engine.kind == "cpu" \
                     and not self.cfg[name].engine.model_path:
                 env[f"RLRT_{up}__ENGINE__MODEL_PATH"] = model
+        if self.engine_servers:
+            env.update(self.engine_servers.service_env())
         return env
 
     @property
@@ -218,6 +227,11 @@ class LocalRun:
         return child
 
     def start_services(self) -> None:
+        if self.engine_servers:
+            try:
+                self.engine_servers.start()
+            except EngineServerError as e:
+                raise LaunchError(str(e)) from None
         for name in self.services:
             self.start_service(name)
         for name in self.services:
@@ -312,6 +326,12 @@ class LocalRun:
                     self.console.print("[red]stopping the trainer; continue later with --resume[/]")
                     self.trainer.stop(timeout_s=120)
                     return 3
+            for owner in self.engine_servers.dead() if self.engine_servers else []:
+                if not self._stopping and not self.engine_servers.revive(  # type: ignore[union-attr]
+                        owner, self.run.max_restarts, self.url, self.token, self.latest_weights()):
+                    self.console.print("[red]stopping the trainer; continue later with --resume[/]")
+                    self.trainer.stop(timeout_s=120)
+                    return 3
             if self.evals is not None:
                 self.evals.poll(steps_done(self.metrics_path), self.cfg["trainer"].total_steps)
             time.sleep(0.5)
@@ -385,6 +405,8 @@ class LocalRun:
             self.trainer.stop(timeout_s=120)
         for child in reversed(list(self.children.values())):
             child.stop(timeout_s=30)
+        if self.engine_servers:
+            self.engine_servers.stop()
         if self.redis is not None:
             self.redis.stop()
 

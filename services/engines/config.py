@@ -42,6 +42,10 @@ class EngineLaunch(BaseModel):
     start_timeout_s: float = Field(
         900.0, gt=0, description="how long the server may take to answer /health "
         "(vLLM's CPU build: about 1-2 min on 2 cores)")
+    worker_extension: bool = Field(
+        True, description="start the server with our worker extension "
+        "(services/engines/vllm_ext) and update weights through it: a plain reload_weights "
+        "leaves a tied output projection stale on vLLM-CPU (docs/engines.md)")
 
 
 class EngineConfig(BaseModel):

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from services.engines.base import Engine
+from services.engines.base import Engine, UpstreamError
 from services.engines.config import EngineConfig
 from services.engines.http import EngineHTTP
 
@@ -41,6 +41,10 @@ async def make_engine(cfg: EngineConfig) -> Engine:
         kw.update(cfg.cpu)  # explicit CPU knobs win
         # Loading the model takes a while: keep the event loop (HTTP health) responsive.
         return await asyncio.to_thread(CpuEngine, cfg.model_path, **kw)  # type: ignore[arg-type]
+    if not cfg.url:
+        raise UpstreamError(f"engine.url is not set: `rlrt train` fills it in when it starts the "
+                            f"{cfg.kind} server (engine.launch / share_rollout_server); a service "
+                            "started on its own needs engine.url")
     vocab, ctx = model_dims(cfg.model_path)
     http = EngineHTTP(cfg.url or "", timeout_s=cfg.request_timeout_s,
                       connect_timeout_s=cfg.connect_timeout_s, api_key=cfg.api_key, name=cfg.kind)
@@ -62,7 +66,8 @@ async def make_engine(cfg: EngineConfig) -> Engine:
 
         engine = VLLMEngine(http, served_model_name=cfg.served_model_name,
                             max_tokens_per_request=cfg.max_tokens_per_request,
-                            reload_method=cfg.vllm_reload_method, **common)
+                            reload_method=cfg.vllm_reload_method,
+                            follow=cfg.share_rollout_server, **common)
     try:
         await engine.start()  # type: ignore[attr-defined]
     except BaseException:

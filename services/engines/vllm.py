@@ -28,20 +28,22 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import httpx
 import numpy as np
 
-from protocol.messages import SamplingParams
+from protocol.messages import SamplingParams, WeightUpdate
 from services.engines.base import (
     EngineError,
     GenOutput,
     InvalidRequest,
     UpstreamError,
+    WeightUpdateError,
     check_prompt,
     check_score_request,
 )
 from services.engines.http import EngineHTTP, as_logprob, parse_version
 from services.engines.nccl_sync import GroupKey, NcclSpec
-from services.engines.remote import RemoteEngine, UpdateRefused
+from services.engines.remote import INCONSISTENT, VERSION, RemoteEngine, UpdateRefused
 
 log = logging.getLogger("rlrt.engines.vllm")
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
@@ -52,8 +54,12 @@ class VLLMEngine(RemoteEngine):
 
     def __init__(self, http: EngineHTTP, *, served_model_name: str | None = None,
                  max_tokens_per_request: int = 16384, reload_method: str = "reload_weights",
-                 **kw: Any) -> None:
+                 follow: bool = False, **kw: Any) -> None:
         super().__init__(http, **kw)
+        # follow: another service (the rollout's) loads the weights into this server; this one
+        # only adopts the version the server reports (engine.share_rollout_server)
+        self.follow = follow
+        self._server_lost = False  # a request failed in transport: the server may have restarted
         self.served_model_name = served_model_name
         self.max_tokens_per_request = max_tokens_per_request
         # the worker method of a disk update: "rlrt_reload_weights" when the server runs our
@@ -77,7 +83,18 @@ class VLLMEngine(RemoteEngine):
     # ------------------------------------------------------------------ scoring
     async def score(self, sequences: Sequence[Sequence[int]],
                     response_offsets: Sequence[int]) -> list[np.ndarray]:
-        return await self._score(sequences, response_offsets, gated=True)
+        if not self.follow:
+            return await self._score(sequences, response_offsets, gated=True)
+        # Another service swaps this server's weights: read its version before and after; the
+        # same version on both sides means every sequence was scored by it (a swap needs a
+        # pause, which drains running requests). A change shows the teacher worker a new
+        # version, and it scores again.
+        before = await self._follow_version()
+        out = await self._score(sequences, response_offsets, gated=True)
+        after = await self._follow_version()
+        if after != before:
+            log.info("vllm weights changed from %s to %s during scoring", before, after)
+        return out
 
     async def _srv_score(self, sequences: list[list[int]], offsets: list[int]) -> list[np.ndarray]:
         return await self._score(sequences, offsets, gated=False)
@@ -111,7 +128,7 @@ class VLLMEngine(RemoteEngine):
                 "temperature": 0.0, "prompt_logprobs": 0}
         # ungated: the weight canary, scored inside an update while our gate is closed
         async with self._request_slot() if gated else contextlib.nullcontext():
-            raw = await self.http.post("/v1/completions", body)
+            raw = await self._completions(body)
         choices = self._choices(raw, len(seqs))
         out = []
         for i, (choice, seq) in enumerate(zip(choices, seqs, strict=True)):
@@ -130,6 +147,40 @@ class VLLMEngine(RemoteEngine):
                 row.append(as_logprob(hit["logprob"], f"sequence {i} position {j}"))
             out.append(row)
         return out
+
+    async def _completions(self, body: dict[str, Any]) -> Any:
+        """POST /v1/completions. After a transport failure (the server died or restarted) the
+        server's version is checked first: a restarted server serves its base weights, so this
+        quarantines (and the request waits for a push) instead of stamping them with ours."""
+        for attempt in range(2):
+            if self._server_lost:
+                await self._server_back()
+            try:
+                return await self.http.post("/v1/completions", body)
+            except UpstreamError as e:
+                if not isinstance(e.__cause__, httpx.TransportError) or attempt:
+                    raise
+                self._server_lost = True
+                log.warning("vllm server lost (%s); waiting for it to come back", e)
+        raise AssertionError("unreachable")
+
+    async def _server_back(self) -> None:
+        """Wait (up to quarantine_wait_s) until the server answers /health again, then check
+        its weight version: a restarted server quarantines this engine until a push."""
+        deadline = time.monotonic() + self.quarantine_wait_s
+        while True:
+            try:
+                await self._srv_healthy()
+                break
+            except EngineError as e:
+                if time.monotonic() > deadline:
+                    raise UpstreamError(f"vllm server still down after "
+                                        f"{self.quarantine_wait_s:g}s: {e}") from None
+                await asyncio.sleep(1.0)
+        known, reported = await self._srv_reported()
+        self._server_lost = False
+        if known:
+            self._stamp(reported)
 
     @staticmethod
     def _choices(raw: Any, n: int) -> list[dict[str, Any]]:
@@ -162,7 +213,7 @@ class VLLMEngine(RemoteEngine):
             body["seed"] = params.seed
         async with self._request_slot():
             version = self._version
-            raw = await self.http.post("/v1/completions", body)
+            raw = await self._completions(body)
         outs = []
         for i, c in enumerate(self._choices(raw, n)):
             try:
@@ -185,6 +236,51 @@ class VLLMEngine(RemoteEngine):
         except InvalidRequest:  # dev endpoints off (404): the server says nothing
             return False, None
         return True, parse_version(data.get("weight_version") if isinstance(data, dict) else None)
+
+    # ------------------------------------------------------------------ follower
+    def _stamp(self, reported: int | None) -> int:
+        if not self.follow:
+            return super()._stamp(reported)
+        if reported is None and self._version > 0:  # restarted: base weights, not ours
+            msg = (f"vllm server reports no version of ours but this service followed "
+                   f"{self._version} (server restarted?); waiting for the next push")
+            self._quarantine(msg)
+            raise UpstreamError(msg)
+        if reported is not None and reported != self._version:
+            self._version = reported
+            VERSION.labels(self.kind).set(reported)
+        return self._version
+
+    async def _follow_version(self) -> int:
+        known, reported = await self._srv_reported()
+        return self._stamp(reported) if known else self._version
+
+    async def update_weights(self, update: WeightUpdate) -> int:
+        if not self.follow:
+            return await super().update_weights(update)
+        # The rollout service loads (and canary-checks) the same push into the same server;
+        # wait until the server reports this version (or a later one).
+        if update.version < self._version and not update.meta.get("allow_rollback"):
+            raise WeightUpdateError(f"stale update: version {update.version} < serving "
+                                    f"{self._version}")
+        deadline = time.monotonic() + self.weight_timeout_s
+        while True:
+            try:
+                _known, reported = await self._srv_reported()
+            except EngineError:
+                reported = None  # down or restarting: keep waiting
+            if reported is not None and reported >= update.version:
+                self._version = reported
+                self._last_error = None
+                self._usable.set()
+                VERSION.labels(self.kind).set(reported)
+                INCONSISTENT.labels(self.kind).set(0)
+                return reported
+            if time.monotonic() > deadline:
+                raise WeightUpdateError(
+                    f"the shared vllm server did not reach version {update.version} within "
+                    f"{self.weight_timeout_s:g}s (the rollout service loads it)")
+            await asyncio.sleep(0.05)
 
     async def _srv_healthy(self) -> bool:
         await self.http.get("/health", timeout_s=30, expect_json=False)

@@ -8,7 +8,7 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 
 def tiny_qwen3_config(tokenizer: PreTrainedTokenizerFast, *, hidden: int = 64, layers: int = 4,
-                      heads: int = 4, kv_heads: int = 2, mlp_mult: int = 3,
+                      heads: int = 2, kv_heads: int = 1, mlp_mult: int = 3,
                       max_positions: int = 512) -> Qwen3Config:
     return Qwen3Config(
         vocab_size=len(tokenizer),

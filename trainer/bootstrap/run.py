@@ -21,8 +21,8 @@ from trainer.bootstrap.tokenizer import build_tokenizer
 
 
 def bootstrap(out_dir: str | Path, *, seed: int = 0, steps: int = 900, batch_size: int = 32,
-              lr: float = 3e-3, hidden: int = 64, layers: int = 4, heads: int = 4,
-              kv_heads: int = 2, train_problems: int = 8000, eval_problems: int = 200,
+              lr: float = 3e-3, hidden: int = 64, layers: int = 4, heads: int = 2,
+              kv_heads: int = 1, train_problems: int = 8000, eval_problems: int = 200,
               time_limit_s: float | None = None, task_knobs: dict | None = None,
               threads: int | None = 1, sft: dict | None = None, log=print) -> dict:
     """Train and save a bootstrapped model; returns (and writes to bootstrap.json) its metrics.
