@@ -17,6 +17,7 @@ import torch
 from fakes.fixtures import *  # noqa: F403 - fixtures: fake_vllm, fake_sglang, model_dir, weights_v1/2
 from fakes.fixtures import Fake, Weights
 from fakes.serve import serve_app_here
+from helpers.canary_ref import reference_logprobs, shifted
 from helpers.tiny_policy import save_tiny_policy
 from helpers.update_case import case_config
 from pydantic import ValidationError
@@ -33,31 +34,12 @@ from services.engines.cpu import CpuEngine
 from services.engines.factory import make_engine
 from services.engines.service import build_service_app
 from trainer import dist
-from trainer.algorithm import token_logprobs
 from trainer.canary import canary_logprobs, fixed_sequences
 from trainer.config import PushConfig, ServiceEndpoint
 from trainer.model import build_policy, full_state_dict
 from trainer.weight_push import WeightPusher
 
 TOKEN = "s3cret"
-
-
-def reference_logprobs(model_dir: Path, seqs: list[list[int]],
-                       state: dict[str, torch.Tensor] | None = None) -> list[list[float]]:
-    """Plain transformers at temperature 1: what every engine must reproduce."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    if state is not None:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        assert not unexpected and all("lm_head" in k for k in missing)
-    with torch.no_grad():
-        lp = token_logprobs(model, torch.tensor(seqs), temperature=1.0).logprobs
-    return lp[:, 1:].tolist()
-
-
-def shifted(c: Canary, delta: float, at: tuple[int, int] = (1, 3)) -> Canary:
-    lps = [list(r) for r in c.logprobs]
-    lps[at[0]][at[1]] += delta
-    return Canary(sequences=c.sequences, logprobs=lps, dtype=c.dtype)
 
 
 # ----------------------------------------------------------------------------- the comparison
