@@ -103,3 +103,123 @@ async def test_readiness_probe_reports_an_outage_at_once(tmp_path: Path) -> None
     finally:
         await bus.close()
         server.stop()
+
+
+# ----------------------------------------------------------------------------- verifier (short)
+def _wait(cond, what: str, timeout_s: float = 60.0, proc=None) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if proc is not None:
+            assert proc.poll() is None, f"the process exited ({proc.returncode}) while waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_a_standalone_verifier_outlives_redis_and_resumes_when_it_returns(tmp_path: Path) -> None:
+    """Defect 2: the verifier used to exit about a second after Redis died (and /v1/verify,
+    which needs no Redis, with it)."""
+    import httpx
+    from helpers.verifier_live import VerifierProcess
+
+    server = EmbeddedRedis(tmp_path / "r")
+    url = server.start()
+    svc = VerifierProcess(tmp_path, url, "v", workers=1).start()
+    one = {"response": r"\boxed{4}", "reference": "4"}
+    try:
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(10)
+        _wait(lambda: httpx.get(svc.url + "/readyz", timeout=5).json().get("redis") is False,
+              "readiness to report Redis down", proc=svc.proc)
+        time.sleep(2)  # the old failure mode took ~1 s; the pool must not be closed either
+        assert svc.proc.poll() is None, svc.log.read_text()[-2000:]
+        r = httpx.post(svc.url + "/v1/verify", json=one, timeout=30)
+        assert r.status_code == 200 and r.json()["correct"] is True
+        # Jobs need Redis: a clear 503 meanwhile, not a hang or a 500.
+        assert httpx.post(svc.url + "/v1/jobs", json={"items": [one]}, timeout=90).status_code == 503
+        server.restart()
+        _wait(lambda: httpx.get(svc.url + "/readyz", timeout=5).json().get("redis") is True,
+              "readiness to report Redis back", proc=svc.proc)
+        job = httpx.post(svc.url + "/v1/jobs", json={"items": [one] * 3}, timeout=30).json()["job_id"]
+        _wait(lambda: httpx.get(f"{svc.url}/v1/jobs/{job}", timeout=5).json()["status"] == "done",
+              "the job runner to resume", proc=svc.proc)
+        assert "Redis unreachable" in svc.log.read_text()
+    finally:
+        svc.kill()
+        server.stop()
+
+
+# ------------------------------------------------- verifier: slow and disconnecting clients
+HOSTILE = {"response": r"\boxed{10^{10^{10^{10}}}}", "reference": "1", "timeout_s": 0.5}
+TRIVIAL = {"response": r"\boxed{4}", "reference": "4"}
+
+
+@pytest.fixture
+def one_worker_verifier():  # noqa: ANN201
+    """A real verifier app on 127.0.0.1 over ONE checker process (so any unfairness shows)."""
+    from helpers.verifier_live import live_verifier
+
+    from services.verifier.config import VerifierConfig
+    from services.verifier.pool import VerifyPool
+
+    cfg = VerifierConfig(workers=1, kill_grace_s=0.3, max_timeout_s=10.0, consumer="chaos")
+    with VerifyPool(1, kill_grace_s=0.3) as pool, live_verifier(cfg, pool) as live:
+        yield live
+
+
+def test_a_slow_client_does_not_stall_a_trivial_request(one_worker_verifier) -> None:  # noqa: ANN001
+    """Defect 3: a trivial request used to wait behind a whole hostile batch (FIFO). Now it
+    is answered while the hostile batch (12 items of 0.5 s, 6 s of work) is still running."""
+    import threading
+
+    import httpx
+
+    url, pool = one_worker_verifier.url, one_worker_verifier.pool
+    hostile: dict = {}
+
+    def slow_client() -> None:
+        r = httpx.post(url + "/v1/verify/batch", json={"items": [HOSTILE] * 12}, timeout=60)
+        hostile["done_at"], hostile["r"] = time.monotonic(), r
+
+    t = threading.Thread(target=slow_client)
+    t.start()
+    _wait(lambda: pool.stats().busy == 1, "the hostile batch to start")
+    r = httpx.post(url + "/v1/verify", json=TRIVIAL, timeout=60)
+    trivial_at = time.monotonic()
+    assert r.status_code == 200 and r.json()["correct"] is True
+    assert "done_at" not in hostile, "the trivial request waited for the whole hostile batch"
+    t.join(60)
+    assert hostile["r"].status_code == 200 and hostile["done_at"] > trivial_at
+    assert [x["status"] for x in hostile["r"].json()["results"]] == ["timeout"] * 12
+
+
+def test_a_slow_sender_does_not_block_others(one_worker_verifier) -> None:  # noqa: ANN001
+    """A client trickling its body holds only its own connection."""
+    import socket
+
+    import httpx
+
+    host, port = one_worker_verifier.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/verify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n{\"response\": ")
+        for _ in range(3):
+            r = httpx.post(one_worker_verifier.url + "/v1/verify", json=TRIVIAL, timeout=10)
+            assert r.status_code == 200 and r.json()["correct"] is True
+
+
+def test_a_disconnecting_client_cancels_its_work(one_worker_verifier) -> None:  # noqa: ANN001
+    """Defect 3: work of a client that hung up used to run to the end (19 s for others to
+    wait). Now its queued items are dropped and its running item's worker is replaced."""
+    import httpx
+
+    url, pool = one_worker_verifier.url, one_worker_verifier.pool
+    before = pool.stats()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/verify/batch", json={"items": [HOSTILE] * 20}, timeout=1.2)
+    _wait(lambda: pool.stats().queue_depth == 0 and pool.stats().busy == 0,
+          "the disconnected client's items to be dropped", timeout_s=5)
+    after = pool.stats()
+    assert after.cancelled > before.cancelled  # its running item was killed, not waited out
+    assert after.completed - before.completed < 5, "most of the 20 items ran for nobody"
+    r = httpx.post(url + "/v1/verify", json=TRIVIAL, timeout=10)
+    assert r.status_code == 200 and r.json()["correct"] is True
