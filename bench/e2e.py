@@ -141,7 +141,7 @@ def run_ours(tmp: Path, model_dir: Path, steps: int, skip: int) -> dict:
         "completion_tokens_per_s": tokens / wall,
         "completion_len_mean": tokens / sum(r["samples"] for r in steady),
         "samples_per_step": steady[0]["samples"],
-        "staleness_mean": sum(r["staleness_mean"] for r in steady) / len(steady),
+        "staleness_mean": sum(r.get("staleness", r.get("staleness_mean", 0.0)) for r in steady) / len(steady),
         "shutdown_s": t_exit - seen[-1],
         "total_s": t_exit - t_launch,
     }

@@ -11,7 +11,7 @@ from trainer.model import lr_lambda
 YAML = """
 trainer:
   model_path: /models/tiny
-  algorithm: {preset: rlrt, eps_w: 0.5}
+  algorithm: {preset: rlrt, eps_w: 0.5, teacher_version: any}
   prompts_per_step: 4
   push:
     every: 2
@@ -61,3 +61,39 @@ def test_lr_schedule_warmup_then_decay():
     assert f(100) == pytest.approx(0.1)
     const = lr_lambda(TrainerConfig(model_path="/m", warmup_steps=0, total_steps=10))
     assert {const(s) for s in range(10)} == {1.0}
+
+
+def test_algorithm_consistency_is_checked_at_config_time():
+    """Fail loudly: a teacher preset sampling at T != 1 (q_t is scored at T = 1), a
+    current-policy teacher that can never match s_t (push.every > 1), an unknown estimator."""
+    base = {"model_path": "/m", "algorithm": {"preset": "rlrt"}}
+    with pytest.raises(ValueError, match="teacher_temperature"):
+        TrainerConfig(**base, sampling={"temperature": 0.7})
+    ok = TrainerConfig(**{**base, "algorithm": {"preset": "rlrt", "teacher_temperature": 1.0}},
+                       sampling={"temperature": 0.7})
+    assert ok.algorithm.teacher_temperature == 1.0
+    TrainerConfig(model_path="/m", sampling={"temperature": 0.7})  # grpo: no teacher, fine
+    with pytest.raises(ValueError, match="servable|temperature 1"):
+        TrainerConfig(**{**base, "algorithm": {"preset": "rlrt", "teacher_temperature": 0.7}})
+    with pytest.raises(ValueError, match="push.every: 1"):
+        TrainerConfig(**base, push={"every": 2})
+    assert TrainerConfig(**base).algorithm.teacher_version_rule == "match_s"
+    assert TrainerConfig(model_path="/m").algorithm.teacher_version_rule == "any"
+    with pytest.raises(ValueError, match="unknown advantage estimator"):
+        TrainerConfig(model_path="/m", algorithm={"advantage": "nope"})
+
+
+@pytest.mark.parametrize("kind, preset, eps_w", [
+    ("base", "rlrt", 1.0), ("instruct", "rlrt", 0.5), ("thinking", "rlrt", 0.2),
+    ("base", "rlsd", 1.0), (None, "rlsd", 0.2), (None, "rlrt", 1.0)])
+def test_model_kind_sets_the_papers_eps_w(kind, preset, eps_w):
+    from trainer.algorithm import AlgorithmConfig
+
+    over = {"model_kind": kind} if kind else {}
+    assert AlgorithmConfig.from_preset(preset, **over).eps_w == eps_w
+    # an explicit eps_w still wins over the kind
+    assert AlgorithmConfig.from_preset(preset, model_kind="thinking", eps_w=0.7).eps_w == 0.7
+
+
+def test_zero_variance_default_is_verls_keep():
+    assert TrainerConfig(model_path="/m").zero_variance == "keep"

@@ -9,6 +9,7 @@ inbox exactly as the bus handler would."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
@@ -48,15 +49,16 @@ async def bus(redis_url, prefix):
 
 def make_driver(bus: Bus, source: PromptSource, *, S: int = 0, zero_variance: str = "drop",
                 backfill_max: int = 2, state: DriverState | None = None,
-                wait_timeout_s: float = 30.0) -> Driver:
+                wait_timeout_s: float = 30.0, teacher: TeacherRequest | None = None,
+                **kw: object) -> Driver:
     state = state or DriverState()
     inbox = Inbox(bus.r, f"{bus.cfg.prefix}:trainer:{state.nonce}")
     return Driver(bus=bus, prompts_stream=bus.cfg.stream("prompts"), inbox=inbox, source=source,
                   run_id="t", prompts_per_step=P, group_size=G, max_staleness=S,
                   zero_variance=zero_variance, backfill_max=backfill_max,
                   sampling=SamplingParams(max_new_tokens=4, seed=10),
-                  teacher=TeacherRequest(scope="correct_mixed"), wait_timeout_s=wait_timeout_s,
-                  publish_timeout_s=5, state=state)
+                  teacher=teacher or TeacherRequest(scope="correct_mixed"),
+                  wait_timeout_s=wait_timeout_s, publish_timeout_s=5, state=state, **kw)
 
 
 async def published(bus: Bus, n: int) -> list[PromptTask]:
@@ -277,3 +279,91 @@ async def test_a_held_group_is_not_replaced_twice_after_a_restart(bus, source):
     await feeder
     assert [g.task.meta["task_index"] for g in coll.groups] == [1, 4, 5]
     assert again.state.deferred == [] and again.state.replacements == 0
+
+
+def scored(g: ScoredGroup, teacher_version: int) -> ScoredGroup:
+    """`g` with a teacher score on its first response, by `teacher_version`."""
+    from protocol.messages import TeacherScores
+
+    t = TeacherScores(logprobs=np.array([-1.0, -1.0], np.float32), context_mode="sibling")
+    return g.model_copy(update={"teacher": [t] + [None] * (len(g.responses) - 1),
+                                "teacher_version": teacher_version})
+
+
+async def test_match_s_sends_groups_of_an_older_teacher_back_for_rescoring(bus, source):
+    """teacher_version=match_s: a group scored by teacher v < t is not trained; its
+    VerifiedGroup goes back to the teacher's stream and the rescored group (teacher t) takes
+    the slot. Groups without teacher scores are trained whatever the teacher's version."""
+    from protocol.messages import VerifiedGroup
+
+    verified = bus.cfg.stream("verified")
+    d = make_driver(bus, source, S=1, teacher_version="match_s", rescore_stream=verified)
+    await d.top_up(0)
+    tasks = await published(bus, P)
+    await d.inbox.receive(scored(answer(tasks[0], [1.0, 0.0], 0), 0))  # teacher lags: rescore
+    await d.inbox.receive(scored(answer(tasks[1], [1.0, 0.0], 0), 1))  # teacher at s: train
+    await d.inbox.receive(answer(tasks[2], [0.0, 1.0], 0).model_copy(
+        update={"teacher_version": None}))  # nothing scored: train
+
+    back: list[VerifiedGroup] = []
+
+    async def teacher() -> None:  # the teacher service, now at version 1
+        async def h(g: VerifiedGroup) -> None:
+            back.append(g)
+
+        await bus.consume(verified, "teacher", "w", h, VerifiedGroup, asyncio.Event(),
+                          max_messages=1)
+        g = back[0]
+        await d.inbox.receive(scored(ScoredGroup(**dict(g), teacher=[None] * 2), 1).model_copy(
+            update={"msg_id": derive_id(g.msg_id, "scored")}))
+
+    feeder = asyncio.create_task(asyncio.wait_for(teacher(), 10))
+    coll = await d.collect(1)
+    await feeder
+    assert dict(coll.counts) == {"teacher_rescored": 1}
+    assert [g.task.meta["task_index"] for g in coll.groups] == [0, 1, 2]
+    assert [g.teacher_version for g in coll.groups] == [1, 1, None]
+    assert back[0].task.meta["task_index"] == 0 and len(back[0].responses) == 2
+    assert not d.state.inflight.keys() & {0, 1, 2}
+
+
+async def test_any_teacher_version_trains_on_a_lagging_teacher(bus, source):
+    """teacher_version=any: trained as is (the lag is reported by the stats)."""
+    d2 = make_driver(bus, source, S=1)
+    await d2.top_up(0)
+    for t in await published(bus, P):
+        await d2.inbox.receive(scored(answer(t, [1.0, 0.0], 0), 0))
+    coll = await d2.collect(1)
+    assert not coll.counts and [g.teacher_version for g in coll.groups] == [0, 0, 0]
+
+
+async def test_zero_variance_follows_the_estimator(bus, source):
+    """opsd ignores rewards: an all-equal group still carries signal (q - s) and is trained."""
+    d = make_driver(bus, source, zero_variance="drop", teacher=TeacherRequest(
+        scope="all", context_mode="reference_solution", estimator="self_distill"))
+    await d.top_up(0)
+    for t in await published(bus, P):
+        await d.inbox.receive(answer(t, [0.0, 0.0], 0))
+    coll = await d.collect(0)
+    assert len(coll.groups) == P and not coll.counts
+
+
+async def test_data_without_the_teachers_context_stops_at_admission(bus, source):
+    """opsd on answer-only data: a clear error after N prompts, before sampling anything."""
+    no_solution = PromptSource(DataConfig(source="countdown", num_prompts=40), tiny_tokenizer(),
+                               max_prompt_tokens=200, seed=0)
+    orig = no_solution.draw
+
+    def draw(cursor: int):  # noqa: ANN202 - the rows of an answer-only dataset
+        drawn = orig(cursor)
+        return dataclasses.replace(drawn, row=dataclasses.replace(drawn.row, solution=None))
+
+    no_solution.draw = draw  # type: ignore[method-assign]
+    d = make_driver(bus, no_solution, max_without_context=2, teacher=TeacherRequest(
+        scope="all", context_mode="reference_solution", estimator="self_distill"))
+    with pytest.raises(DriverError, match="no reference solution.*reference_solution"):
+        await d.top_up(0)
+    # with the field present (countdown has solutions) admission goes on
+    ok = make_driver(bus, source, max_without_context=2, teacher=TeacherRequest(
+        scope="all", context_mode="reference_solution", estimator="self_distill"))
+    assert await ok.top_up(0) == P

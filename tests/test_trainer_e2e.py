@@ -22,7 +22,7 @@ REQUIRED = [
     "reward_mean", "accuracy", "response_len_mean", "adv_mean", "adv_abs_mean", "adv_std",
     "self_driven_share", "mean_D", "weight_mean", "clip_low_share", "clip_high_share",
     "clipfrac_low", "clipfrac_high", "mismatch_kl", "entropy", "staleness_hist",
-    "staleness_mean", "teacher_tokens_scored", "teacher_tokens_skipped", "loss", "grad_norm",
+    "staleness", "teacher_tokens_scored", "teacher_tokens_skipped", "loss", "grad_norm",
     "lr", "tokens_per_s", "time_wait_s", "time_old_logprobs_s", "time_fwd_bwd_s",
     "time_optimizer_s", "time_push_s", "time_step_s", "push_ok", "push_failed",
 ]
@@ -66,6 +66,7 @@ def test_a_run_trains_pushes_logs_checkpoints_and_exports(run):
         assert not missing, missing
         assert r["push_ok"] == 1 and r["push_failed"] == []
         assert r["staleness_max"] <= cfg.max_staleness  # the bound holds for every sample
+        assert r["teacher_version_lag_max"] == 0  # rlrt: teacher_version match_s
         assert sum(r["staleness_hist"].values()) == r["samples"]
         assert r["groups"] == cfg.prompts_per_step
     assert records[0]["lr"] == pytest.approx(1e-3)  # warm-up of 1 step
@@ -77,7 +78,7 @@ def test_a_run_trains_pushes_logs_checkpoints_and_exports(run):
     tasks = [g["task_index"] for t in trained for g in t["groups"]]
     assert len(tasks) == len(set(tasks)) == 3 * cfg.prompts_per_step  # each prompt once
     assert all(g["staleness"] == t["version"] - g["engine_version"]
-               for t in trained for g in t["groups"])
+               and g["s_version"] == t["version"] for t in trained for g in t["groups"])
 
     assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 3
     assert any((out / "tb").iterdir())

@@ -348,6 +348,12 @@ class TrainerConfig(RLRTSettings):
                 f"{self.sampling.temperature}) with the teacher's q_t, which the engines score "
                 "at temperature 1: set algorithm.teacher_temperature: 1.0 to accept that "
                 "mismatch explicitly, or sample at temperature 1")
+        if alg.teacher_version_rule == "match_s" and self.push.every != 1:
+            raise ValueError(
+                f"algorithm.teacher_version=match_s (the default of preset {alg.preset!r}) needs "
+                f"push.every: 1 -- with push.every={self.push.every} the teacher never serves "
+                "the version of s_t; set algorithm.teacher_version: any to accept a lagging "
+                "teacher (reported as teacher_version_lag)")
         if self.push.mode == "nccl":
             for s in self.push.services:
                 if s.engine is None:

@@ -13,9 +13,24 @@ step); at version t the driver admits tasks up to step t + S, i.e. keeps the num
 at (t + S + 1) * P plus one replacement per dropped group that must be replaced. So never
 more is in flight than can still be used fresh, and with S = 0 the run is synchronous.
 
-Zero-variance groups (all rewards equal, advantage 0): `keep` trains on them, `drop` spends
-the step's slot on them (a smaller step), `backfill` drops them and admits a replacement, at
-most `backfill_max` per step (then it falls back to `drop`).
+Zero-variance groups (every advantage 0 by the estimator's own test, protocol/estimators.py:
+equal rewards for GRPO; never for opsd, which ignores rewards): `keep` trains on them (verl's
+GRPO, the default), `drop` spends the step's slot on them (a smaller step), `backfill` drops
+them and admits a replacement, at most `backfill_max` per step (then it falls back to `drop`).
+
+Teacher version. Every group records three versions: the sampling one (`engine_version`), the
+teacher's (`teacher_version`) and that of s_t, which is the step's version t (s is recomputed
+with the weights that begin the step). With `teacher_version="match_s"` (the paper's
+current-policy teacher; the default of the teacher presets) a group scored by an older teacher
+is not trained as is: its VerifiedGroup goes back to the teacher service (`rescore_stream`),
+which by then serves version t (the trainer waits for the push to load before collecting), and
+the rescored group takes its slot; no sample is wasted. A teacher newer than t (a resumed run)
+is held back like a group sampled by newer weights.
+
+Teacher context from the data. When the preset's context comes from a dataset field
+(reference_solution / reference_answer: opsd, rlsd), `max_without_context` consecutive prompts
+without that field stop the run with the reason at admission, before anything is sampled:
+such a run would otherwise train on all-zero advantages (opsd) or never re-weight.
 
 Ids. Task k's msg_id derives from (run_id, nonce, k): a resumed run that re-admits task k
 publishes the same msg_id, which the bus drops as a duplicate, so no prompt goes out twice.
@@ -34,7 +49,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from protocol.bus import Bus
-from protocol.messages import PromptTask, SamplingParams, ScoredGroup, TeacherRequest, derive_id
+from protocol.estimators import get_adv_est
+from protocol.messages import (
+    PromptTask,
+    SamplingParams,
+    ScoredGroup,
+    TeacherRequest,
+    VerifiedGroup,
+    derive_id,
+)
 from trainer.data import PromptSource
 from trainer.inbox import Inbox, InboxTimeout
 
@@ -84,8 +107,19 @@ def task_index(g: ScoredGroup) -> int:
 
 
 def zero_variance(g: ScoredGroup) -> bool:
-    rewards = [v.reward for v in g.verifications]
-    return max(rewards) == min(rewards)
+    """The group carries no signal: every advantage is 0 by its estimator's test."""
+    return get_adv_est(g.task.teacher.estimator).carries_no_signal(
+        [v.reward for v in g.verifications])
+
+
+def scored_version(g: ScoredGroup) -> int | None:
+    """The teacher version of a group that has teacher scores, else None."""
+    return g.teacher_version if any(t is not None for t in g.teacher) else None
+
+
+def newest_version(g: ScoredGroup) -> int:
+    """The newest policy version that produced any part of the group."""
+    return max(g.engine_version, scored_version(g) or 0)
 
 
 class Driver:
@@ -93,7 +127,9 @@ class Driver:
                  run_id: str, prompts_per_step: int, group_size: int, max_staleness: int,
                  zero_variance: str, backfill_max: int, sampling: SamplingParams,
                  teacher: TeacherRequest, wait_timeout_s: float, publish_timeout_s: float,
-                 max_dropped: int | None = None, state: DriverState | None = None) -> None:
+                 max_dropped: int | None = None, state: DriverState | None = None,
+                 teacher_version: str = "any", rescore_stream: str | None = None,
+                 max_without_context: int = 32) -> None:
         self.bus = bus
         self.stream = prompts_stream
         self.inbox = inbox
@@ -115,6 +151,12 @@ class Driver:
                             else 8 * (max_staleness + 1) * prompts_per_step)
         self.deferred: list[ScoredGroup] = []
         self._seen_versions: set[int] = set()
+        if teacher_version == "match_s" and rescore_stream is None:
+            raise ValueError("teacher_version='match_s' needs the teacher's input stream")
+        self.teacher_version = teacher_version
+        self.rescore_stream = rescore_stream
+        self.max_without_context = max_without_context
+        self._without_context = 0  # consecutive admitted rows lacking the context field
 
     # ------------------------------------------------------------------ admission
     def allowance(self, version: int) -> int:
@@ -123,6 +165,7 @@ class Driver:
     def make_task(self, k: int, version: int) -> PromptTask:
         drawn = self.source.draw(self.state.data_cursor)
         self.state.data_cursor = drawn.cursor + 1
+        self._check_context(drawn.row.solution, drawn.row.answer)
         sampling = self.sampling
         if sampling.seed is not None:  # reproducible, yet different for every task
             sampling = sampling.model_copy(update={"seed": sampling.seed + k})
@@ -138,6 +181,23 @@ class Driver:
             meta={"task_index": k, "nonce": self.state.nonce, "row": drawn.index,
                   "epoch": drawn.epoch},
         )
+
+    def _check_context(self, solution: str | None, answer: str | None) -> None:
+        """Stop when the data cannot give the preset's teacher its context (see module doc)."""
+        mode = self.teacher.context_mode
+        if self.teacher.scope == "none" or mode == "sibling":
+            return  # siblings come from the samples; a missing solution is only a fallback
+        field_ = "solution" if mode == "reference_solution" else "answer"
+        if (solution if mode == "reference_solution" else answer):
+            self._without_context = 0
+            return
+        self._without_context += 1
+        if self._without_context >= self.max_without_context:
+            raise DriverError(
+                f"{self._without_context} consecutive prompts have no reference {field_}, but "
+                f"the teacher's context_mode is {mode!r}: the teacher cannot score them (for "
+                f"opsd every advantage would be 0). Map the data's {field_} column "
+                f"(data.{field_}_field) or choose a preset whose context is a sibling")
 
     async def top_up(self, version: int) -> int:
         """Publish tasks until the admission allowance at `version` is reached."""
@@ -159,7 +219,7 @@ class Driver:
     async def _next(self, version: int, stop: Any, used: int) -> ScoredGroup | None:
         """A deferred group whose version has come, else the next arrival."""
         for i, g in enumerate(self.deferred):
-            if g.engine_version <= version:
+            if newest_version(g) <= version:
                 del self.deferred[i]
                 return g
         try:
@@ -183,6 +243,16 @@ class Driver:
             self.state.deferred.append(k)
             self.state.replacements += 1
 
+    async def _rescore(self, g: ScoredGroup, version: int) -> None:
+        """Send a group scored by an older teacher back to the teacher service. The msg_id
+        derives from (group, version): a resumed trainer that rescores it again publishes the
+        same id, which the bus drops as a duplicate."""
+        fields = {k: getattr(g, k) for k in VerifiedGroup.model_fields}
+        fields["msg_id"] = derive_id(g.msg_id, f"rescore/{version}")
+        assert self.rescore_stream is not None
+        await self.bus.publish(self.rescore_stream, VerifiedGroup.model_validate(fields),
+                               timeout_s=self.publish_timeout_s)
+
     async def collect(self, version: int, stop: Any = None) -> Collected | None:
         """The groups step `version` trains on (None if `stop` was set while waiting).
         Raises DriverError when no group arrives within wait_timeout_s, or when too many are
@@ -194,10 +264,11 @@ class Driver:
         slots = self.P
         backfilled = 0
         while slots > 0:
-            unusable = counts["stale"] + counts["deferred"]
+            unusable = counts["stale"] + counts["deferred"] + counts["teacher_rescored"]
             if unusable > self.max_dropped:
                 raise DriverError(
-                    f"step {version}: {counts['stale']} groups too stale and "
+                    f"step {version}: {counts['stale']} groups too stale, "
+                    f"{counts['teacher_rescored']} sent back to an older teacher and "
                     f"{counts['deferred']} from newer weights (engine versions "
                     f"{sorted(self._seen_versions)}): the services do not serve the trainer's "
                     f"version {version}; check the weight pushes (push_failed in the metrics)")
@@ -212,9 +283,16 @@ class Driver:
                 continue
             staleness = version - g.engine_version
             self._seen_versions.add(g.engine_version)
-            if staleness < 0:
+            if newest_version(g) > version:
                 self._count(counts, "deferred")
                 self._defer(g)  # not consumed: it stays in the inbox until used
+                continue
+            tv = scored_version(g)
+            if self.teacher_version == "match_s" and tv is not None and tv < version \
+                    and staleness <= self.S:
+                consumed.append(g.msg_id)
+                self._count(counts, "teacher_rescored")
+                await self._rescore(g, version)  # the task stays in flight
                 continue
             consumed.append(g.msg_id)
             del self.state.inflight[k]

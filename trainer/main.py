@@ -297,7 +297,10 @@ class _Lead:
                     chat_template_kwargs=dict(cfg.data.chat_template_kwargs),
                     system_prompt=cfg.data.system_prompt),
                 wait_timeout_s=cfg.wait_timeout_s, publish_timeout_s=cfg.publish_timeout_s,
-                max_dropped=cfg.max_dropped_per_step, state=dstate)
+                max_dropped=cfg.max_dropped_per_step, state=dstate,
+                teacher_version=cfg.algorithm.teacher_version_rule,
+                rescore_stream=self.bus_cfg.stream("verified"),
+                max_without_context=cfg.max_groups_without_context)
             self.pusher = WeightPusher(
                 cfg.push, cfg.weights_root, cfg.run_id,
                 extra_files={"config.json": self.policy.hf_model.config.to_json_string()})

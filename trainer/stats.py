@@ -15,7 +15,8 @@ def batch_stats(batch: TrainBatch, groups: list[ScoredGroup], version: int) -> d
     lens = batch.response_len.float()
     stale = batch.staleness.tolist()
     hist = Counter(stale)
-    teacher_stale = [version - g.teacher_version for g in groups if g.teacher_version is not None]
+    # s_t is computed with the weights that begin the step: its version is the step's.
+    teacher_lag = [version - g.teacher_version for g in groups if g.teacher_version is not None]
     return {
         "samples": batch.size,
         "groups": len(groups),
@@ -25,10 +26,12 @@ def batch_stats(batch: TrainBatch, groups: list[ScoredGroup], version: int) -> d
         "response_len_mean": float(lens.mean()),
         "response_len_max": float(lens.max()),
         "truncated_frac": float(batch.truncated.float().mean()),
-        "staleness_mean": sum(stale) / max(len(stale), 1),
+        "staleness": sum(stale) / max(len(stale), 1),  # mean of s version - sampling version
         "staleness_max": max(stale) if stale else 0,
         "staleness_hist": {str(k): v for k, v in sorted(hist.items())},
-        "teacher_staleness_mean": sum(teacher_stale) / len(teacher_stale) if teacher_stale else 0.0,
+        # s version - teacher version, over groups with teacher scores (0 under match_s)
+        "teacher_version_lag": sum(teacher_lag) / len(teacher_lag) if teacher_lag else 0.0,
+        "teacher_version_lag_max": max(teacher_lag) if teacher_lag else 0,
         "teacher_rows": int(batch.has_teacher.sum()),
         "teacher_tokens_scored": sum(g.scored_tokens for g in groups),
         "teacher_tokens_skipped": sum(g.skipped_tokens for g in groups),
@@ -49,7 +52,9 @@ def trained_record(groups: list[ScoredGroup], version: int) -> dict[str, Any]:
         "groups": [
             {"task_index": task_index(g), "prompt_id": g.task.prompt_id, "group_id": g.task.group_id,
              "engine_version": g.engine_version, "teacher_version": g.teacher_version,
-             "staleness": version - g.engine_version}
+             "s_version": version, "staleness": version - g.engine_version,
+             "teacher_version_lag": (version - g.teacher_version
+                                     if g.teacher_version is not None else None)}
             for g in groups
         ],
     }
