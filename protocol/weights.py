@@ -21,11 +21,12 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors import safe_open
 
 from protocol.safetensors_stream import background, write_safetensors
@@ -317,3 +318,96 @@ def load_weights_dir(
                 f"manifest says {entry.dtype}{entry.shape}"
             )
     return out
+
+
+# --------------------------------------------------------------------------- NCCL updates
+# The other way weights reach a service: `WeightUpdate(format="nccl")`, whose
+# `meta["nccl"]` is an `NcclSpec`. The trainer (rank 0 of one extra process group per
+# service) broadcasts the tensors straight into the engine's GPUs; the service drives its
+# engine's HTTP endpoints with each bucket's metadata. Sequence and timing: docs/engines.md.
+
+DEFAULT_NCCL_GROUP = "rlrt_weight_sync"
+
+
+def dtype_bytes(name: str) -> int:
+    """Element size of a torch dtype named without "torch." (ValueError if there is none)."""
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"{name!r} is not a torch dtype name")
+    return dt.itemsize
+
+
+class Bucket(BaseModel):
+    """One metadata message = the tensors the trainer broadcasts next, in this order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    names: list[str] = Field(min_length=1, description="engine-side (HF) parameter names")
+    dtypes: list[str] = Field(description='torch dtype names without "torch.", e.g. "bfloat16"')
+    shapes: list[list[int]] = Field(description="full (gathered) shapes")
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Bucket:
+        if not len(self.names) == len(self.dtypes) == len(self.shapes):
+            raise ValueError(f"{len(self.names)} names, {len(self.dtypes)} dtypes, "
+                             f"{len(self.shapes)} shapes")
+        for d in self.dtypes:
+            dtype_bytes(d)
+        return self
+
+    def nbytes(self) -> int:
+        total = 0
+        for d, s in zip(self.dtypes, self.shapes, strict=True):
+            n = dtype_bytes(d)
+            for x in s:
+                n *= x
+            total += n
+        return total
+
+
+class NcclSpec(BaseModel):
+    """`WeightUpdate.meta["nccl"]`: the group to (re)use and the buckets, in broadcast order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    world_size: int = Field(ge=2, description="1 (trainer) + the engine's GPU count")
+    rank_offset: int = Field(1, ge=1, description="rank of the engine's first GPU")
+    group_name: str = Field(
+        DEFAULT_NCCL_GROUP, min_length=1,
+        description="name of the update group; distinct per service (torch refuses a second "
+        "group of one name in the trainer's process)")
+    backend: str = Field("nccl", description="SGLang only: torch backend of the update group")
+    init_group: bool = Field(
+        True,
+        description="(re)create the group before this update (the trainer initialises its side "
+        "concurrently). False: reuse the group made by an earlier update with the same "
+        "location/world_size/group_name; refused if the service has none.",
+    )
+    packed: bool = Field(False, description="vLLM only: packed broadcast (vLLM's packed_tensor); "
+                         "sent to vLLM in init_info")
+    buckets: list[Bucket] = Field(min_length=1)
+
+
+def plan_buckets(params: Iterable[tuple[str, str, Sequence[int]]],
+                 bucket_bytes: int) -> list[Bucket]:
+    """Greedy, order-keeping buckets of about `bucket_bytes` (slime's default is 512 MB); a
+    tensor larger than a bucket gets its own. `params` = (name, dtype name, full shape)."""
+    buckets: list[Bucket] = []
+    names: list[str] = []
+    dtypes: list[str] = []
+    shapes: list[list[int]] = []
+    size = 0
+    for name, dtype, shape in params:
+        n = dtype_bytes(dtype)
+        for x in shape:
+            n *= int(x)
+        if names and size + n > bucket_bytes:
+            buckets.append(Bucket(names=names, dtypes=dtypes, shapes=shapes))
+            names, dtypes, shapes, size = [], [], [], 0
+        names.append(name)
+        dtypes.append(dtype)
+        shapes.append([int(x) for x in shape])
+        size += n
+    if names:
+        buckets.append(Bucket(names=names, dtypes=dtypes, shapes=shapes))
+    return buckets

@@ -1,6 +1,6 @@
 """The trainer's half of an NCCL weight update (trainer/weight_sync_nccl.py), run over gloo
-on CPU against a receiver process that plays the service + engine (tests/helpers/
-nccl_receiver.py): bucket metadata sized by ds_numel under ZeRO-3, the broadcasts matching
+on CPU against a receiver process that plays the service + engine and joins with SGLang's
+released `init_custom_process_group` (tests/helpers/nccl_receiver.py): bucket metadata sized by ds_numel under ZeRO-3, the broadcasts matching
 it tensor for tensor, group reuse, and a refusal reported at once (no rendezvous wait).
 NCCL itself and the vLLM path run only on GPUs."""
 
@@ -17,6 +17,7 @@ import pytest
 import torch
 from helpers.tiny_policy import save_tiny_policy
 from helpers.update_case import case_batch, case_config
+from helpers.upstream import package_dir
 
 from trainer import dist
 from trainer.config import PushConfig, ServiceEndpoint
@@ -36,6 +37,7 @@ TESTS = Path(__file__).parent
 
 @pytest.fixture
 def receiver():
+    package_dir("sglang")  # skips with the reason when the sources are not fetched
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)]),
            "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "-m", "helpers.nccl_receiver"], cwd=TESTS, env=env,

@@ -13,10 +13,10 @@ from fakes.models import CONTEXT_LEN
 from fakes.reference import reference_model, token_logprobs
 
 from protocol.messages import SamplingParams, WeightUpdate
+from protocol.weights import plan_buckets
 from services.engines.base import InvalidRequest, UpstreamError, WeightUpdateError
 from services.engines.config import EngineConfig
 from services.engines.factory import make_engine
-from services.engines.nccl_sync import plan_buckets
 from services.engines.vllm import VLLMEngine
 
 SEQS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]]

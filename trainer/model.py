@@ -294,19 +294,19 @@ def shape_of(t: torch.Tensor) -> list[int]:
 
 def plan_buckets(items: list[tuple[str, torch.Tensor]], bucket_bytes: int,
                  dtype: torch.dtype | None = None) -> list[list[int]]:
-    """Greedy, order-keeping buckets of about `bucket_bytes` (a bigger tensor gets its own),
-    sized by `ds_numel`: under ZeRO-3 `numel()` is the local partition, and sizing by it
-    would put the whole model in one bucket (one giant gather)."""
-    plan: list[list[int]] = []
-    size = 0
-    for i, (_, t) in enumerate(items):
-        nbytes = numel_of(t) * (dtype or t.dtype).itemsize
-        if not plan or (plan[-1] and size + nbytes > bucket_bytes):
-            plan.append([])
-            size = 0
-        plan[-1].append(i)
-        size += nbytes
-    return plan
+    """Indices of `items` per bucket, planned by protocol.weights.plan_buckets (the one plan,
+    shared with the NCCL wire format) from the real shapes: under ZeRO-3 `numel()` is the
+    local partition, and sizing by it would put the whole model in one bucket."""
+    from protocol.weights import plan_buckets as plan
+
+    buckets = plan([(n, str(dtype or t.dtype).removeprefix("torch."), shape_of(t))
+                    for n, t in items], bucket_bytes)
+    out: list[list[int]] = []
+    i = 0
+    for b in buckets:
+        out.append(list(range(i, i + len(b.names))))
+        i += len(b.names)
+    return out
 
 
 def iter_gathered(policy: Policy, bucket_bytes: int, dtype: torch.dtype | None = None,

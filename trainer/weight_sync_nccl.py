@@ -15,12 +15,21 @@ of one extra process group per service (not the training group), broadcasts the 
        meta: {"nccl": {world_size, rank_offset: 1, group_name, backend, packed, init_group,
        buckets: [{names, dtypes, shapes}, ...]}}}           -- on a thread, long timeout
     3. if init_group: join the group as rank 0, concurrently with the service's init call
-       (SGLang: torch TCP rendezvous + a second process group built like SGLang's
-       init_custom_process_group; vLLM: vLLM's own NCCLWeightTransferEngine.trainer_init)
+       (SGLang: torch TCP rendezvous + a second process group built exactly like SGLang's
+       init_custom_process_group -- PrefixStore(group_name, store) first -- with the default
+       group's bound device cleared meanwhile; vLLM: vLLM's own
+       `vllm.distributed.weight_transfer.nccl_common.trainer_init`, a PyNccl communicator)
     4. every bucket, in order (gathered once under ZeRO-3, on every rank): broadcast each
        tensor from rank 0 to each service's group
     5. join the HTTP thread: 200 = done; anything else = reported, the group destroyed
        (re-initialised next time)
+
+One group per service, each with its own port (master_port + index) and its own name
+(rlrt_weight_sync_<service>): torch refuses a second group of one name in this process.
+vLLM's `WeightTransferEngineFactory.trainer_init(init_info, client=..., source=...)` is not
+used: its client drives the vLLM server's HTTP endpoints from the trainer, while here the
+service drives them (its server is on the service's loopback) and the trainer only joins the
+group and broadcasts -- exactly what `nccl_common.trainer_init` and PyNccl's broadcast do.
 
 Every wait is bounded: the HTTP call by push.nccl_timeout_s, torch groups by their
 timeout. vLLM's PyNccl has no timeout of its own (a dead server blocks the broadcast): the
@@ -29,9 +38,11 @@ service's HTTP failure is then the only signal, so run a GPU trainer under a sup
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -40,32 +51,70 @@ import torch
 
 from protocol.config import secret_value
 from protocol.messages import WeightUpdate
+from protocol.weights import DEFAULT_NCCL_GROUP, Bucket, NcclSpec
 from trainer.config import PushConfig, ServiceEndpoint
 from trainer.model import Policy, iter_gathered, named_weights, plan_buckets, shape_of
 from trainer.weight_push import PushResult
 
 log = logging.getLogger("rlrt.trainer.nccl")
 
-GROUP_NAME = "rlrt_weight_sync"
+
+def group_name(service: str) -> str:
+    """The update group of one service: distinct per service (see the module docstring)."""
+    return f"{DEFAULT_NCCL_GROUP}_{service}"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+@contextlib.contextmanager
+def _unbound_default_group() -> Iterator[None]:
+    """Clear the default group's `bound_device_id` meanwhile. Under a multi-GPU DeepSpeed
+    trainer the default group is bound to a device, and torch's group helper then builds
+    the new group by splitting the default group's communicator -- a collective of every
+    training rank, while only rank 0 is here: it would hang. (NVIDIA NeMo-RL does the same.)"""
+    dist = torch.distributed
+    pg = dist.distributed_c10d._world.default_pg if dist.is_initialized() else None
+    bound = getattr(pg, "bound_device_id", None)
+    if bound is None:
+        yield
+        return
+    pg.bound_device_id = None
+    try:
+        yield
+    finally:
+        pg.bound_device_id = bound
+
+
 def init_custom_process_group(backend: str, host: str, port: int, rank: int, world_size: int,
                               group_name: str, timeout_s: float) -> Any:
-    """A process group apart from the training one, built the way SGLang's
-    `init_custom_process_group` builds the server's side (torch TCP rendezvous, then torch's
-    group helper, so the store prefixes match). Private torch API (checked on torch 2.13)."""
-    from torch.distributed.distributed_c10d import _new_process_group_helper, _world, rendezvous
+    """A process group apart from the training one, built the way SGLang 0.5.23's
+    `sglang.srt.utils.common.init_custom_process_group` builds the server's side: torch TCP
+    rendezvous, the store wrapped in `PrefixStore(group_name, store)`, then torch's group
+    helper (which adds its own "<group_name>/" prefix). Without the same wrap the two sides
+    read different keys and never exchange the NCCL id. Private torch API (checked on torch
+    2.13; SGLang uses the same); tests/test_nccl_rendezvous.py runs it against SGLang's."""
+    from torch.distributed.distributed_c10d import (
+        Backend,
+        PrefixStore,
+        _new_process_group_helper,
+        _world,
+        rendezvous,
+    )
 
     timeout = timedelta(seconds=timeout_s)
     store, rank, world_size = next(rendezvous(f"tcp://{host}:{port}", rank, world_size,
                                               timeout=timeout))
     store.set_timeout(timeout)
-    pg, _ = _new_process_group_helper(world_size, rank, [], backend, store,
-                                      group_name=group_name, timeout=timeout)
+    store = PrefixStore(group_name, store)
+    # torch 2.6 renamed pg_options to backend_options (SGLang checks the same way)
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    options = "backend_options" if (major, minor) >= (2, 6) else "pg_options"
+    with _unbound_default_group():
+        pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store,
+                                          group_name=group_name, timeout=timeout,
+                                          **{options: None})
     _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     return pg
 
@@ -73,6 +122,8 @@ def init_custom_process_group(backend: str, host: str, port: int, rank: int, wor
 def destroy_group(group: Any) -> None:
     if group is None:
         return
+    if not isinstance(group, torch.distributed.ProcessGroup):
+        return  # vLLM's PyNcclCommunicator: dropping the reference is all there is
     try:
         torch.distributed.destroy_process_group(group)
     except Exception as e:  # noqa: BLE001 - a broken group may not tear down cleanly
@@ -129,8 +180,12 @@ class Peer:
     def location(self) -> str:
         return f"{self.cfg.master_address}:{self.port}"
 
+    @property
+    def group_name(self) -> str:
+        return group_name(self.svc.name)
+
     def group_key(self) -> str:
-        return f"{self.location}/{GROUP_NAME}x{self.world_size}"
+        return f"{self.location}/{self.group_name}x{self.world_size}"
 
     def _engine_info(self) -> dict[str, Any]:
         r = self.http.get(f"{self.svc.url.rstrip('/')}/v1/version", headers=self.headers,
@@ -153,14 +208,14 @@ class Peer:
             self.group = None
         return init
 
-    def update(self, version: int, buckets: list[dict[str, Any]], init: bool,
-               run_id: str) -> _Call:
+    def update(self, version: int, buckets: list[Bucket], init: bool, run_id: str) -> _Call:
         """Step 2: start the /v1/weights call."""
-        spec = {"world_size": self.world_size, "rank_offset": 1, "group_name": GROUP_NAME,
-                "backend": self.cfg.nccl_backend, "packed": False, "init_group": init,
-                "buckets": buckets}
+        spec = NcclSpec(world_size=int(self.world_size or 2), rank_offset=1,
+                        group_name=self.group_name, backend=self.cfg.nccl_backend,
+                        packed=False, init_group=init, buckets=buckets)
         body = WeightUpdate(run_id=run_id, version=version, format="nccl",
-                            location=self.location, meta={"nccl": spec}).model_dump_json()
+                            location=self.location,
+                            meta={"nccl": spec.model_dump()}).model_dump_json()
         call = _Call(self.http, f"{self.svc.url.rstrip('/')}/v1/weights", body, self.headers)
         call.start()
         return call
@@ -169,27 +224,26 @@ class Peer:
         """Step 3 (when init_group): rank 0 of the new group."""
         if self.svc.engine == "vllm":
             try:
-                from vllm.distributed.weight_transfer.nccl_engine import (
-                    NCCLWeightTransferEngine,
-                )
+                from vllm.distributed.weight_transfer.nccl_common import trainer_init
             except ImportError as e:
-                raise RuntimeError("NCCL updates of a vLLM server need vllm installed in the "
-                                   "trainer's environment (its PyNccl group helper)") from e
-            self.group = NCCLWeightTransferEngine.trainer_init(
-                {"master_address": self.cfg.master_address, "master_port": self.port,
-                 "world_size": self.world_size})
+                raise RuntimeError("NCCL updates of a vLLM server need vllm (0.32, the pin of "
+                                   "the trainer image) in the trainer's environment") from e
+            self.group = trainer_init({"master_address": self.cfg.master_address,
+                                       "master_port": self.port,
+                                       "world_size": self.world_size})
         else:
             self.group = init_custom_process_group(
                 self.cfg.nccl_backend, self.cfg.master_address, self.port, 0,
-                int(self.world_size or 2), GROUP_NAME, self.cfg.nccl_timeout_s)
+                int(self.world_size or 2), self.group_name, self.cfg.nccl_timeout_s)
 
     def send(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
-        """Step 4 for one bucket."""
+        """Step 4 for one bucket, tensor by tensor (packed=False on both sides)."""
         if self.svc.engine == "vllm":
-            from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
-
-            NCCLWeightTransferEngine.trainer_send_weights(
-                iter(bucket), {"group": self.group, "packed": False})
+            # vLLM's own trainer-side broadcast (NCCLTrainerWeightTransferEngine._broadcast,
+            # unpacked branch): PyNccl on the current stream, contiguous tensors.
+            stream = torch.cuda.current_stream()
+            for _, t in bucket:
+                self.group.broadcast(t, src=0, stream=stream)
             return
         for _, t in bucket:
             torch.distributed.broadcast(t, src=0, group=self.group)
@@ -237,12 +291,11 @@ def _peers(cfg: PushConfig) -> list[Peer]:
     return out
 
 
-def bucket_metadata(policy: Policy, plan: list[list[int]], dtype: torch.dtype
-                    ) -> list[dict[str, Any]]:
+def bucket_metadata(policy: Policy, plan: list[list[int]], dtype: torch.dtype) -> list[Bucket]:
+    """The NcclSpec buckets of `plan`: real (gathered) shapes, all in the push dtype."""
     items = named_weights(policy.hf_model)
-    return [{"names": [items[i][0] for i in idx],
-             "dtypes": [dtype_name(dtype)] * len(idx),
-             "shapes": [shape_of(items[i][1]) for i in idx]} for idx in plan]
+    return [Bucket(names=[items[i][0] for i in idx], dtypes=[dtype_name(dtype)] * len(idx),
+                   shapes=[shape_of(items[i][1]) for i in idx]) for idx in plan]
 
 
 def nccl_push_all(policy: Policy, cfg: PushConfig, *, version: int, dtype: torch.dtype,

@@ -4,7 +4,7 @@
 # API on 0.0.0.0:8320. Our worker lives in its own venv, so vLLM's packages stay as shipped.
 #   docker build -f deploy/docker/teacher.Dockerfile -t rlrt-teacher:0.1.0 .
 # Upgrading vLLM: change VLLM_IMAGE (docs/deploy.md, "Upgrading SGLang and vLLM").
-ARG VLLM_IMAGE=vllm/vllm-openai:v0.33.0
+ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
 FROM ${VLLM_IMAGE}
 
 ARG TORCH_VERSION=2.13.0

@@ -10,6 +10,11 @@ FROM ${CUDA_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+# vLLM's trainer-side weight transfer (vllm.distributed.weight_transfer.nccl_common) for NCCL
+# pushes to the teacher. 0.32.0 is the newest vLLM whose torch pin (torch==2.13.0) is this
+# image's torch (0.33.0 pins 2.14.0); the teacher image runs the same version
+# (docs/deploy.md, "Supported versions"). scripts/fetch-upstream.sh reads this line.
+ARG VLLM_VERSION=0.32.0
 # torch comes from this extra index: its local version (2.13.0+cpu, +cu128) ranks above PyPI's
 # plain 2.13.0, so pip takes that build; everything else comes from PyPI, pinned by constraints.txt.
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -9,70 +9,20 @@ sides must agree on is in the `WeightUpdate` of `POST /v1/weights`:
     version  = new policy version
     meta     = {"nccl": NcclSpec}    group size/name and the bucket list, in broadcast order
 
-Wire sequence, timing and the trainer's half: docs/engines.md. This module has no torch
-import, so the service (and its tests) need no CUDA; `trainer/` must not import services,
-so it mirrors `NcclSpec` (or the lead moves it to protocol/weights.py).
+Wire sequence, timing and the trainer's half: docs/engines.md. The wire format itself
+(`NcclSpec`, `Bucket`, `plan_buckets`) lives in protocol/weights.py, shared with the trainer;
+this module validates an update and names its group.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict
 
 from protocol.messages import WeightUpdate
+from protocol.weights import Bucket, NcclSpec
 from services.engines.base import WeightUpdateError
 
-# Element sizes of the dtypes the engines accept, for bucket planning.
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1}
-
-
-class Bucket(BaseModel):
-    """One metadata message = the tensors the trainer broadcasts next, in this order."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    names: list[str] = Field(min_length=1, description="engine-side (HF) parameter names")
-    dtypes: list[str] = Field(description='torch dtype names without "torch.", e.g. "bfloat16"')
-    shapes: list[list[int]]
-
-    @model_validator(mode="after")
-    def _aligned(self) -> Bucket:
-        if not len(self.names) == len(self.dtypes) == len(self.shapes):
-            raise ValueError(f"{len(self.names)} names, {len(self.dtypes)} dtypes, "
-                             f"{len(self.shapes)} shapes")
-        bad = sorted(set(self.dtypes) - set(DTYPE_BYTES))
-        if bad:
-            raise ValueError(f"unsupported dtypes {bad}; allowed: {sorted(DTYPE_BYTES)}")
-        return self
-
-    def nbytes(self) -> int:
-        total = 0
-        for d, s in zip(self.dtypes, self.shapes, strict=True):
-            n = 1
-            for x in s:
-                n *= x
-            total += n * DTYPE_BYTES[d]
-        return total
-
-
-class NcclSpec(BaseModel):
-    """`WeightUpdate.meta["nccl"]`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    world_size: int = Field(ge=2, description="1 (trainer) + the engine's GPU count")
-    rank_offset: int = Field(1, ge=1, description="rank of the engine's first GPU")
-    group_name: str = Field("rlrt_weight_sync", min_length=1)
-    backend: str = Field("nccl", description="SGLang only: torch backend of the update group")
-    init_group: bool = Field(
-        True,
-        description="(re)create the group before this update (the trainer initialises its side "
-        "concurrently). False: reuse the group made by an earlier update with the same "
-        "location/world_size/group_name; refused if the service has none.",
-    )
-    packed: bool = Field(False, description="vLLM only: packed broadcast (vLLM's packed_tensor)")
-    buckets: list[Bucket] = Field(min_length=1)
+__all__ = ["Bucket", "GroupKey", "NcclSpec", "nccl_spec", "parse_location"]
 
 
 class GroupKey(BaseModel):
@@ -106,28 +56,3 @@ def nccl_spec(update: WeightUpdate) -> tuple[NcclSpec, GroupKey]:
     host, port = parse_location(update.location)
     return spec, GroupKey(master_address=host, master_port=port, world_size=spec.world_size,
                           group_name=spec.group_name)
-
-
-def plan_buckets(params: Iterable[tuple[str, str, Sequence[int]]],
-                 bucket_bytes: int = 512 * 1024**2) -> list[Bucket]:
-    """Greedy buckets of about `bucket_bytes` (slime's default is 512 MB), keeping order.
-    `params` = (name, dtype name, shape); a tensor larger than a bucket gets its own."""
-    buckets: list[Bucket] = []
-    names: list[str] = []
-    dtypes: list[str] = []
-    shapes: list[list[int]] = []
-    size = 0
-    for name, dtype, shape in params:
-        n = DTYPE_BYTES[dtype]
-        for x in shape:
-            n *= x
-        if names and size + n > bucket_bytes:
-            buckets.append(Bucket(names=names, dtypes=dtypes, shapes=shapes))
-            names, dtypes, shapes, size = [], [], [], 0
-        names.append(name)
-        dtypes.append(dtype)
-        shapes.append(list(shape))
-        size += n
-    if names:
-        buckets.append(Bucket(names=names, dtypes=dtypes, shapes=shapes))
-    return buckets

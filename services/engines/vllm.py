@@ -324,8 +324,11 @@ class VLLMEngine(RemoteEngine):
             if not spec.init_group:
                 raise UpdateRefused(f"no weight-transfer group {key} on this service "
                                     f"(current: {self._group}); resend with init_group=true")
+            # `packed` is a wire parameter of the group (vLLM's NCCLWeightTransferInitInfo),
+            # not of a bucket: NCCLWeightTransferUpdateInfo has no such field.
             init_info = {"master_address": key.master_address, "master_port": key.master_port,
-                         "rank_offset": spec.rank_offset, "world_size": key.world_size}
+                         "rank_offset": spec.rank_offset, "world_size": key.world_size,
+                         "packed": spec.packed}
             try:
                 # Blocks until the trainer joins the rendezvous (it initialises concurrently).
                 await self.http.post("/init_weight_transfer_engine", {"init_info": init_info},
@@ -341,8 +344,6 @@ class VLLMEngine(RemoteEngine):
             for b in spec.buckets:
                 info: dict[str, Any] = {"names": b.names, "dtype_names": b.dtypes,
                                         "shapes": b.shapes}
-                if spec.packed:
-                    info["packed"] = True
                 await self.http.post("/update_weights", {"update_info": info},
                                      timeout_s=self.weight_timeout_s)
         except EngineError:

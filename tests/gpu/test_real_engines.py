@@ -21,7 +21,7 @@ from protocol.messages import SamplingParams, WeightUpdate
 from protocol.weights import save_weights_dir
 from services.engines.config import EngineConfig
 from services.engines.factory import make_engine
-from services.engines.nccl_sync import Bucket
+from protocol.weights import Bucket
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 MODEL = os.environ.get("RLRT_GPU_MODEL")

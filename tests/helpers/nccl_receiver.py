@@ -2,8 +2,8 @@
 process: `python -m helpers.nccl_receiver` prints its URL, then serves
 
 - `POST /v1/weights` with format "nccl": checks the metadata like the services do, joins the
-  trainer's group as rank 1 when `init_group` (the way SGLang's init_custom_process_group
-  does: torch TCP rendezvous + a second process group), receives every bucket's tensors by
+  trainer's group as rank `rank_offset` when `init_group` with SGLang's own
+  `init_custom_process_group` (the released source, tests/helpers/upstream.py), receives every bucket's tensors by
   broadcast, in the announced order, dtype and shape; answers 200 with the version;
 - `GET /v1/version` -> {"version", "engine": {"engine_world_size": 1, "nccl_group"}};
 - `POST /_fail {"status": N}`: the next update is refused with N before joining;
@@ -13,14 +13,18 @@ process: `python -m helpers.nccl_receiver` prints its URL, then serves
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 
 import torch
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from helpers.trainer_standin import serve
+from helpers.upstream import sglang_init_custom_process_group
 from protocol.messages import WeightUpdate
-from trainer.weight_sync_nccl import destroy_group, init_custom_process_group
+from protocol.weights import NcclSpec
+
+init_custom_process_group = sglang_init_custom_process_group()
 
 app = FastAPI()
 state: dict = {"version": 0, "group": None, "key": None, "fail": None, "received": {},
@@ -54,20 +58,23 @@ def weights(update: WeightUpdate) -> JSONResponse:
     if state["fail"]:
         status, state["fail"] = state["fail"], None
         return JSONResponse({"detail": "told to fail", "version": state["version"]}, status)
-    spec = update.meta["nccl"]
+    spec = NcclSpec.model_validate(update.meta["nccl"])
     host, port = update.location.rsplit(":", 1)
-    key = f"{update.location}/{spec['group_name']}x{spec['world_size']}"
-    if spec["init_group"]:
-        destroy_group(state["group"])
-        state["group"] = init_custom_process_group(spec["backend"], host, int(port), 1,
-                                                   spec["world_size"], spec["group_name"], 60)
+    key = f"{update.location}/{spec.group_name}x{spec.world_size}"
+    if spec.init_group:
+        if state["group"] is not None:
+            torch.distributed.destroy_process_group(state["group"])
+        state["group"] = init_custom_process_group(
+            backend=spec.backend, init_method=f"tcp://{host}:{port}",
+            world_size=spec.world_size, rank=spec.rank_offset, group_name=spec.group_name,
+            timeout=timedelta(seconds=60))
         state["key"] = key
         state["inits"] += 1
     elif state["key"] != key:
         return JSONResponse({"detail": "no such group", "version": state["version"]}, 409)
     got = {}
-    for b in spec["buckets"]:
-        for name, dtype, shape in zip(b["names"], b["dtypes"], b["shapes"], strict=True):
+    for b in spec.buckets:
+        for name, dtype, shape in zip(b.names, b.dtypes, b.shapes, strict=True):
             t = torch.empty(shape, dtype=getattr(torch, dtype))
             torch.distributed.broadcast(t, src=0, group=state["group"])
             got[name] = [float(t.double().sum()), shape, dtype]
