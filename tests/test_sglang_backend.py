@@ -14,10 +14,10 @@ from fakes.models import CONTEXT_LEN
 from fakes.reference import reference_model, token_logprobs
 
 from protocol.messages import SamplingParams, WeightUpdate
+from protocol.weights import plan_buckets
 from services.engines.base import InvalidRequest, UpstreamError, WeightUpdateError
 from services.engines.config import EngineConfig
 from services.engines.factory import make_engine
-from services.engines.nccl_sync import plan_buckets
 from services.engines.sglang import SGLangEngine
 
 PROMPT = [5, 17, 30, 41, 9]
@@ -164,7 +164,7 @@ async def test_disk_update_cycle(fake_sglang: Fake, model_dir, weights_v1) -> No
                                    atol=1e-4)
     finally:
         await eng.close()
-    paths = [p for p in fake_sglang.paths() if p != "/get_weight_version" and p != "/v1/models"]
+    paths = [p for p in fake_sglang.paths() if p not in ("/model_info", "/server_info", "/v1/models")]
     assert paths[:7] == ["/pause_generation"] + ["/flush_cache"] * 4 + [
         "/update_weights_from_disk", "/continue_generation"]
     body = fake_sglang.calls("/update_weights_from_disk")[0]["body"]
@@ -222,6 +222,103 @@ async def test_nccl_update_http_sequence(fake_sglang: Fake, model_dir) -> None:
     # the version flips with the last bucket only
     assert [b["body"].get("weight_version") for b in first] == [None] * (n - 1) + ["3"]
     assert fake_sglang.server.weight_version == "4"
+    # every bucket inside a begin/end session (SGLang 0.5.23 refuses them outside one)
+    paths = [p for p in fake_sglang.paths() if p not in ("/model_info", "/server_info", "/v1/models")]
+    one = ["/pause_generation", "/flush_cache", "/destroy_weights_update_group",
+           "/init_weights_update_group", "/begin_weight_update",
+           *["/update_weights_from_distributed"] * n, "/end_weight_update", "/continue_generation"]
+    assert paths[:len(one)] == one
+    assert paths[len(one):2 * len(one) - 2] == [p for p in one if "group" not in p]
+    assert not fake_sglang.server.session
+
+
+def test_fake_refuses_distributed_updates_outside_a_session(fake_sglang: Fake) -> None:
+    body = {"master_address": "127.0.0.1", "master_port": 1, "rank_offset": 1, "world_size": 2}
+    assert httpx.post(f"{fake_sglang.url}/init_weights_update_group", json=body).status_code == 200
+    r = httpx.post(f"{fake_sglang.url}/update_weights_from_distributed",
+                   json={"names": ["model.norm.weight"], "dtypes": ["bfloat16"], "shapes": [[64]]})
+    assert r.status_code == 400 and "begin_weight_update" in r.json()["message"]
+    assert httpx.post(f"{fake_sglang.url}/end_weight_update", json={}).status_code == 400
+
+
+async def test_a_session_left_open_is_closed_and_reopened(fake_sglang: Fake, model_dir) -> None:
+    fake_sglang.server.session = True  # e.g. our service died mid-update and restarted
+    eng = await engine_for(fake_sglang, model_dir)
+    try:
+        assert await eng.update_weights(nccl_update(1, model_dir)) == 1
+    finally:
+        await eng.close()
+    sess = [p for p in fake_sglang.paths() if p.endswith("_weight_update")]
+    assert sess == ["/begin_weight_update", "/end_weight_update", "/begin_weight_update",
+                    "/end_weight_update"]
+    assert not fake_sglang.server.session
+
+
+async def test_dp_server_refuses_nccl_before_anything_is_touched(fake_sglang: Fake, model_dir,
+                                                                  weights_v1) -> None:
+    fake_sglang.server.dp_size = 3  # --dp-size 3: SGLang asserts dp_size == 1 for NCCL
+    eng = await engine_for(fake_sglang, model_dir)
+    try:
+        assert (await eng.health())["dp_size"] == 3
+        with pytest.raises(WeightUpdateError, match="dp_size=3.*one server per replica"):
+            await eng.update_weights(nccl_update(1, model_dir))
+        assert not fake_sglang.calls("/pause_generation")
+        assert eng.version == 0 and eng.consistent
+        assert await eng.update_weights(disk_update(weights_v1)) == 1  # disk pushes still work
+    finally:
+        await eng.close()
+    # and the fake, like SGLang, answers a distributed update of a DP server with a 500
+    r = httpx.post(f"{fake_sglang.url}/init_weights_update_group",
+                   json={"master_address": "127.0.0.1", "master_port": 1, "rank_offset": 1,
+                         "world_size": 2})
+    assert r.status_code == 500
+
+
+async def test_updated_but_not_flushed_is_not_a_rollback(fake_sglang: Fake, model_dir,
+                                                          weights_v1) -> None:
+    eng = await engine_for(fake_sglang, model_dir)
+    try:
+        fake_sglang.server.unflushed_next = 1  # SGLang: 400 "Weights were updated, but ..."
+        assert await eng.update_weights(disk_update(weights_v1)) == 1
+        assert eng.consistent and fake_sglang.server.weight_version == "1"
+        out = (await eng.score([PROMPT], [1]))[0]
+        np.testing.assert_allclose(out, token_logprobs(weights_v1.path, PROMPT), atol=1e-4)
+        # the same answer to the last bucket of a distributed update
+        fake_sglang.server.unflushed_next = 1
+        assert await eng.update_weights(nccl_update(2, model_dir)) == 2
+        assert fake_sglang.server.weight_version == "2" and not fake_sglang.server.session
+    finally:
+        await eng.close()
+    versions = [c["body"] for c in fake_sglang.calls("/update_weight_version")]
+    assert versions == [{"new_version": "1", "abort_all_requests": False},
+                        {"new_version": "2", "abort_all_requests": False}]
+
+
+async def test_health_probe_works_while_the_server_is_paused(fake_sglang: Fake, model_dir) -> None:
+    eng = await engine_for(fake_sglang, model_dir)
+    try:
+        httpx.post(f"{fake_sglang.url}/pause_generation", json={"mode": "abort"})
+        # SGLang's /health generates a token: 503 while paused; our probe reads /model_info
+        assert httpx.get(f"{fake_sglang.url}/health").status_code == 503
+        h = await eng.health()
+        assert h["upstream_ok"] and h["ok"]
+    finally:
+        httpx.post(f"{fake_sglang.url}/continue_generation", json={})
+        await eng.close()
+
+
+async def test_seed_without_deterministic_inference_warns(fake_sglang: Fake, model_dir,
+                                                          caplog) -> None:
+    fake_sglang.server.deterministic = False
+    eng = await engine_for(fake_sglang, model_dir)
+    try:
+        with caplog.at_level("WARNING", logger="rlrt.engines.sglang"):
+            await eng.generate(PROMPT, 2, SamplingParams(max_new_tokens=2, seed=1))
+            await eng.generate(PROMPT, 2, SamplingParams(max_new_tokens=2))
+    finally:
+        await eng.close()
+    warned = [r for r in caplog.records if "enable-deterministic-inference" in r.message]
+    assert len(warned) == 1  # once, and only when a seed was asked for
 
 
 async def test_failed_bucket_rolls_back_to_last_dir(fake_sglang: Fake, model_dir, weights_v1) -> None:

@@ -1,11 +1,14 @@
 """SGLang backend (rollout on GPUs): a client of a running SGLang server's native API.
 
-Wire formats: engine-apis.md §1 (sglang 0.5.x `srt/entrypoints/http_server.py`).
+Supported: SGLang 0.5.23 (the rollout image's pin); tests/test_upstream_contract_sglang.py
+checks every route, request field and response field used here against that release's
+source (`srt/entrypoints/http_server.py`, `srt/managers/io_struct.py`, engine-apis.md §0).
 
 Sampling: one POST /generate per group, as a batch of n copies of the prompt rather than
 `n=G` -- with `sampling_seed` set, `n` copies would all share one seed and be identical, so
 each copy gets `seed + i`. Only keys SGLang's SamplingParams accepts are sent (0.5.23 answers
-400 to unknown ones).
+400 to unknown ones). SGLang ignores `sampling_seed` unless the server runs with
+`--enable-deterministic-inference` (read from GET /server_info at start; a warning otherwise).
 
 Log-probs (`logprobs_mode`): SGLang returns the sampled token's log-prob under the
 temperature-scaled distribution, before top-p/top-k renormalisation ("processed" minus the
@@ -13,10 +16,17 @@ filtering); with SGLANG_RETURN_ORIGINAL_LOGPROB=1 on the server they are raw. To
 `output_ids`, checked against the ids inside `output_token_logprobs`.
 
 Weight updates (docs/engines.md): pause_generation(abort) -> flush_cache (retried while SGLang
-answers 400 = still busy) -> update_weights_from_disk | init_weights_update_group +
-update_weights_from_distributed per bucket -> continue_generation; `weight_version` is set to
-our version on the update. Requests aborted by the pause are regenerated after it, so a group
-never mixes weight versions.
+answers 400 = still busy) -> update_weights_from_disk | [init_weights_update_group] +
+begin_weight_update + update_weights_from_distributed per bucket + end_weight_update (0.5.23
+refuses distributed updates outside such a session) -> continue_generation; `weight_version`
+is set to our version on the update and read back from GET /model_info. Requests aborted by
+the pause are regenerated after it, so a group never mixes weight versions.
+
+A 400 from an update is not always a rollback: "Weights were updated, but the cache was not
+flushed" means the new weights are in; we flush (retrying) and set the version ourselves.
+NCCL updates need a server with dp_size 1 (SGLang asserts it in init_weights_update_group):
+a data-parallel rollout runs one server per replica, each with its own service and group
+(docs/deploy.md); a dp_size > 1 server is refused before anything is touched.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from protocol.messages import SamplingParams
+from protocol.messages import SamplingParams, WeightUpdate
 from services.engines.base import (
     EngineError,
     GenOutput,
@@ -45,6 +55,12 @@ from services.engines.remote import RETRIES, RemoteEngine, UpdateRefused
 
 log = logging.getLogger("rlrt.engines.sglang")
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+# SGLang's message when an update loaded the weights but could not flush the radix cache
+# (srt/managers/scheduler_components/weight_updater.py): the update is in, not rolled back.
+NOT_FLUSHED = "Weights were updated, but the cache was not flushed"
+# ... and when a distributed update arrives with a session already open (one we lost track
+# of, e.g. after our own restart): close it and open ours.
+SESSION_OPEN = "a weight-update session is already open"
 
 
 class SGLangEngine(RemoteEngine):
@@ -56,6 +72,23 @@ class SGLangEngine(RemoteEngine):
         self.flush_retries = flush_retries
         self.flush_interval_s = flush_interval_s
         self.logprobs_mode = logprobs_mode
+        self.dp_size = 1
+        self.deterministic = True  # learnt from /server_info at start
+        self._seed_warned = False
+
+    async def start(self) -> None:
+        await super().start()
+        try:
+            info = await self.http.get("/server_info", timeout_s=30)
+        except EngineError as e:  # an older server or a proxy: assume the defaults
+            log.warning("sglang /server_info unavailable (%s); assuming dp_size 1", e)
+            return
+        if isinstance(info, dict):
+            self.dp_size = int(info.get("dp_size") or 1)
+            self.deterministic = bool(info.get("enable_deterministic_inference", False))
+
+    async def health(self) -> dict[str, Any]:
+        return {**await super().health(), "dp_size": self.dp_size}
 
     # ------------------------------------------------------------------ inference
     def _sampling(self, params: SamplingParams, max_new: int, i: int) -> dict[str, Any]:
@@ -65,6 +98,10 @@ class SGLangEngine(RemoteEngine):
             sp["stop_token_ids"] = list(params.stop_token_ids)
         if params.seed is not None:
             sp["sampling_seed"] = params.seed + i
+            if not self.deterministic and not self._seed_warned:
+                self._seed_warned = True
+                log.warning("this SGLang server ignores sampling_seed (no "
+                            "--enable-deterministic-inference): samples are not reproducible")
         return sp
 
     def _max_new(self, prompt_len: int, requested: int) -> int:
@@ -168,16 +205,17 @@ class SGLangEngine(RemoteEngine):
 
     # ------------------------------------------------------------------ weight hooks
     async def _srv_reported(self) -> tuple[bool, int | None]:
-        data = await self.http.get("/get_weight_version", timeout_s=30)
+        data = await self.http.get("/model_info", timeout_s=30)
         return True, parse_version(data.get("weight_version") if isinstance(data, dict) else None)
 
     async def _srv_version(self) -> int | None:
         return (await self._srv_reported())[1]
 
     async def _srv_healthy(self) -> bool:
-        # /get_weight_version, not /health: sglang's /health runs a generation (slow, and a
-        # readiness probe must be cheap); the version is checked against ours by health().
-        await self.http.get("/get_weight_version", timeout_s=10)
+        # /model_info, not /health: SGLang's /health runs a one-token generation, which is
+        # slow and answers 503 while a weight update holds generation paused. The version it
+        # reports is checked against ours by health().
+        await self.http.get("/model_info", timeout_s=10)
         return True
 
     async def _srv_pause(self) -> None:
@@ -185,15 +223,31 @@ class SGLangEngine(RemoteEngine):
             await self.http.post("/pause_generation", {"mode": "abort"}, timeout_s=60)
         except EngineError as e:
             raise UpdateRefused(f"sglang pause_generation failed: {e}") from None
+        try:
+            await self._flush()
+        except EngineError as e:
+            raise UpdateRefused(str(e)) from None
+
+    async def _flush(self) -> None:
+        """POST /flush_cache until it succeeds: 400 = requests still running/waiting (slime
+        retries the same way). Raises UpstreamError when it stays busy."""
         for _ in range(self.flush_retries):
             try:
                 await self.http.post("/flush_cache", timeout_s=60, expect_json=False)
                 return
-            except InvalidRequest:  # 400 = requests still running/waiting: retry (as slime)
+            except InvalidRequest:
                 await asyncio.sleep(self.flush_interval_s)
             except EngineError as e:
-                raise UpdateRefused(f"sglang flush_cache failed: {e}") from None
-        raise UpdateRefused(f"sglang stayed busy: flush_cache refused {self.flush_retries} times")
+                raise UpstreamError(f"sglang flush_cache failed: {e}") from None
+        raise UpstreamError(f"sglang stayed busy: flush_cache refused {self.flush_retries} times")
+
+    async def _finish_unflushed(self, version: int) -> None:
+        """The weights went in but the cache was not flushed (SGLang's 400 NOT_FLUSHED): flush
+        now and set the version SGLang did not record."""
+        await self._flush()
+        await self.http.post("/update_weight_version",
+                             {"new_version": str(version), "abort_all_requests": False},
+                             timeout_s=60)
 
     async def _srv_resume(self) -> None:
         await self.http.post("/continue_generation", {}, timeout_s=60)
@@ -204,7 +258,11 @@ class SGLangEngine(RemoteEngine):
         try:
             res = await self.http.post("/update_weights_from_disk", body,
                                        timeout_s=self.weight_timeout_s)
-        except InvalidRequest as e:  # 400 {"success": false}: sglang rolled back itself
+        except InvalidRequest as e:
+            if NOT_FLUSHED in str(e):
+                await self._finish_unflushed(version)
+                return
+            # any other 400 {"success": false}: SGLang rolled back to the old weights itself
             raise UpdateRefused(f"sglang refused the weights: {e}") from None
         except UpstreamError:
             # Timed out or 5xx: did the load happen? Ask before declaring the weights unknown.
@@ -220,23 +278,71 @@ class SGLangEngine(RemoteEngine):
         except EngineError:
             return False
 
+    async def update_weights(self, update: WeightUpdate) -> int:
+        if update.format == "nccl":
+            self.check_nccl()  # before the transaction pauses anything
+        return await super().update_weights(update)
+
+    def check_nccl(self) -> None:
+        """Refuse an NCCL update this server cannot take."""
+        if self.dp_size > 1:
+            raise UpdateRefused(
+                f"this SGLang server runs dp_size={self.dp_size}; SGLang 0.5.23 accepts "
+                "NCCL weight updates only with dp_size 1 (init_weights_update_group asserts "
+                "it). Run one server per replica, each with its own rollout service listed in "
+                "trainer.push.services (docs/deploy.md), or use push.mode: disk")
+
     async def _srv_nccl(self, spec: NcclSpec, key: GroupKey, version: int) -> None:
+        self.check_nccl()
         if spec.init_group or self._group != key:
             if not spec.init_group:
                 raise UpdateRefused(f"no weight-update group {key} on this service "
                                     f"(current: {self._group}); resend with init_group=true")
             await self._init_group(spec, key)
+        await self._begin_session()
         last = len(spec.buckets) - 1
-        for i, b in enumerate(spec.buckets):
-            body = {"names": b.names, "dtypes": b.dtypes, "shapes": b.shapes,
-                    "group_name": key.group_name, "flush_cache": i == last,
-                    "abort_all_requests": False}
-            if i == last:  # the version flips only once every bucket has landed
-                body["weight_version"] = str(version)
-            res = await self.http.post("/update_weights_from_distributed", body,
-                                       timeout_s=self.weight_timeout_s)
-            if not (isinstance(res, dict) and res.get("success") is True):
-                raise UpstreamError(f"sglang bucket {i}: {res!r}")
+        try:
+            for i, b in enumerate(spec.buckets):
+                body = {"names": b.names, "dtypes": b.dtypes, "shapes": b.shapes,
+                        "group_name": key.group_name, "flush_cache": i == last,
+                        "abort_all_requests": False}
+                if i == last:  # the version flips only once every bucket has landed
+                    body["weight_version"] = str(version)
+                try:
+                    res = await self.http.post("/update_weights_from_distributed", body,
+                                               timeout_s=self.weight_timeout_s)
+                except InvalidRequest as e:
+                    if i == last and NOT_FLUSHED in str(e):
+                        await self._end_session()
+                        await self._finish_unflushed(version)
+                        return
+                    raise UpstreamError(f"sglang bucket {i}: {e}") from None
+                if not (isinstance(res, dict) and res.get("success") is True):
+                    raise UpstreamError(f"sglang bucket {i}: {res!r}")
+        except EngineError:
+            # Close the session so the next update can open one; the weights are mixed now,
+            # which the caller handles (rollback or quarantine).
+            try:
+                await self._end_session()
+            except EngineError as e2:
+                log.warning("sglang end_weight_update after a failed bucket: %s", e2)
+            raise
+        await self._end_session()
+
+    async def _begin_session(self) -> None:
+        try:
+            await self.http.post("/begin_weight_update", {}, timeout_s=self.weight_timeout_s)
+        except InvalidRequest as e:
+            if SESSION_OPEN not in str(e):
+                raise UpdateRefused(f"sglang begin_weight_update failed: {e}") from None
+            # a session left open (by an update we lost track of): close it, open ours
+            await self._end_session()
+            await self.http.post("/begin_weight_update", {}, timeout_s=self.weight_timeout_s)
+        except EngineError as e:
+            raise UpdateRefused(f"sglang begin_weight_update failed: {e}") from None
+
+    async def _end_session(self) -> None:
+        await self.http.post("/end_weight_update", {}, timeout_s=self.weight_timeout_s)
 
     async def _init_group(self, spec: NcclSpec, key: GroupKey) -> None:
         # A group of the same name left from an earlier run would make init fail: drop it.

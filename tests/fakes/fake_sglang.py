@@ -1,6 +1,8 @@
-"""A fake SGLang server (native API, sglang 0.5.x) for the endpoints our SGLang backend calls.
+"""A fake SGLang server (native API, sglang 0.5.23) for the endpoints our SGLang backend calls.
 
-Formats follow engine-apis.md §1 and sglang's `srt/entrypoints/http_server.py`:
+Formats follow engine-apis.md §0-1 and sglang's `srt/entrypoints/http_server.py`; the route
+table, request fields and sampling keys are checked against the released source by
+tests/test_upstream_contract_sglang.py:
 - POST /generate: `input_ids` (one list or a batch), `sampling_params` (dict or list), `rid`,
   `return_logprob`, `logprob_start_len`. `n > 1` on one prompt makes a batch. Unknown
   sampling keys -> 400 `{"error": "unknown field ..."}` (0.5.23 schema check); request errors
@@ -14,7 +16,14 @@ Formats follow engine-apis.md §1 and sglang's `srt/entrypoints/http_server.py`:
   "num_paused_requests"}`, 400 on failure.
 - /init_weights_update_group, /update_weights_from_distributed, /destroy_weights_update_group:
   validated and recorded; no tensors move (no NCCL here), so the weights do not change.
-- /get_weight_version, /update_weight_version, /health, /health_generate, /v1/models.
+  init/update answer HTTP 500 when `dp_size > 1` (SGLang asserts dp_size == 1).
+- /begin_weight_update, /end_weight_update: the session; a distributed update outside one
+  is refused with SGLang's 400 and message, a second begin too.
+- `unflushed_next > 0`: the next update loads but answers SGLang's 400 "Weights were updated,
+  but the cache was not flushed ..." (version not recorded, as in SGLang).
+- /model_info (weight_version), /server_info (dp_size, tp_size,
+  enable_deterministic_inference), /update_weight_version, /v1/models; /health and
+  /health_generate run a generation in SGLang, so they answer 503 while paused; /ready.
 """
 
 from __future__ import annotations
@@ -30,13 +39,23 @@ from fastapi.responses import JSONResponse, Response
 from .common import Knobs, install_fake_controls, misbehave
 from .tiny_lm import TinyLM
 
-# SGLang's SamplingParams fields (api/v1/api_types.py); anything else is refused.
+# SGLang 0.5.23's SamplingParams fields (sglang/api/v1/api_types.py); anything else is
+# refused. The contract test checks this set equals the released one.
 SAMPLING_KEYS = {
     "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids", "n",
     "min_new_tokens", "ignore_eos", "skip_special_tokens", "no_stop_trim", "sampling_seed",
     "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias", "json_schema",
     "regex", "ebnf", "spaces_between_special_tokens", "custom_params", "stream_interval",
+    "stop_regex", "structural_tag", "beam_width", "watermark", "choice",
 }
+# SGLang's texts (srt/managers/scheduler_components/weight_updater.py), checked by the
+# contract test: the client recognises them.
+NO_SESSION = ("update_weights_from_distributed must run between begin_weight_update() and "
+              "end_weight_update()")
+SESSION_OPEN = "a weight-update session is already open; call end_weight_update() first"
+NO_SESSION_TO_END = "no weight-update session is open; call begin_weight_update() first"
+NOT_FLUSHED = ("Weights were updated, but the cache was not flushed because requests are "
+               "still running or queued. Retract or finish them, then call /flush_cache.")
 DTYPES = {"bfloat16", "float16", "float32", "float8_e4m3fn"}
 
 
@@ -57,7 +76,13 @@ def _load_tokenizer(path: str):  # noqa: ANN202 - optional transformers tokenize
 
 
 class FakeSGLang:
-    def __init__(self, model_path: str | Path, *, served_model_name: str = "fake-sglang") -> None:
+    def __init__(self, model_path: str | Path, *, served_model_name: str = "fake-sglang",
+                 dp_size: int = 1, deterministic: bool = True) -> None:
+        self.model_path = str(model_path)
+        self.dp_size = dp_size
+        self.deterministic = deterministic
+        self.session = False
+        self.unflushed_next = 0
         self.lm = TinyLM(model_path)
         self.tokenizer = _load_tokenizer(str(model_path))
         self.served_model_name = served_model_name
@@ -201,13 +226,26 @@ class FakeSGLang:
             return JSONResponse({"success": False, "num_paused_requests": 0,
                                  "message": f"Failed to update weights: {e}. Rolling back to "
                                  "original weights."}, 400)
+        if self.unflushed_next > 0:  # loaded, version not recorded, cache not flushed
+            self.unflushed_next -= 1
+            return JSONResponse({"success": False, "message": NOT_FLUSHED,
+                                 "num_paused_requests": 0}, 400)
         msg = "Succeeded to update model weights."
         if body.get("weight_version") is not None:
             self.weight_version = str(body["weight_version"])
             msg += f" Weight version updated to {self.weight_version}."
         return JSONResponse({"success": True, "message": msg, "num_paused_requests": 0})
 
+    def _dp_refused(self) -> JSONResponse | None:
+        # SGLang asserts dp_size == 1 in the tokenizer manager: the assertion is a 500
+        if self.dp_size > 1:
+            return JSONResponse({"detail": "data-parallel replicas are not supported for "
+                                 "update weights from distributed"}, 500)
+        return None
+
     def _init_group(self, body: dict[str, Any]) -> JSONResponse:
+        if (refused := self._dp_refused()) is not None:
+            return refused
         need = ("master_address", "master_port", "rank_offset", "world_size")
         if any(k not in body for k in need):
             return JSONResponse({"success": False, "message": f"missing one of {need}"}, 400)
@@ -219,6 +257,10 @@ class FakeSGLang:
         return JSONResponse({"success": True, "message": "Succeeded to initialize custom process group."})
 
     def _update_distributed(self, body: dict[str, Any]) -> JSONResponse:
+        if (refused := self._dp_refused()) is not None:
+            return refused
+        if not self.session:
+            return JSONResponse({"success": False, "message": NO_SESSION}, 400)
         names, dtypes, shapes = body.get("names"), body.get("dtypes"), body.get("shapes")
         name = body.get("group_name", "weight_update_group")
         if name not in self.groups:
@@ -236,6 +278,9 @@ class FakeSGLang:
         if self.knobs.fail_bucket_at is not None and k == self.knobs.fail_bucket_at:
             return JSONResponse({"success": False, "message": "Failed to update parameter online: "
                                  "injected NCCL error"}, 400)
+        if self.unflushed_next > 0 and body.get("flush_cache", True):
+            self.unflushed_next -= 1
+            return JSONResponse({"success": False, "message": NOT_FLUSHED}, 400)
         msg = "Succeeded to update parameter online."
         if body.get("weight_version") is not None:
             self.weight_version = str(body["weight_version"])
@@ -292,9 +337,35 @@ class FakeSGLang:
         async def from_dist(body: dict[str, Any]) -> JSONResponse:
             return self._update_distributed(body)
 
-        @app.get("/get_weight_version")
-        async def get_version() -> dict:
-            return {"weight_version": self.weight_version}
+        @app.post("/begin_weight_update")
+        async def begin(body: dict[str, Any]) -> JSONResponse:
+            if self.session:
+                return JSONResponse({"success": False, "message": SESSION_OPEN}, 400)
+            self.session = True
+            return JSONResponse({"success": True, "message": "Success"})
+
+        @app.post("/end_weight_update")
+        async def end(body: dict[str, Any]) -> JSONResponse:
+            if not self.session:
+                return JSONResponse({"success": False, "message": NO_SESSION_TO_END}, 400)
+            self.session = False
+            return JSONResponse({"success": True, "message": "Success"})
+
+        @app.get("/model_info")
+        async def model_info() -> dict:
+            return {"model_path": self.model_path, "served_model_name": self.served_model_name,
+                    "tokenizer_path": self.model_path, "is_generation": True,
+                    "weight_version": self.weight_version}
+
+        @app.get("/server_info")
+        async def server_info() -> dict:
+            return {"model_path": self.model_path, "tp_size": 1, "dp_size": self.dp_size,
+                    "enable_deterministic_inference": self.deterministic,
+                    "version": "0.5.23", "frontend": "python"}
+
+        @app.get("/ready")
+        async def ready() -> Response:
+            return Response(status_code=200)
 
         @app.post("/update_weight_version")
         async def set_version(body: dict[str, Any]) -> dict:
@@ -305,7 +376,9 @@ class FakeSGLang:
         @app.get("/health")
         @app.get("/health_generate")
         async def health() -> Response:
-            return Response(status_code=503 if self.knobs.mode == "refuse" else 200)
+            # SGLang generates one token here: held by a pause, it times out with 503
+            down = self.knobs.mode == "refuse" or self.paused
+            return Response(status_code=503 if down else 200)
 
         @app.get("/v1/models")
         async def models() -> dict:
