@@ -69,6 +69,8 @@ def test_a_run_trains_pushes_logs_checkpoints_and_exports(run):
         assert r["teacher_version_lag_max"] == 0  # rlrt: teacher_version match_s
         assert sum(r["staleness_hist"].values()) == r["samples"]
         assert r["groups"] == cfg.prompts_per_step
+    # groups sampled and scored at t-1 (max_staleness 1) were sent back and rescored at t
+    assert standin.rescored == sum(r.get("teacher_rescored", 0) for r in records)
     assert records[0]["lr"] == pytest.approx(1e-3)  # warm-up of 1 step
     # the trainer's log-probs and the sampler's agree on fresh samples (same weights)
     fresh = [r for r in records if r["staleness_max"] == 0]

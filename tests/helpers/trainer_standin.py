@@ -124,6 +124,7 @@ class StandinPipeline:
         self.lock = threading.Lock()
         self.controls = Controls()
         self.handled = 0
+        self.rescored = 0  # groups scored again for a trainer at a newer version
         self.busy = 0
         self._stop = threading.Event()
 
@@ -206,6 +207,18 @@ class StandinPipeline:
         finally:
             self.busy -= 1
 
+    async def rescore(self, vg: VerifiedGroup, bus: Bus) -> None:
+        """What the teacher service does with a group the trainer sends back (teacher_version
+        match_s): score it again with the current weights."""
+        version = self.version
+        teacher = await asyncio.to_thread(self.teacher_scores, vg)
+        scored_tok = sum(len(t.logprobs) for t in teacher if t is not None)
+        sg = ScoredGroup(**{**vg.model_dump(), "msg_id": derive_id(vg.msg_id, "scored")},
+                         teacher=teacher, teacher_version=version, scored_tokens=scored_tok,
+                         skipped_tokens=sum(len(r.token_ids) for r in vg.responses) - scored_tok)
+        await bus.publish(self.bus_cfg.stream("scored"), sg)
+        self.rescored += 1
+
     # ------------------------------------------------------------------ running
     def _consume(self) -> None:
         async def main() -> None:
@@ -219,8 +232,12 @@ class StandinPipeline:
 
             w = asyncio.create_task(watch())
             try:
-                await bus.consume(self.bus_cfg.stream("prompts"), "standin", "standin-0",
-                                  lambda t: self.handle(t, bus), PromptTask, stop)
+                await asyncio.gather(
+                    bus.consume(self.bus_cfg.stream("prompts"), "standin", "standin-0",
+                                lambda t: self.handle(t, bus), PromptTask, stop),
+                    bus.consume(self.bus_cfg.stream("verified"), "standin-teacher",
+                                "standin-0", lambda g: self.rescore(g, bus), VerifiedGroup,
+                                stop))
             finally:
                 w.cancel()
                 await bus.close()
