@@ -104,3 +104,25 @@ def test_nccl_push_broadcasts_every_bucket_and_reuses_the_group(policy, receiver
     assert "HTTP 409" in res.failed["rollout"] and time.monotonic() - t0 < 30
     check(4)
     assert httpx.get(f"{receiver}/_inits").json()["inits"] == 2
+
+
+def test_a_data_parallel_sglang_server_is_refused_with_the_reason():
+    from fastapi import FastAPI
+    from helpers.trainer_standin import serve
+
+    from trainer.weight_sync_nccl import Peer
+
+    app = FastAPI()
+
+    @app.get("/v1/version")
+    def version() -> dict:  # what a rollout service in front of `--dp-size 3` reports
+        return {"version": 0, "engine": {"engine_world_size": 3, "dp_size": 3}}
+
+    push = PushConfig(mode="nccl", services=[ServiceEndpoint(name="rollout", url="http://x",
+                                                             engine="sglang")])
+    with serve(app) as url:
+        svc = ServiceEndpoint(name="rollout", url=url, engine="sglang")
+        with pytest.raises(RuntimeError, match="dp_size=3.*one server per replica"):
+            Peer(svc, push, free_port()).prepare()
+        # a vLLM server with data parallelism is fine (vLLM ranks its DP workers itself)
+        assert Peer(svc.model_copy(update={"engine": "vllm"}), push, free_port()).prepare()

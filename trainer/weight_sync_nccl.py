@@ -202,6 +202,12 @@ class Peer:
                 raise RuntimeError(f"{self.svc.name}: engine_world_size unknown; set it in "
                                    "push.services")
             self.world_size = int(n) + 1
+        dp = int(info.get("dp_size") or 1)
+        if self.svc.engine == "sglang" and dp > 1:
+            raise RuntimeError(
+                f"{self.svc.name}: its SGLang server runs dp_size={dp}, and SGLang accepts NCCL "
+                "weight updates only with dp_size 1. Run one server per replica, each its own "
+                "entry in push.services, or set push.mode: disk (docs/deploy.md)")
         init = self.group is None or info.get("nccl_group") != self.group_key()
         if init and self.group is not None:
             destroy_group(self.group)

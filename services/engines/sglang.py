@@ -86,6 +86,9 @@ class SGLangEngine(RemoteEngine):
         if isinstance(info, dict):
             self.dp_size = int(info.get("dp_size") or 1)
             self.deterministic = bool(info.get("enable_deterministic_inference", False))
+        if self.dp_size > 1:
+            log.warning("this SGLang server runs dp_size=%d: it takes disk weight pushes only "
+                        "(NCCL updates need dp_size 1; docs/deploy.md)", self.dp_size)
 
     async def health(self) -> dict[str, Any]:
         return {**await super().health(), "dp_size": self.dp_size}
