@@ -76,12 +76,15 @@ class VLLMServer:
     def url(self) -> str:
         return f"http://{self.launch.host}:{self.port}"
 
-    def check(self) -> None:
-        """What can be checked before starting (a start costs a minute or more)."""
+    def check_python(self) -> None:
         if not self.python.exists():
             raise EngineServerError(
                 f"{self.name}: no vLLM interpreter at {self.python} (build it with "
                 "`bash scripts/setup-vllm.sh`, or set engine.launch.python)")
+
+    def check(self) -> None:
+        """What can be checked before starting (a start costs a minute or more)."""
+        self.check_python()
         if not (self.model / "config.json").exists():
             raise EngineServerError(f"{self.name}: {self.model} is not a Hugging Face model "
                                     "directory (no config.json)")
@@ -187,7 +190,7 @@ class EngineServers:
             if "rollout" in self.users:
                 self.users["rollout"].append("teacher")
         for srv in self.servers.values():
-            srv.check()
+            srv.check_python()  # the model may not be built yet (bootstrap): checked at start
 
     def __bool__(self) -> bool:
         return bool(self.urls)
@@ -206,6 +209,8 @@ class EngineServers:
 
     def start(self) -> None:
         """Start every server at once (each takes a minute or more), then wait for each."""
+        for srv in self.servers.values():
+            srv.check()
         for srv in self.servers.values():
             srv.start()
         for srv in self.servers.values():

@@ -74,8 +74,10 @@ def test_two_server_layout(tmp_path: Path, model32: Path) -> None:
 
 
 def test_checks_before_start(tmp_path: Path, model16: Path, model32: Path) -> None:
+    es = plan(tmp_path, model16)  # planned before the model exists (bootstrap); checked at start
     with pytest.raises(EngineServerError, match="head_dim 16"):
-        plan(tmp_path, model16)
+        es.start()
+    assert not es.servers["rollout"].alive
     with pytest.raises(EngineServerError, match="setup-vllm.sh"):
         plan(tmp_path, model32, f"rollout.engine.launch.python={tmp_path / 'nope' / 'python'}")
     with pytest.raises(EngineServerError, match="share_rollout_server needs a vLLM rollout"):
