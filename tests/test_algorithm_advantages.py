@@ -126,6 +126,7 @@ def test_every_preset_and_its_loss_are_finite_and_zero_off_the_mask(batch):
             engine_logprobs=batch["teacher_logprobs"],
             ref_logprobs=batch["student_logprobs"],
             entropy=ent,
+            norm_len=batch["mask"].shape[-1],  # Dr.GRPO's constant (the trainer: max_new_tokens)
         )
         res.loss.backward()
         assert torch.isfinite(res.loss) and torch.isfinite(logp.grad).all(), name
