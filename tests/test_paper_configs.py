@@ -45,6 +45,9 @@ def test_paper_hyper_parameters(run):
     assert (t.lr, t.weight_decay, t.warmup_steps) == (1e-6, 0.01, 10)
     assert t.sampling.temperature == 1.0 and t.sampling.top_p == 1.0
     assert t.group_size == 8
+    # the paper's stack (verl): 256 prompts x 8, PPO mini-batches of 128 prompts (inferred)
+    assert (t.prompts_per_step, t.ppo_mini_batch_size, t.ppo_epochs) == (256, 128, 1)
+    assert t.zero_variance == "keep"  # verl's GRPO
     a = t.algorithm
     assert (a.clip_eps_low, a.clip_eps_high, a.kl_coef) == (0.2, 0.28, 0.0)
     assert a.preset == run
@@ -57,6 +60,7 @@ def test_algorithms():
     rlrt = section("rlrt", "trainer").algorithm
     assert (rlrt.teacher_weight, rlrt.weight_gate, rlrt.lam, rlrt.eps_w) == ("reversed", "correct", 0.5, 1.0)
     assert rlrt.lam_schedule == "constant" and rlrt.context_mode == "sibling"
+    assert rlrt.model_kind == "base" and rlrt.teacher_version_rule == "match_s"
     assert section("grpo", "trainer").algorithm.uses_teacher is False
     rlsd = section("rlsd", "trainer").algorithm
     assert (rlsd.teacher_weight, rlsd.weight_gate, rlsd.eps_w) == ("teacher", "all", 0.2)
