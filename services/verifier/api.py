@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
+from typing import TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common import create_app, require_token
 from services.common.app import Ready, bounded_errors
@@ -31,6 +33,8 @@ from services.verifier.schemas import (
     VerifyRequest,
     VerifyResult,
 )
+
+T = TypeVar("T")
 
 _ERRORS = {
     413: {"description": "an item or the whole request is above the configured size limit"},
@@ -80,6 +84,18 @@ async def _auth(request: Request) -> None:
 
 def _result(v: Verdict) -> VerifyResult:
     return VerifyResult.model_validate(v.model_dump())
+
+
+# A job-store call waits at most this long for Redis, then answers 503 (the bus itself would
+# keep retrying for bus.reconnect_timeout_s: right for workers, too long for an HTTP client).
+JOB_STORE_WAIT_S = 5.0
+
+
+async def _store(call: Awaitable[T]) -> T:
+    try:
+        return await asyncio.wait_for(call, JOB_STORE_WAIT_S)
+    except asyncio.TimeoutError:
+        raise RedisTimeoutError(f"no answer from Redis within {JOB_STORE_WAIT_S:g} s") from None
 
 
 class ClientGone(Exception):
@@ -173,13 +189,13 @@ def build_app(cfg: VerifierConfig, pool: VerifyPool, jobs: JobStore | None = Non
             if len(req.items) > cfg.max_job_items:
                 raise _invalid(("items",), f"at most {cfg.max_job_items} items per job", "too_long")
             items = to_items(cfg, req.items, ("items",))
-            job_id = await jobs.create([i.__dict__ for i in items])
+            job_id = await _store(jobs.create([i.__dict__ for i in items]))
             return JobCreated(job_id=job_id)
 
         @v1.get("/jobs/{job_id}", response_model=JobState, responses=_JOB_ERRORS, tags=["jobs"])
         async def get_job(job_id: str = job_id_param) -> JobState:
             """Status and progress; `results` (in input order) once the job is done."""
-            state = await jobs.get(job_id)
+            state = await _store(jobs.get(job_id))
             if state is None:
                 raise HTTPException(404, f"no job {job_id}")
             return state
@@ -188,7 +204,7 @@ def build_app(cfg: VerifierConfig, pool: VerifyPool, jobs: JobStore | None = Non
         async def cancel_job(job_id: str = job_id_param) -> JobState:
             """Cancel a queued or running job (items already verified keep their results).
             A finished job is returned unchanged."""
-            state = await jobs.cancel(job_id)
+            state = await _store(jobs.cancel(job_id))
             if state is None:
                 raise HTTPException(404, f"no job {job_id}")
             return state
