@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Start SGLang and vLLM on a small model, run the GPU tests against them, stop them.
+# One GPU node: start a real SGLang and a real vLLM server on a small model, run tests/gpu
+# against them (generation/scoring, disk updates, and an NCCL push through our own service
+# from the production trainer code to each, checked by the weight canary), stop them.
 # Usage: RLRT_GPU_MODEL=/path/to/small-hf-model scripts/gpu_check.sh   (see tests/gpu/README.md)
+# PYTHON runs the tests and plays the trainer: it needs rlrt and vllm (the trainer image pin).
 set -euo pipefail
 : "${RLRT_GPU_MODEL:?set RLRT_GPU_MODEL to a small HF model directory (e.g. Qwen3-0.6B)}"
 cd "$(dirname "$0")/.."
@@ -13,8 +16,18 @@ FRACTION=${GPU_MEM_FRACTION:-0.3}
 LOG_DIR=${LOG_DIR:-/tmp/rlrt-gpu-check}
 mkdir -p "$LOG_DIR"
 
+# The versions docs/deploy.md supports (the image pins): say so when these differ.
+want_sglang=$(sed -n 's/^ARG SGLANG_IMAGE=.*:v\([0-9][0-9.]*\)$/\1/p' deploy/docker/rollout.Dockerfile)
+want_vllm=$(sed -n 's/^ARG VLLM_VERSION=\([0-9][0-9.]*\)$/\1/p' deploy/docker/trainer.Dockerfile)
+have() { "$1" -c "import importlib.metadata as m; print(m.version('$2'))" 2>/dev/null || echo none; }
+for pair in "$SGLANG_PYTHON sglang $want_sglang" "$VLLM_PYTHON vllm $want_vllm" "$PY vllm $want_vllm"; do
+    read -r py pkg want <<<"$pair"
+    got=$(have "$py" "$pkg")
+    [ "$got" = "$want" ] || echo "WARNING: $py has $pkg $got; the supported version is $want"
+done
+
 "$SGLANG_PYTHON" -m sglang.launch_server --model-path "$RLRT_GPU_MODEL" --host 127.0.0.1 \
-    --port "$SGLANG_PORT" --mem-fraction-static "$FRACTION" --context-length 4096 \
+    --port "$SGLANG_PORT" --mem-fraction-static "$FRACTION" --context-length 4096 --dp-size 1 \
     >"$LOG_DIR/sglang.log" 2>&1 &
 SGLANG_PID=$!
 VLLM_SERVER_DEV_MODE=1 "$VLLM_PYTHON" -m vllm.entrypoints.openai.api_server \

@@ -236,9 +236,14 @@ def test_the_behaviours_we_rely_on_are_still_upstream(src) -> None:
                             if isinstance(n, ast.AsyncFunctionDef)
                             and n.name == "init_weights_update_group"))
     assert "dp_size == 1" in init
-    # /health generates a token (503 while paused): why our probe reads /model_info
+    # /health generates a token (503 while paused): why our probe reads /model_info, and why
+    # the rollout image turns that generation off for /health (not /health_generate)
     health = ast.unparse(upstream.handler(src["http"], "/health"))
     assert "GenerateReqInput" in health and "503" in health
+    switch = "SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"
+    assert f"{switch}.get()" in health and "'/health'" in health
+    assert switch in upstream.source("sglang", "srt/environ.py").read_text()
+    assert f"{switch}=false" in (ROOT / "deploy/docker/rollout.Dockerfile").read_text()
     # the server's side of the rendezvous wraps the store (tests/test_nccl_rendezvous.py)
     common = ast.unparse(next(n for n in upstream.parse(upstream.source(
         "sglang", "srt/utils/common.py")).body if isinstance(n, ast.FunctionDef)

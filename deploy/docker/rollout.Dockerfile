@@ -46,7 +46,11 @@ COPY --chmod=755 deploy/docker/sglang-server.sh /usr/local/bin/rlrt-sglang-serve
 
 USER 10001:10001
 WORKDIR /home/rlrt
+# SGLang's /health runs a one-token generation, which a weight update's pause holds: the
+# health check would fail during every long update. With generation off, /health answers
+# 200 once the server is up (503 while starting or exiting); /health_generate stays deep.
 ENV HOME=/home/rlrt \
+    SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=false \
     RLRT_ENGINE_PORT=30000 \
     RLRT_ENGINE_CMD=rlrt-sglang-server \
     RLRT_ENGINE_HEALTH=http://127.0.0.1:30000/health \

@@ -8,20 +8,25 @@ them to the new weights' reference, far from the old one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import socket
-import threading
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
 
 from protocol.messages import SamplingParams, WeightUpdate
-from protocol.weights import save_weights_dir
+from protocol.weights import Bucket, save_weights_dir
 from services.engines.config import EngineConfig
 from services.engines.factory import make_engine
-from protocol.weights import Bucket
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 MODEL = os.environ.get("RLRT_GPU_MODEL")
@@ -29,6 +34,8 @@ SGLANG = os.environ.get("RLRT_SGLANG_URL")
 VLLM = os.environ.get("RLRT_VLLM_URL")
 PERTURBED = ("model.norm.weight",)  # scaling the final norm moves every log-prob
 SEQ_TEXT = "Question: what is 12 times 7? Answer: 12 times 7 is 84."
+TOKEN = "gpu-check"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 
 def need(url: str | None) -> str:
@@ -135,53 +142,91 @@ async def test_disk_update_and_restore(kind: str, url: str | None, reference, tm
         await eng.close()
 
 
+@contextlib.contextmanager
+def engine_service(kind: str, url: str, tmp_path: Path) -> Iterator[str]:
+    """Our real service in front of the server, as deployed: `rlrt serve rollout|teacher`
+    (control API only: no Redis), in its own process. Yields its URL."""
+    section = "rollout" if kind == "sglang" else "teacher"
+    port = free_port()
+    cfg = tmp_path / f"{section}.yaml"
+    cfg.write_text(json.dumps({section: {
+        "token": TOKEN, "engine": {"kind": kind, "url": url, "model_path": MODEL,
+                                   "weight_update_timeout_s": 600}}}))
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("RLRT_")}
+    proc = subprocess.Popen([sys.executable, "-m", "rlrt.cli", "serve", section, "--config",
+                             str(cfg), "--host", "127.0.0.1", "--port", str(port)], env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            if proc.poll() is not None:
+                raise RuntimeError(f"rlrt serve {section} exited with {proc.returncode}")
+            try:
+                if httpx.get(f"{base}/v1/version", headers=AUTH, timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            raise RuntimeError(f"rlrt serve {section} not ready after 300 s")
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 @pytest.mark.parametrize("kind,url", [("sglang", SGLANG), ("vllm", VLLM)])
-async def test_nccl_update(kind: str, url: str | None, reference, tmp_path: Path) -> None:  # noqa: ANN001
-    from trainer_side import broadcast_sglang, init_sglang_group, vllm_transfer_engine
+async def test_nccl_push_through_our_service_and_canary(kind: str, url: str | None, reference,
+                                                        tmp_path: Path) -> None:  # noqa: ANN001
+    """The production path end to end: the trainer's `push_buckets` (trainer/
+    weight_sync_nccl.py: Peer, group join, broadcasts) -> our service's /v1/weights -> the
+    engine's NCCL endpoints; twice (a new group, then the group reused). Then the canary
+    comparison: the server's log-probs equal the trainer's (the reference with the pushed
+    weights) within the bf16 canary tolerance, and differ from the old weights'."""
+    from protocol.canary import DEFAULT_TOLERANCE, Canary, compare, tolerance_for
+    from trainer.config import PushConfig, ServiceEndpoint
+    from trainer.weight_push import PushResult
+    from trainer.weight_sync_nccl import Peer, push_buckets
 
     tok, model = reference
-    eng = await make_engine(EngineConfig(kind=kind, url=need(url), model_path=MODEL))
-    seq, off = sequence(tok)
-    new = perturbed_state(model, 0.5)
-    names = list(PERTURBED) + ["model.layers.0.input_layernorm.weight"]
-    buckets = [Bucket(names=[n], dtypes=["bfloat16"], shapes=[list(new[n].shape)]) for n in names]
-    world = 1 + eng.engine_world_size  # type: ignore[attr-defined]
-    port = free_port()
-    update = WeightUpdate(run_id="gpu", version=eng.version + 1, format="nccl",
-                          location=f"127.0.0.1:{port}",
-                          meta={"nccl": {"world_size": world, "group_name": "rlrt_gpu_test",
-                                         "buckets": [b.model_dump() for b in buckets]}})
-    tensors = [new[n].contiguous() for n in names]
-    errors: list[BaseException] = []
-
-    def trainer() -> None:  # rank 0, concurrently with the service's HTTP calls
+    seq, _ = sequence(tok)
+    client = await make_engine(EngineConfig(kind=kind, url=need(url), model_path=MODEL))
+    with engine_service(kind, url, tmp_path) as svc_url:
+        push = PushConfig(mode="nccl", master_address="127.0.0.1", master_port=free_port(),
+                          nccl_timeout_s=600, control_token=TOKEN,
+                          services=[ServiceEndpoint(name=kind, url=svc_url, engine=kind)])
+        peer = Peer(push.services[0], push, push.master_port)
+        version = int(httpx.get(f"{svc_url}/v1/version", headers=AUTH).json()["version"])
         try:
-            if kind == "sglang":
-                broadcast_sglang(init_sglang_group("127.0.0.1", port, world, "rlrt_gpu_test"), tensors)
-            else:
-                engine_cls = vllm_transfer_engine()
-                group = engine_cls.trainer_init({"master_address": "127.0.0.1",
-                                                 "master_port": port, "world_size": world})
-                engine_cls.trainer_send_weights(iter(zip(names, tensors, strict=True)), group)
-                torch.cuda.synchronize()
-        except BaseException as e:  # surfaced by the assertion below
-            errors.append(e)
-
-    thread = threading.Thread(target=trainer, daemon=True)
-    thread.start()
-    try:
-        assert await eng.update_weights(update) == update.version
-        await asyncio.to_thread(thread.join, 300)
-        assert not errors, errors
-        (got,) = await eng.score([seq], [off])
-        with Swap(model, new) as m:
-            want_new = ref_logprobs(m, seq, off)
-        assert close_to(got, want_new) < 0.15 < close_to(got, ref_logprobs(model, seq, off))
-        # restore the original weights for whatever runs next
-        cfg = (Path(MODEL) / "config.json").read_text()
-        sha = save_weights_dir(model.state_dict(), tmp_path / "orig", version=update.version + 1,
-                               extra_files={"config.json": cfg})
-        await eng.update_weights(WeightUpdate(run_id="gpu", version=update.version + 1,
-                                              location=str(tmp_path / "orig"), sha256=sha))
-    finally:
-        await eng.close()
+            for factor in (0.5, 0.25):  # the second push reuses the group
+                new = perturbed_state(model, factor)
+                names = list(PERTURBED) + ["model.layers.0.input_layernorm.weight"]
+                meta = [Bucket(names=[n], dtypes=["bfloat16"], shapes=[list(new[n].shape)])
+                        for n in names]
+                buckets = [[(n, new[n].to(torch.bfloat16).contiguous())] for n in names]
+                version += 1
+                res = PushResult(version=version, location=f"127.0.0.1:{push.master_port}")
+                await asyncio.to_thread(push_buckets, [peer], version, meta, iter(buckets), res,
+                                        run_id="gpu", timeout_s=600)
+                assert res.ok == [kind] and not res.failed, res.failed
+                got = httpx.get(f"{svc_url}/v1/version", headers=AUTH).json()
+                assert got["version"] == version and got["engine"]["nccl_group"] == peer.group_key()
+                with Swap(model, new) as m:
+                    want = ref_logprobs(m, seq, 1)
+                canary = Canary(sequences=[seq], logprobs=[want.tolist()], dtype="bfloat16")
+                client._version = version  # noqa: SLF001 - this client did not push
+                (served,) = await client.score([seq], [1])
+                verdict = compare(canary, [served.tolist()],
+                                  tolerance_for(["bfloat16"], DEFAULT_TOLERANCE))
+                assert verdict.ok, verdict.describe()
+                assert close_to(served, ref_logprobs(model, seq, 1)) > close_to(served, want)
+            # restore the original weights for whatever runs next
+            cfg = (Path(MODEL) / "config.json").read_text()
+            sha = save_weights_dir(model.state_dict(), tmp_path / "orig", version=version + 1,
+                                   extra_files={"config.json": cfg})
+            r = httpx.post(f"{svc_url}/v1/weights", headers=AUTH, timeout=900, json={
+                "run_id": "gpu", "version": version + 1, "location": str(tmp_path / "orig"),
+                "sha256": sha})
+            assert r.status_code == 200, r.text
+        finally:
+            peer.reset()
+            await client.close()
