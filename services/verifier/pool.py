@@ -424,9 +424,9 @@ class _Slot(threading.Thread):
         if rss > limit:
             log.info("recycling verifier worker %s: RSS %.0f MB > max_worker_rss_mb %d",
                      self.proc.pid, rss, limit)
-            self.pool._bump("recycled")
             self.stop_worker()
             self.ensure_worker()
+            self.pool._bump("recycled")
 
     def stop_worker(self) -> None:
         if self.conn is not None:
