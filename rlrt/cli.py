@@ -115,9 +115,9 @@ def _allow_run_tasks(config: Optional[Path]) -> None:
     from rlrt.sections import read_config
     from services.verifier.core import allow_tasks
 
-    trainer = _load("trainer", config) if config else None
-    if trainer is None:
-        return
+    if not config or not any(k in read_config(str(config)) for k in ("trainer", "data", "eval")):
+        return  # a verifier-only config (deployments, tests): built-in tasks only
+    trainer = _load("trainer", config)
     try:
         sets = eval_sets(read_config(str(config)).get("eval"), _load("run", config), trainer.data)
         allow_tasks([trainer.data.task, *(s.data_config(trainer.data).task for s in sets)])
