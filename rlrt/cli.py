@@ -228,17 +228,17 @@ def eval_cmd(config: Path = typer.Option(..., "--config", "-c", help="run config
     # the config's sections say.
     extra = [f"{key}={model}" for key in ("model", "trainer.model_path",
                                           "rollout.engine.model_path")] if model else []
+    knobs = {"k": k, "temperature": temperature, "top_p": top_p,
+             "max_new_tokens": max_new_tokens, "n": n}
     try:
+        if data is not None:  # the run's one eval set, for every process (the verifier's tasks)
+            one = EvalSet(name=Path(data).stem if Path(data).exists() else data,
+                          data=spec_from_cli(data, task=task, split=split), **knobs)
+            extra.append("eval=" + json.dumps([one.model_dump(exclude_none=True)]))
         run = LocalRun(config, services=("verifier", "rollout"), console=console, sets=extra)
-        knobs = {"k": k, "temperature": temperature, "top_p": top_p,
-                 "max_new_tokens": max_new_tokens, "n": n}
-        if data is None:
-            chosen = [s.model_copy(update={kk: v for kk, v in knobs.items() if v is not None})
-                      for s in run.eval_sets]
-        else:
-            chosen = [EvalSet(name=Path(data).stem if Path(data).exists() else data,
-                              data=spec_from_cli(data, task=task, split=split), **knobs)]
-        result = run.evaluate_once(chosen)
+        result = run.evaluate_once([s.model_copy(update={kk: v for kk, v in knobs.items()
+                                                         if v is not None})
+                                    for s in run.eval_sets])
     except (LaunchError, FileNotFoundError, ValueError) as e:
         fail(str(e))
     text = json.dumps(result, indent=2)

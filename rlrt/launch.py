@@ -147,8 +147,9 @@ class LocalRun:
             "TOKENIZERS_PARALLELISM": "false",
             "DS_ACCELERATOR": env.get("DS_ACCELERATOR", "cpu"),
             "PYTHONUNBUFFERED": "1",
-            # Hub ids were resolved by preflight: the children get those local directories.
-            SET_ENV: json.dumps(self.sets),
+            # The run's --set overrides (hub ids resolved by preflight to local directories),
+            # then the launcher's own choices, which no --set may undo.
+            SET_ENV: json.dumps([*self.sets, *(f"{n}.port={self.ports[n]}" for n in self.services)]),
         })
         model = str(self.model_path)
         for name in self.services:
