@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -161,8 +162,8 @@ def train(config: Path = typer.Option(..., "--config", "-c", help="run config (Y
     except LaunchError as e:
         fail(str(e))
     except KeyboardInterrupt:
-        console.print("stopped. Continue with: rlrt train --config "
-                      f"{config} --resume")
+        again = "".join(f" --set {shlex.quote(x)}" for x in sets or [])
+        console.print(f"stopped. Continue with: rlrt train --config {config}{again} --resume")
         raise typer.Exit(130) from None
 
 
