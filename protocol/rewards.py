@@ -117,16 +117,15 @@ class RewardSettings(RLRTSettings):
 
 
 def prompt_row(prompt: Any) -> dict[str, Any]:
-    """The `row` a reward function receives for a PromptTask: the dataset row the producer put
-    in `meta["row"]` (all of its fields), over the prompt's own fields `prompt_id`, `prompt`,
-    `answer`, `solution`, `task` and the rest of `meta`."""
+    """The `row` a reward function receives for a PromptTask: the dataset row's own columns
+    (what the producer put in `meta["fields"]`, if anything), then the prompt's `prompt_id`,
+    `prompt`, `answer`, `solution` and `task`, and `meta` (the producer's bookkeeping, e.g.
+    the trainer's row index and epoch)."""
     meta = dict(prompt.meta or {})
-    row = meta.pop("row", None)
-    out: dict[str, Any] = {"prompt_id": prompt.prompt_id, "prompt": prompt.prompt_text,
-                           "answer": prompt.answer, "solution": prompt.solution,
-                           "task": prompt.task, **meta}
-    if isinstance(row, Mapping):
-        out.update(row)
+    fields = meta.pop("fields", None)
+    out: dict[str, Any] = dict(fields) if isinstance(fields, Mapping) else {}
+    out.update(prompt_id=prompt.prompt_id, prompt=prompt.prompt_text, answer=prompt.answer,
+               solution=prompt.solution, task=prompt.task, meta=meta)
     return out
 
 

@@ -22,7 +22,15 @@ import yaml
 from protocol.bus import Bus
 from protocol.config import BusSettings, ConfigError
 from protocol.messages import PromptTask, Response, RolloutGroup, ScoredGroup, VerifiedGroup
-from protocol.rewards import RewardFnError, RewardSettings, as_reward, load_fn, locate, score
+from protocol.rewards import (
+    RewardFnError,
+    RewardSettings,
+    as_reward,
+    load_fn,
+    locate,
+    prompt_row,
+    score,
+)
 from protocol.tasks.base import CheckResult
 from services.verifier import worker
 from services.verifier.pool import Item, VerifyPool
@@ -182,6 +190,13 @@ def test_user_errors_carry_the_traceback(user_pkg: tuple[Path, str], monkeypatch
         score(spec(fn="no_such_pkg_xyz.mod:f"), "", "r", {}, lambda: None)
 
 
+def test_prompt_row() -> None:
+    p = PromptTask(run_id="r", prompt_id="p1", prompt_text="What is 1+1?", prompt_ids=[1], answer="2",
+                   solution="1+1=2", meta={"fields": {"difficulty": 3, "answer": "two"}, "row": 17, "epoch": 0})
+    assert prompt_row(p) == {"difficulty": 3, "prompt_id": "p1", "prompt": "What is 1+1?", "answer": "2",
+                             "solution": "1+1=2", "task": "math", "meta": {"row": 17, "epoch": 0}}
+
+
 def test_file_path_form(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "my_rewards.py").write_text("def f(response, reference, row):\n    return len(response) / 10\n")
     monkeypatch.chdir(tmp_path)
@@ -253,7 +268,7 @@ def group(i: int, texts: list[str], answer: str, row: dict | None = None) -> Rol
     responses = [Response(token_ids=np.arange(4, dtype=np.int32) + k, logprobs=np.full(4, -0.5, np.float32),
                           finish_reason="stop", text=t) for k, t in enumerate(texts)]
     prompt = PromptTask(run_id="r", prompt_id=f"p{i}", prompt_text="q", prompt_ids=[1, 2, 3], answer=answer,
-                        group_size=len(texts), meta={"row": row or {}})
+                        group_size=len(texts), meta={"fields": row or {}, "row": 17})
     return RolloutGroup(run_id="r", task=prompt, responses=responses, engine_version=0, parent_id=prompt.msg_id)
 
 
@@ -354,7 +369,8 @@ async def test_rlrt_serve_verifier_grades_with_the_users_module(
 
     root, name = user_pkg
     proc, url, log = _service(root, redis_url, prefix,
-                              {"fns": [{"fn": "task"}, {"fn": f"{name}.rewards:shortness", "weight": 0.5}]})
+                              {"fns": [{"fn": "task"}, {"fn": f"{name}.rewards:shortness", "weight": 0.5},
+                                       {"fn": f"{name}.rewards:from_row"}]})
     try:
         async with httpx.AsyncClient() as client:
             for _ in range(1200):
@@ -367,7 +383,7 @@ async def test_rlrt_serve_verifier_grades_with_the_users_module(
                 await asyncio.sleep(0.1)
         bus = Bus.from_url(redis_url, BusSettings(prefix=prefix, block_ms=50))
         texts = [r"\boxed{2}", "x" * 100]
-        await bus.publish(f"{prefix}:rollouts", group(0, texts, "2"))
+        await bus.publish(f"{prefix}:rollouts", group(0, texts, "2", row={"difficulty": 0.8}))
         got: list[VerifiedGroup] = []
 
         async def keep(m: VerifiedGroup) -> None:
@@ -378,7 +394,9 @@ async def test_rlrt_serve_verifier_grades_with_the_users_module(
         await bus.close()
     finally:
         _stop(proc)
-    assert got[0].rewards == pytest.approx([1.0 + 0.5 * (1 - len(texts[0]) / 100), 0.0])
+    # from_row: the dataset column "difficulty" (0.8) travelled in the PromptTask; "p0" is not
+    # in either response, so half of it
+    assert got[0].rewards == pytest.approx([1.0 + 0.5 * (1 - len(texts[0]) / 100) + 0.4, 0.4])
     assert [v.correct for v in got[0].verifications] == [True, False]
 
 
