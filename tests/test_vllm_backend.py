@@ -112,7 +112,7 @@ async def test_server_side_errors(fake_vllm: Fake) -> None:
                                          context_len=4096))
     try:
         with pytest.raises(InvalidRequest, match="maximum context length"):
-            await eng.score([[5] * CONTEXT_LEN], [1])
+            await eng.score([[5] * (CONTEXT_LEN + 1)], [1])
         for mode, match in [("refuse", "503"), ("malformed", "malformed JSON"), ("hang", "no answer")]:
             fake_vllm.config(mode=mode)
             with pytest.raises(UpstreamError, match=match):

@@ -154,6 +154,13 @@ def test_wire_limits(server: Server) -> None:
     assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError"
     r = server.post(url, {"prompt": [], "max_tokens": 1})
     assert r.status_code == 400
+    # the window: max_tokens is cut to the room left; a full window or more is refused
+    r = server.post(url, {"prompt": [5] * (CONTEXT_LEN - 2), "max_tokens": 50, "logprobs": 0})
+    assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["tokens"]) <= 2
+    r = server.post(url, {"prompt": [5] * CONTEXT_LEN, "max_tokens": 1})
+    assert r.status_code == 400 and "max_tokens must be at least 1" in r.json()["error"]["message"]
+    r = server.post(url, {"prompt": [5] * (CONTEXT_LEN + 1), "max_tokens": 1})
+    assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"]
     assert server.get("/weight_info").json() == {"weight_version": "default"}  # fresh server
     assert server.get("/is_paused").json() == {"is_paused": False}
     assert server.get("/get_world_size").json() == {"world_size": 1}

@@ -94,16 +94,23 @@ class FakeVLLM:
         bad = [t for t in ids if t < 0 or t >= self.lm.vocab_size]
         if bad:
             raise ValueError(f"Token id {bad[0]} is out of vocabulary")
-        if len(ids) + max_tokens > self.lm.context_len:
+        # vLLM 0.32 (renderers/params.py, serve/utils/api_utils.py::get_max_tokens): a prompt
+        # longer than the window is refused; otherwise max_tokens is cut to the room left, and
+        # a prompt filling the window leaves max_tokens 0, which is refused.
+        if len(ids) > self.lm.context_len:
             raise ValueError(
                 f"This model's maximum context length is {self.lm.context_len} tokens. However, "
-                f"you requested {len(ids) + max_tokens} tokens ({len(ids)} in the messages, "
-                f"{max_tokens} in the completion). Please reduce the length of the messages or "
-                "completion.")
+                f"your prompt contains {len(ids)} input tokens, which exceeds this limit even "
+                "without any output tokens. Please reduce the length of the input prompt.")
+        if self._room(ids, max_tokens) < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self._room(ids, max_tokens)}.")
         return ids
 
+    def _room(self, ids: list[int], max_tokens: int) -> int:
+        return min(max_tokens, self.lm.context_len - len(ids))
+
     def _choice(self, index: int, ids: list[int], body: dict[str, Any], seed: int | None) -> dict:
-        max_tokens = int(body.get("max_tokens") or 16)
+        max_tokens = self._room(ids, int(body.get("max_tokens") or 16))
         s = self.lm.sample(ids, max_new_tokens=max_tokens,
                            temperature=float(body.get("temperature", 1.0)),
                            top_p=float(body.get("top_p", 1.0)), top_k=int(body.get("top_k", -1)),
