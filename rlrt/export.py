@@ -5,7 +5,7 @@
 CHECKPOINT may be
 - a trainer checkpoint `<output_dir>/checkpoints/step-00000040` (DeepSpeed, ZeRO 0, 2 or 3, any
   number of ranks), or the checkpoint root / the trainer's output_dir (its latest checkpoint);
-- a pushed weight directory `<output_dir>/weights/v000040` (protocol/weights.py).
+- a pushed weight directory `<output_dir>/weights/v00000040` (protocol/weights.py).
 
 A checkpoint holds weights only; the architecture (config.json) and the tokenizer come from the
 model the run started from: `trainer.model_path` / `tokenizer_path` in the run's
