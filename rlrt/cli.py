@@ -35,7 +35,8 @@ PortOpt = typer.Option(None, "--port", help="HTTP port (default from config)")
 
 
 def fail(msg: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {msg}")
+    # soft_wrap: one line whatever the terminal width (it may end in a command to copy).
+    console.print(f"[bold red]error:[/] {msg}", soft_wrap=True)
     raise typer.Exit(code)
 
 
