@@ -84,3 +84,35 @@ def test_a_killed_server_restarts_on_the_same_data(tmp_path: Path) -> None:
         assert redis.Redis.from_url(url).get("k") == b"v"
     finally:
         server.stop()
+
+
+@pytest.mark.slow  # waits out EmbeddedRedis.busy_wait_s (15 s) behind a CLI start-up
+def test_rlrt_train_refuses_a_run_whose_redis_is_still_up(tmp_path: Path) -> None:
+    """`--resume` while the killed run's redis-server still serves the run directory: one
+    clear line, and the live server is left alone (it used to get a twin on the same AOF)."""
+    import yaml
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    run = tmp_path / "run"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "run": {"dir": str(run), "bootstrap": False, "eval_prompts": 0},
+        "verifier": {"port": 0},
+        "rollout": {"port": 0, "engine": {"kind": "cpu", "model_path": str(model)}},
+        "teacher": {"port": 0, "engine": {"kind": "cpu", "model_path": str(model)}},
+        "trainer": {"model_path": str(model), "output_dir": str(run / "trainer")},
+    }))
+    live = EmbeddedRedis(run / "redis")
+    url = live.start()
+    try:
+        res = subprocess.run([sys.executable, "-m", "rlrt.cli", "train", "--config", str(cfg),
+                              "--resume"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert lines[-1].startswith("error: another redis-server"), res.stderr[-2000:]
+        assert redis.Redis.from_url(url).ping()  # untouched
+    finally:
+        live.stop()
