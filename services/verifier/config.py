@@ -52,7 +52,7 @@ class VerifierConfig(RLRTSettings):
         "(sympy's caches grow with hostile input; an idle worker is ~70 MB); 0 = never",
     )
     request_budget_s: float = Field(
-        60.0, gt=0,
+        30.0, gt=0,
         description="total time one /v1/verify or /v1/verify/batch request may take; items not "
         "checked by then answer 'timeout' (per-item deadlines alone let 38 slow items take 50 s)",
     )
