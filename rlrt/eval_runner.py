@@ -106,18 +106,6 @@ class EvalRunner:
             self._thread.join()
 
 
-def read_results(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
-
-
 def steps_done(metrics_jsonl: Path) -> int:
     """Trainer steps completed, from the last line of its metrics.jsonl (0 before the first)."""
     try:

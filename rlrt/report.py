@@ -123,15 +123,13 @@ def plot_evals(by_set: dict[str, list[dict[str, Any]]], out: Path) -> Path | Non
 
 def write_report(run_dir: Path, trainer_cfg: Any, report: dict[str, Any],
                  console: Console | None = None) -> Path:
-    from rlrt.eval_runner import read_results
-
     out_dir = Path(trainer_cfg.output_dir)
     rows = read_metrics(out_dir / "metrics.jsonl")
     preset = getattr(getattr(trainer_cfg, "algorithm", None), "preset", "?")
     png = plot_curves(rows, run_dir / "training.png", title=f"{preset}: {len(rows)} steps")
     # Every evaluation of the run (before, during, after; a resumed run's too), by set.
     by_set: dict[str, list[dict[str, Any]]] = {}
-    for r in read_results(run_dir / "eval.jsonl"):
+    for r in read_metrics(run_dir / "eval.jsonl"):
         by_set.setdefault(str(r.get("set")), []).append(r)
     for results in by_set.values():
         results.sort(key=lambda r: (r.get("step", 0), r.get("label") == "after training"))

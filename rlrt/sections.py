@@ -12,8 +12,8 @@ A run config has a section per part (`bus`, `verifier`, `rollout`, `teacher`, `t
 trainer.data, wherever the section does not set its own (a section's value wins). `model` is a
 local HF directory or a hub id (`rlrt train` resolves it once, protocol/hub.py).
 
-Precedence, lowest first: the YAML file, environment variables (`RLRT_<SECTION>__<FIELD>`, and
-`RLRT_MODEL` for `model`), then `--set key.path=value` overrides. `--set` reaches every process
+Precedence, lowest first: the YAML file, environment variables (`RLRT_<SECTION>__<FIELD>`),
+then `--set key.path=value` overrides (the only way to override a shared key). `--set` reaches every process
 of a run through the environment variable RLRT_SET (a JSON list of "key=value" strings).
 
 Imported lazily so `rlrt --help` stays fast and a missing optional part does not break the
@@ -45,7 +45,6 @@ SECTIONS: dict[str, str] = {
 # Top-level keys that are not sections (see the module doc).
 SHARED = ("model", "data", "eval")
 SET_ENV = "RLRT_SET"
-MODEL_ENV = "RLRT_MODEL"
 
 
 def section_model(name: str) -> Any:
@@ -130,12 +129,10 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 
 def read_config(path: str | None, sets: list[str] | None = None) -> dict[str, Any]:
-    """The YAML file with the shared keys' env and --set overrides applied (section fields'
+    """The YAML file with the shared keys' --set overrides applied (section fields'
     overrides are applied by `load_section`, after the section's own env variables). `sets`
     None = this process's (`active_sets`)."""
     raw = copy.deepcopy(read_yaml(path))
-    if os.environ.get(MODEL_ENV):
-        raw["model"] = os.environ[MODEL_ENV]
     for p, value in parse_set(active_sets() if sets is None else sets):
         if p[0] in SHARED:
             _put(raw, p, value)

@@ -30,7 +30,6 @@ def _write(path: Path, cfg: dict) -> Path:
 @pytest.fixture(autouse=True)
 def _no_inherited_sets(monkeypatch):
     monkeypatch.delenv(SET_ENV, raising=False)
-    monkeypatch.delenv("RLRT_MODEL", raising=False)
 
 
 @pytest.fixture
@@ -92,10 +91,8 @@ def test_set_beats_env_and_yaml(tmp_path: Path, monkeypatch) -> None:
     assert t.algorithm.eps_w == 0.5 and t.algorithm.lam == 0.2  # nested: the rest is kept
 
 
-def test_set_model_and_data_and_env_model(tmp_path: Path, monkeypatch) -> None:
+def test_set_model_and_data(tmp_path: Path) -> None:
     cfg = _write(tmp_path / "c.yaml", {"model": "yaml/model"})
-    monkeypatch.setenv("RLRT_MODEL", "env/model")
-    assert load_section("trainer", str(cfg)).model_path == "env/model"
     sets = ["model=cli/model", "data.path=q.jsonl"]
     assert load_section("rollout", str(cfg), sets).engine.model_path == "cli/model"
     assert load_section("trainer", str(cfg), sets).data.path == ["q.jsonl"]

@@ -279,12 +279,14 @@ def clean_env(monkeypatch):
 
 
 def load(unit: Unit, section: str, monkeypatch):
-    """The section as this container reads it: its mounted config under its environment."""
-    cls = model(section)
+    """The section as this container reads it: its mounted config under its environment,
+    through the loader its `rlrt` command uses (the shared `model` / `data` keys included)."""
+    from rlrt.sections import load_section
+
     with monkeypatch.context() as m:
         for k, v in unit.env.items():
             m.setenv(k, v)
-        return cls.load(str(unit.config), section)
+        return load_section(section, str(unit.config))
 
 
 def test_mounted_config_loads_with_each_containers_env(deployments, clean_env):
