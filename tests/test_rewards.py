@@ -408,3 +408,42 @@ def test_rlrt_serve_verifier_refuses_a_missing_reward_module(
     finally:
         _stop(proc)
     assert "module 'no_such_pkg_xyz.rewards' not found" in log.read_text()
+
+
+async def test_dataset_columns_reach_the_reward_row(redis_url: str, prefix: str, tmp_path: Path) -> None:
+    """A JSONL row's extra columns travel in the trainer's PromptTask to the reward's `row`."""
+    import json
+
+    from helpers.tiny_policy import tiny_tokenizer
+
+    from protocol.messages import SamplingParams, TeacherRequest
+    from trainer.config import DataConfig
+    from trainer.data import PromptSource
+    from trainer.driver import Driver, DriverState
+    from trainer.inbox import Inbox
+
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"id": "q0", "prompt": "1+1?", "answer": "2", "difficulty": 0.8,
+                             "tags": ["easy"], "blob": None}) + "\n")
+    source = PromptSource(DataConfig(source="jsonl", path=[str(f)], shuffle=False, task="math"),
+                          tiny_tokenizer(), max_prompt_tokens=60, seed=0)
+    bus = Bus.from_url(redis_url, BusSettings(prefix=prefix))
+    state = DriverState()
+    driver = Driver(bus=bus, prompts_stream=bus.cfg.stream("prompts"), source=source,
+                    inbox=Inbox(bus.r, f"{prefix}:trainer:{state.nonce}"), run_id="t",
+                    prompts_per_step=1, group_size=2, max_staleness=0, zero_variance="keep",
+                    backfill_max=0, sampling=SamplingParams(max_new_tokens=4),
+                    teacher=TeacherRequest(), wait_timeout_s=10, publish_timeout_s=5, state=state)
+    await driver.top_up(0)
+    got: list[PromptTask] = []
+
+    async def keep(t: PromptTask) -> None:
+        got.append(t)
+
+    await asyncio.wait_for(bus.consume(bus.cfg.stream("prompts"), "rollout", "w", keep, PromptTask,
+                                       asyncio.Event(), max_messages=1), timeout=10)
+    await bus.close()
+    row = prompt_row(got[0])
+    assert row["difficulty"] == 0.8 and row["tags"] == ["easy"] and row["blob"] is None
+    assert row["prompt_id"] == "q0" and row["answer"] == "2" and row["meta"]["row"] == 0
+    assert "id" not in row and "fields" not in row["meta"]

@@ -179,7 +179,9 @@ class Driver:
             solution=drawn.row.solution, task=drawn.row.task, group_size=self.G,
             sampling=sampling, policy_version=version, teacher=self.teacher,
             meta={"task_index": k, "nonce": self.state.nonce, "row": drawn.index,
-                  "epoch": drawn.epoch},
+                  "epoch": drawn.epoch,
+                  # the row's other columns, for reward functions (protocol.rewards.prompt_row)
+                  **({"fields": dict(drawn.row.fields)} if drawn.row.fields else {})},
         )
 
     def _check_context(self, solution: str | None, answer: str | None) -> None:

@@ -11,7 +11,7 @@ also read rows from files or a hub dataset through the `data` section (protocol/
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel
@@ -41,6 +41,9 @@ class Row:
     answer: str
     solution: str | None
     task: str
+    # The source row's other columns (plain JSON-like values): reward functions receive them in
+    # their `row` (protocol/rewards.py). Not part of the row's identity.
+    fields: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 def chat_messages(prompt: str, system_prompt: str | None = None) -> list[dict[str, str]]:

@@ -193,9 +193,20 @@ def to_row(raw: Mapping[str, Any], index: int, cfg: DataConfig) -> Row | str:
     solution = raw.get(cfg.solution_field)
     pid = raw.get(cfg.id_field)
     task = raw.get("task") if cfg.kind != "generator" and isinstance(raw.get("task"), str) else None
+    used = {cfg.prompt_field, cfg.answer_field, cfg.solution_field, cfg.id_field, "task"}
     return Row(prompt_id=str(pid) if pid is not None else f"row:{index}", prompt=prompt,
                answer=str(answer), solution=str(solution) if solution else None,
-               task=task or cfg.task)
+               task=task or cfg.task,
+               fields={k: v for k, v in raw.items() if k not in used and _plain(v)})
+
+
+def _plain(v: Any) -> bool:
+    """A value that travels in a message as it is (the bus packs plain data only)."""
+    if isinstance(v, (list, tuple)):
+        return all(_plain(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _plain(x) for k, x in v.items())
+    return v is None or isinstance(v, (str, int, float, bool))
 
 
 def load_rows(cfg: DataConfig, *, seed: int, n: int | None = None) -> list[Row]:
