@@ -104,6 +104,19 @@ def test_service_side_routes_and_bodies(src) -> None:
     assert _dict_keys(fn, "info") == set(update_fields)
 
 
+def test_the_fakes_nccl_fields_are_vllms(src) -> None:
+    from fakes import fake_vllm
+
+    init = upstream.fields(src["common"], "NCCLWeightTransferInitInfo")
+    assert fake_vllm.NCCL_INIT_INFO_FIELDS == set(init)
+    update = upstream.fields(src["engine"], "NCCLWeightTransferUpdateInfo")
+    assert fake_vllm.NCCL_UPDATE_INFO_FIELDS == set(update)
+    routes = upstream.routes(src["router"])
+    for route in ("/init_weight_transfer_engine", "/start_weight_update", "/update_weights",
+                  "/finish_weight_update", "/get_world_size"):
+        assert route in routes, route
+
+
 def test_trainer_side_uses_vllms_current_api(src) -> None:
     from trainer import weight_sync_nccl as ours
 

@@ -40,9 +40,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -166,6 +167,9 @@ class Peer:
         self.svc = svc
         self.cfg = cfg
         self.port = port
+        # A join given up on (the service refused, or timed out) still holds the rendezvous
+        # port until its own timeout: the next group is made on another port meanwhile.
+        self.abandoned: threading.Thread | None = None
         self.group: Any = None
         self.world_size: int | None = svc.engine_world_size and svc.engine_world_size + 1
         self.failed = False
@@ -212,6 +216,10 @@ class Peer:
         if init and self.group is not None:
             destroy_group(self.group)
             self.group = None
+        if init and self.abandoned is not None and self.abandoned.is_alive():
+            self.port = _free_port()
+            log.warning("%s: an abandoned rendezvous still holds its port; this update's group "
+                        "uses port %d", self.svc.name, self.port)
         return init
 
     def update(self, version: int, buckets: list[Bucket], init: bool, run_id: str) -> _Call:
@@ -226,21 +234,20 @@ class Peer:
         call.start()
         return call
 
-    def join_group(self) -> None:
-        """Step 3 (when init_group): rank 0 of the new group."""
+    def join_group(self) -> Any:
+        """Step 3 (when init_group): rank 0 of the new group; returns it."""
         if self.svc.engine == "vllm":
             try:
                 from vllm.distributed.weight_transfer.nccl_common import trainer_init
             except ImportError as e:
                 raise RuntimeError("NCCL updates of a vLLM server need vllm (0.32, the pin of "
                                    "the trainer image) in the trainer's environment") from e
-            self.group = trainer_init({"master_address": self.cfg.master_address,
-                                       "master_port": self.port,
-                                       "world_size": self.world_size})
-        else:
-            self.group = init_custom_process_group(
-                self.cfg.nccl_backend, self.cfg.master_address, self.port, 0,
-                int(self.world_size or 2), self.group_name, self.cfg.nccl_timeout_s)
+            return trainer_init({"master_address": self.cfg.master_address,
+                                 "master_port": self.port,
+                                 "world_size": self.world_size})
+        return init_custom_process_group(
+            self.cfg.nccl_backend, self.cfg.master_address, self.port, 0,
+            int(self.world_size or 2), self.group_name, self.cfg.nccl_timeout_s)
 
     def send(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
         """Step 4 for one bucket, tensor by tensor (packed=False on both sides)."""
@@ -264,10 +271,11 @@ def _join_while_alive(peer: Peer, call: _Call) -> None:
     refused, or failed before its own join): never wait out the rendezvous timeout for a
     peer that is not coming."""
     error: list[BaseException] = []
+    group: list[Any] = []
 
     def join() -> None:
         try:
-            peer.join_group()
+            group.append(peer.join_group())
         except BaseException as e:  # noqa: BLE001 - re-raised below
             error.append(e)
 
@@ -277,12 +285,22 @@ def _join_while_alive(peer: Peer, call: _Call) -> None:
     while th.is_alive():
         th.join(0.05)
         if th.is_alive() and not call.is_alive():
+            peer.abandoned = th  # it may still complete; its group is never used
             raise RuntimeError(f"{peer.svc.name} answered without joining the group: "
                                f"{call.outcome(0)}")
         if time.monotonic() > deadline:
+            peer.abandoned = th
             raise TimeoutError(f"{peer.svc.name}: no rendezvous within {peer.cfg.nccl_timeout_s} s")
     if error:
         raise error[0]
+    peer.group = group[0]
+
+
+def _free_port() -> int:
+    """A free TCP port on every interface (the engines connect from other hosts)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
 
 
 _PEERS: dict[str, Peer] = {}  # this process's groups, kept between updates (rank 0)
@@ -304,31 +322,26 @@ def bucket_metadata(policy: Policy, plan: list[list[int]], dtype: torch.dtype) -
                    shapes=[shape_of(items[i][1]) for i in idx]) for idx in plan]
 
 
-def nccl_push_all(policy: Policy, cfg: PushConfig, *, version: int, dtype: torch.dtype,
-                  run_id: str = "rlrt") -> PushResult | None:
-    """Collective: every rank iterates the gathered buckets; rank 0 drives the services and
-    broadcasts. Returns the result on rank 0, None elsewhere."""
-    lead = policy.rank == 0
-    t0 = time.perf_counter()
-    res = PushResult(version=version, location=f"{cfg.master_address}:{cfg.master_port}")
-    plan = plan_buckets(named_weights(policy.hf_model), int(cfg.bucket_mb * 1024**2), dtype)
+def push_buckets(peers: list[Peer], version: int, meta: list[Bucket],
+                 buckets: Iterable[list[tuple[str, torch.Tensor]]], res: PushResult, *,
+                 run_id: str, timeout_s: float) -> None:
+    """Rank 0's half of one update to every peer: steps 1-5 of the module docstring.
+    `buckets` yields each bucket's tensors (as `meta` announces them) and is always consumed
+    to the end -- under ZeRO-3 it is a collective the other ranks run in step. Outcomes go
+    into `res` (ok / failed per service); a failed peer's group is dropped."""
     live: list[tuple[Peer, _Call]] = []
-    if lead:
-        meta = bucket_metadata(policy, plan, dtype)
-        for peer in _peers(cfg):
-            try:
-                init = peer.prepare()
-                call = peer.update(version, meta, init, run_id)
-                if init:
-                    _join_while_alive(peer, call)
-                live.append((peer, call))
-            except Exception as e:  # noqa: BLE001 - reported; the other services go on
-                res.failed[peer.svc.name] = f"{type(e).__name__}: {e}"
-                peer.reset()
+    for peer in peers:
+        try:
+            init = peer.prepare()
+            call = peer.update(version, meta, init, run_id)
+            if init:
+                _join_while_alive(peer, call)
+            live.append((peer, call))
+        except Exception as e:  # noqa: BLE001 - reported; the other services go on
+            res.failed[peer.svc.name] = f"{type(e).__name__}: {e}"
+            peer.reset()
     sending = list(live)
-    for bucket in iter_gathered(policy, 0, dtype, plan=plan):
-        if not lead:
-            continue
+    for bucket in buckets:
         tensors = [(n, t.contiguous()) for n, t in bucket]
         for peer, call in list(sending):
             if not call.is_alive():  # the service answered before the last bucket: it failed
@@ -340,15 +353,29 @@ def nccl_push_all(policy: Policy, cfg: PushConfig, *, version: int, dtype: torch
             except Exception as e:  # noqa: BLE001
                 res.failed[peer.svc.name] = f"broadcast: {type(e).__name__}: {e}"
                 sending.remove((peer, call))
-    if not lead:
-        return None
     for peer, call in live:
-        why = call.outcome(cfg.nccl_timeout_s)
+        why = call.outcome(timeout_s)
         if why is None and peer.svc.name not in res.failed:
             res.ok.append(peer.svc.name)
         else:
             res.failed.setdefault(peer.svc.name, why or "failed")
             peer.reset()  # a failed update leaves the group unusable: rebuild next time
+
+
+def nccl_push_all(policy: Policy, cfg: PushConfig, *, version: int, dtype: torch.dtype,
+                  run_id: str = "rlrt") -> PushResult | None:
+    """Collective: every rank iterates the gathered buckets; rank 0 drives the services and
+    broadcasts. Returns the result on rank 0, None elsewhere."""
+    t0 = time.perf_counter()
+    plan = plan_buckets(named_weights(policy.hf_model), int(cfg.bucket_mb * 1024**2), dtype)
+    gathered = iter_gathered(policy, 0, dtype, plan=plan)
+    if policy.rank != 0:
+        for _ in gathered:
+            pass
+        return None
+    res = PushResult(version=version, location=f"{cfg.master_address}:{cfg.master_port}")
+    push_buckets(_peers(cfg), version, bucket_metadata(policy, plan, dtype), gathered, res,
+                 run_id=run_id, timeout_s=cfg.nccl_timeout_s)
     res.write_s = time.perf_counter() - t0
     for name, why in res.failed.items():
         log.error("NCCL weight push v%d to %s failed: %s", version, name, why)
