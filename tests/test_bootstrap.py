@@ -156,3 +156,22 @@ def test_full_bootstrap_quality(tmp_path):
     assert m["heldout_accuracy_greedy"] >= m["heldout_accuracy_sampled"]
     t = m["teacher"]
     assert t["logprob_teacher_copy"] > t["logprob_student"] + 2.0
+
+
+def test_mechanism_diagnostics_weight_report_by_hand():
+    """The toy-regime check (trainer/bootstrap/diagnose.py) reads the same bounds as the
+    trainer: w = exp(D) clipped to [1 - eps_w, 1 + eps_w]."""
+    import math
+
+    import torch
+
+    from trainer.bootstrap.diagnose import weight_report
+
+    D = torch.tensor([math.log(3.0), -0.1, 0.2, math.log(0.4)])
+    r = weight_report(D, 1.0)  # bounds [0, 2]: only ln 3 reaches the upper one
+    assert r["reweighted_tokens"] == 4 and r["clip_share"] == 0.25 and r["clip_low_share"] == 0
+    assert r["mean_abs_D"] == pytest.approx(float(D.abs().mean()))
+    assert r["self_driven_share"] == 0.5
+    assert r["mean_w"] == pytest.approx((2.0 + math.exp(-0.1) + math.exp(0.2) + 0.4) / 4)
+    r = weight_report(D, 0.5)  # bounds [0.5, 1.5]: ln 3 high, ln 0.4 low
+    assert (r["clip_high_share"], r["clip_low_share"], r["clip_share"]) == (0.25, 0.25, 0.5)
