@@ -5,7 +5,8 @@ rollout and verifier services: before training, every `every` trainer steps whil
 Each result is a line of `<run dir>/eval.jsonl`:
 `{"set", "label", "step", "avg@k", "pass@1", ..., "engine_version"}` (step = trainer steps done
 when it started; the weights evaluated are those the rollout service serves then, named by
-`engine_version`). rlrt/report.py plots and tabulates them.
+`engine_version`). rlrt/report.py plots and tabulates them; with `tb_dir` they are also
+TensorBoard scalars `eval/<set>/<metric>` beside the trainer's.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ GENERATED_DEFAULT_N = 200
 class EvalRunner:
     def __init__(self, sets: list[EvalSet], *, run_data: DataConfig, sampling: SamplingParams,
                  seed: int, evaluate: Callable[..., dict[str, Any]],
-                 out: Path, log: Callable[[str], None] = print) -> None:
+                 out: Path, log: Callable[[str], None] = print,
+                 tb_dir: Path | None = None) -> None:
         """`evaluate(rows, k=, sampling=, system_prompt=, chat_template_kwargs=)` runs one
         evaluation through the services (rlrt.evaluate.evaluate, bound to a run's bus)."""
         self.sets = sets
@@ -42,6 +44,8 @@ class EvalRunner:
         self._thread: threading.Thread | None = None
         self._done_steps: set[int] = set()
         self.errors: list[str] = []
+        self.tb_dir = tb_dir
+        self._tb: Any = None
 
     def rows(self, es: EvalSet) -> tuple[DataConfig, list[Row]]:
         if es.name not in self._rows:
@@ -66,12 +70,25 @@ class EvalRunner:
         res = {"set": es.name, "label": label, "step": step, **res}
         with open(self.out, "a") as f:
             f.write(json.dumps(res) + "\n")
+        self._to_tensorboard(res)
         self.log(f"eval {es.name} ({label}, step {step}): avg@{es.k} {res[f'avg@{es.k}']:.3f}  "
                  f"pass@{es.k} {res[f'pass@{es.k}']:.3f}")
         return res
 
     def run_all(self, label: str, step: int, sets: list[EvalSet] | None = None) -> dict[str, dict]:
         return {es.name: self.run_set(es, label, step) for es in (self.sets if sets is None else sets)}
+
+    def _to_tensorboard(self, res: dict[str, Any]) -> None:
+        if self.tb_dir is None:
+            return
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.tb_dir))
+        for key, v in res.items():
+            if key.startswith(("avg@", "pass@")) or key == "mean_response_tokens":
+                self._tb.add_scalar(f"eval/{res['set']}/{key}", float(v), int(res["step"]))
+        self._tb.flush()
 
     # ------------------------------------------------------------------ during training
     def due(self, steps_done: int, total_steps: int) -> list[EvalSet]:

@@ -365,8 +365,10 @@ class LocalRun:
         trainer = self.cfg["trainer"]
         return EvalRunner(self.eval_sets if sets is None else sets, run_data=trainer.data,
                           sampling=trainer.sampling, seed=self.run.seed, evaluate=one,
-                          out=self.run_dir / out,
-                          log=self.console.print)
+                          out=self.run_dir / out, log=self.console.print,
+                          # The training run's evaluations go beside the trainer's curves.
+                          tb_dir=Path(trainer.output_dir) / "tb"
+                          if out == "eval.jsonl" and trainer.metrics.tensorboard else None)
 
     def evaluate_once(self, sets: list[EvalSet]) -> dict[str, dict]:
         """`rlrt eval`: start Redis + rollout + verifier, evaluate `sets`, stop."""
