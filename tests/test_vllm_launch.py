@@ -115,6 +115,7 @@ def _leftovers(marker: str) -> list[str]:
     return out
 
 
+@pytest.mark.slow  # 10-20 min on 2 cores (two vLLM start-ups, services, trainer): -m "vllm and slow"
 @pytest.mark.timeout(2700)
 def test_rlrt_train_countdown_vllm_survives_a_killed_server(tmp_path: Path) -> None:
     model = _tiny_model(tmp_path / "model")
