@@ -60,9 +60,12 @@ def test_profiles_split_gpu_and_cpu(resolved):
 
 def test_redis_keeps_its_data(resolved):
     redis = resolved["gpu"]["services"]["redis"]
-    cmd = redis["command"]
+    # sh -c "exec redis-server ... - <<EOF requirepass ... EOF": the password from the env
+    # file on stdin, not on the command line
+    cmd = " ".join(redis["command"]).split()
     assert cmd[cmd.index("--appendonly") + 1] == "yes"
     assert cmd[cmd.index("--maxmemory-policy") + 1] == "noeviction"
+    assert "requirepass" in cmd and "redis-server" in cmd
     assert any(v["type"] == "volume" and v["target"] == "/data" for v in redis["volumes"])
     assert "ports" not in redis, "Redis must not be published on the host"
 
@@ -78,7 +81,8 @@ def test_default_gpu_split_is_disjoint(resolved):
     seen: dict[str, str] = {}
     for name in GPU_SERVICES:
         dev = resolved["gpu"]["services"][name]["deploy"]["resources"]["reservations"]["devices"][0]
-        for gpu in ",".join(dev["device_ids"]).split(","):
+        for gpu in dev["device_ids"]:
+            assert gpu.isdigit(), f"{name}: device id {gpu!r} is not one GPU (a list, one per GPU)"
             assert gpu not in seen, f"GPU {gpu} reserved by {seen.get(gpu)} and {name}"
             seen[gpu] = name
     assert sorted(seen, key=int) == [str(i) for i in range(8)]
@@ -89,10 +93,10 @@ def test_gpu_ids_come_from_the_environment(tmp_path):
     if binary is None:
         pytest.skip("docker-compose binary not installed")
     project = compose_project(tmp_path)
-    (tmp_path / ".env").write_text("TRAINER_GPUS=0,1\nROLLOUT_GPUS=2\n")
+    (tmp_path / ".env").write_text("TRAINER_GPU_0=6\nROLLOUT_GPU_0=0\n")
     cfg = compose_config(binary, project, "gpu")
     dev = lambda s: cfg["services"][s]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]  # noqa: E731
-    assert dev("trainer") == ["0,1"] and dev("rollout") == ["2"]
+    assert dev("trainer") == ["6", "1", "2", "3"] and dev("rollout") == ["0", "5", "6"]
 
 
 def test_health_gated_start(resolved):
@@ -111,13 +115,16 @@ def test_token_from_env_file_and_config_from_configs(resolved):
     anchor = raw["x-rlrt"]
     assert anchor["env_file"] == [{"path": "deploy/rlrt.env", "required": True}]
     assert (ROOT / "deploy" / ".gitignore").read_text().split().count("rlrt.env") == 1
+    tokens = set()
     for name in ("verifier", "rollout", "teacher", "trainer"):
         svc = resolved["gpu"]["services"][name]
-        assert svc["environment"][f"RLRT_{name.upper()}__TOKEN" if name != "trainer"
-                                  else "RLRT_TRAINER__PUSH__CONTROL_TOKEN"] == "change-me"
+        tokens.add(svc["environment"][f"RLRT_{name.upper()}__TOKEN" if name != "trainer"
+                                      else "RLRT_TRAINER__PUSH__CONTROL_TOKEN"])
         mounts = {v["target"]: v for v in svc["volumes"]}
         cfg = mounts["/etc/rlrt/run.yaml"]
         assert cfg["type"] == "bind" and cfg["read_only"] and "/configs/" in cfg["source"]
+    # one token, the generated one of the env file (tests/helpers/deploy.py), no placeholder
+    assert len(tokens) == 1 and "change-me" not in tokens and len(next(iter(tokens))) == 64
 
 
 def test_shared_volume_for_checkpoints_and_weights(resolved):

@@ -45,7 +45,8 @@ SERVICE_SECTIONS = ("verifier", "rollout", "teacher")
 # RLRT_* variables that are no config field: read by deploy/docker's scripts and images.
 SCRIPT_VARS = {"RLRT_MODEL", "RLRT_ENGINE_CMD", "RLRT_ENGINE_HEALTH", "RLRT_ENGINE_PORT",
                "RLRT_ENGINE_HOST", "RLRT_ENGINE_TP", "RLRT_ENGINE_DP", "RLRT_ENGINE_ARGS",
-               "RLRT_ENGINE_START_TIMEOUT", "RLRT_STOP_GRACE", "RLRT_HEALTH_URLS"}
+               "RLRT_ENGINE_START_TIMEOUT", "RLRT_STOP_GRACE", "RLRT_HEALTH_URLS",
+               "RLRT_ENGINE_API_KEY"}
 
 
 def model(section: str):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -59,7 +60,10 @@ class EngineConfig(BaseModel):
         "read for vocab size and context window (client-side input checks) and the tokenizer")
     url: str | None = Field(None, description="base URL of the SGLang/vLLM server, e.g. http://127.0.0.1:30000")
     api_key: Secret | None = Field(
-        None, description="bearer token of the SGLang/vLLM server (their --api-key); sent on every call")
+        default_factory=lambda: os.environ.get("RLRT_ENGINE_API_KEY") or None, validate_default=True,
+        description="bearer token of the SGLang/vLLM server (their --api-key); sent on every "
+        "call. Default: RLRT_ENGINE_API_KEY, the variable the images' server scripts read, so "
+        "the server and the worker beside it share one key")
     request_timeout_s: float = Field(
         600.0, gt=0, description="one generate/score HTTP call; long generations need minutes")
     connect_timeout_s: float = Field(5.0, gt=0, description="TCP connect timeout to the server")

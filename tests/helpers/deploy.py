@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -159,8 +160,17 @@ def compose_project(tmp: Path) -> Path:
     shutil.copy(ROOT / "docker-compose.yml", tmp / "docker-compose.yml")
     (tmp / "configs").symlink_to(ROOT / "configs")
     (tmp / "deploy" / "docker").symlink_to(DOCKER)
-    shutil.copy(ROOT / "deploy" / "rlrt.env.example", tmp / "deploy" / "rlrt.env")
+    write_env_file(tmp / "deploy" / "rlrt.env")
     return tmp / "docker-compose.yml"
+
+
+def write_env_file(dst: Path) -> dict[str, str]:
+    """deploy/rlrt.env made from its example the way docs/deploy.md says (the placeholders
+    replaced by generated secrets: the services refuse the placeholders). Returns the values."""
+    token, password = secrets.token_hex(32), secrets.token_hex(32)
+    text = (ROOT / "deploy" / "rlrt.env.example").read_text()
+    dst.write_text(text.replace("change-me-redis", password).replace("change-me", token))
+    return {"token": token, "password": password}
 
 
 def compose_config(binary: str, file: Path, *profiles: str) -> dict[str, Any]:
@@ -220,7 +230,7 @@ def k8s_tree(tmp: Path) -> Path:
     """A copy of deploy/k8s with the git-ignored secret env file made from its example."""
     dst = tmp / "k8s"
     shutil.copytree(K8S, dst, ignore=shutil.ignore_patterns("rlrt.env"))
-    shutil.copy(ROOT / "deploy" / "rlrt.env.example", dst / "base" / "rlrt.env")
+    write_env_file(dst / "base" / "rlrt.env")
     return dst
 
 
@@ -238,8 +248,14 @@ def pod_template(obj: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def field_value(source: dict[str, Any], obj: dict[str, Any]) -> str:
-    """A stand-in for a downward-API value (the pod does not exist): pod 0 of `obj`."""
+def field_value(source: dict[str, Any], obj: dict[str, Any],
+                by_kind_name: dict[tuple[str, str], Any] | None = None) -> str:
+    """A stand-in for a downward-API value (the pod does not exist): pod 0 of `obj`; a
+    secretKeyRef reads the rendered Secret."""
+    ref = source.get("secretKeyRef")
+    if ref is not None and by_kind_name is not None:
+        data = by_kind_name[("Secret", ref["name"])].get("data", {})
+        return base64.b64decode(data[ref["key"]]).decode()
     path = (source.get("fieldRef") or {}).get("fieldPath", "")
     if path == "metadata.name":
         return f"{obj['metadata']['name']}-0"
@@ -268,7 +284,7 @@ def k8s_units(docs: list[dict[str, Any]], overlay: str, tree: Path) -> list[Unit
                     data = by_kind_name[("Secret", src["secretRef"]["name"])].get("data", {})
                     env.update({k: base64.b64decode(v).decode() for k, v in data.items()})
             for e in c.get("env", []):
-                env[e["name"]] = e["value"] if "value" in e else field_value(e["valueFrom"], obj)
+                env[e["name"]] = e["value"] if "value" in e else field_value(e["valueFrom"], obj, by_kind_name)
             args = [k8s_expand(a, env) for a in c["args"]] if "args" in c else None
             command = [k8s_expand(a, env) for a in c["command"]] if "command" in c else None
             argv = combine(image, command, args)
