@@ -179,8 +179,17 @@ class VLLMEngine(RemoteEngine):
                 await asyncio.sleep(1.0)
         known, reported = await self._srv_reported()
         self._server_lost = False
-        if known:
+        if not known:
+            return
+        if self.follow:
             self._stamp(reported)
+        elif (reported or 0) != self._version:
+            # raise even inside an update (where _stamp would not): this request must not
+            # run on the restarted server's base weights under our version
+            msg = (f"vllm server came back at weight version {reported} but this service "
+                   f"loaded {self._version} (restarted); push the weights again")
+            self._quarantine(msg)
+            raise UpstreamError(msg)
 
     @staticmethod
     def _choices(raw: Any, n: int) -> list[dict[str, Any]]:
