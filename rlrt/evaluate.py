@@ -18,6 +18,7 @@ import httpx
 
 from protocol.bus import Bus
 from protocol.messages import PromptTask, RolloutGroup, SamplingParams
+from protocol.rewards import prompt_row
 from protocol.tasks.base import Row, render_prompt
 
 
@@ -48,10 +49,12 @@ async def evaluate(items: list[Row], *, tokenizer: Any, bus: Bus, prompts_stream
                    verifier_url: str, token: str | None = None, k: int = 16,
                    sampling: SamplingParams | None = None, run_id: str = "eval",
                    timeout_s: float = 1800.0, seed: int = 0, system_prompt: str | None = None,
-                   chat_template_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   chat_template_kwargs: Mapping[str, Any] | None = None,
+                   reward: bool = False) -> dict[str, Any]:
     """Sample k responses per row through the rollout service and grade them. Rows are
     rendered exactly as training renders them (the data section's system prompt and
-    chat-template arguments)."""
+    chat-template arguments). `reward`: grade with the verifier's reward plug-ins (the run's
+    `reward:` section), so `correct` is the same gate as in training."""
     sampling = sampling or SamplingParams(temperature=0.7, top_p=0.8, max_new_tokens=1024)
     reply = bus.cfg.stream(f"eval:{uuid.uuid4().hex[:12]}")
     by_group: dict[str, Row] = {}
@@ -63,7 +66,7 @@ async def evaluate(items: list[Row], *, tokenizer: Any, bus: Bus, prompts_stream
                           answer=it.answer, solution=it.solution,
                           task=it.task, group_size=k,
                           sampling=sampling.model_copy(update={"seed": seed * 100_003 + i}),
-                          reply_to=reply)
+                          reply_to=reply, meta={"fields": dict(it.fields)} if it.fields else {})
         by_group[task.group_id] = it
         await bus.publish(prompts_stream, task)
 
@@ -88,13 +91,15 @@ async def evaluate(items: list[Row], *, tokenizer: Any, bus: Bus, prompts_stream
     flat = [(gid, r) for gid, g in groups.items() for r in g.responses]
     async with httpx.AsyncClient(timeout=300) as client:
         results = await grade(client, verifier_url, token, [
-            {"response": r.text, "reference": by_group[gid].answer, "task": by_group[gid].task}
+            {"response": r.text, "reference": by_group[gid].answer, "task": by_group[gid].task,
+             **({"reward": True, "row": prompt_row(groups[gid].task)} if reward else {})}
             for gid, r in flat])
     correct: dict[str, list[bool]] = {gid: [] for gid in groups}
-    lengths = []
+    lengths, scores = [], []
     for (gid, r), res in zip(flat, results, strict=True):
         correct[gid].append(bool(res["correct"]))
         lengths.append(len(r.token_ids))
+        scores.append(float(res["reward"]))
     per_item = [{"prompt_id": by_group[gid].prompt_id, "correct": sum(c), "n": len(c)}
                 for gid, c in correct.items()]
     avg = sum(p["correct"] / p["n"] for p in per_item) / len(per_item)
@@ -104,6 +109,7 @@ async def evaluate(items: list[Row], *, tokenizer: Any, bus: Bus, prompts_stream
         "top_p": sampling.top_p, f"avg@{k}": avg,
         **{f"pass@{x}": sum(pass_at_k(p["n"], p["correct"], x) for p in per_item) / len(per_item)
            for x in ks},
+        "reward_mean": sum(scores) / max(1, len(scores)),
         "mean_response_tokens": sum(lengths) / max(1, len(lengths)),
         "engine_version": max(g.engine_version for g in groups.values()),
         "seconds": time.perf_counter() - t0, "sample_seconds": sample_s,

@@ -357,7 +357,7 @@ class LocalRun:
                 try:
                     return await evaluate(rows, tokenizer=tok, bus=bus, prompts_stream=stream,
                                           verifier_url=self.url("verifier"), token=self.token,
-                                          seed=self.run.seed, **kw)
+                                          seed=self.run.seed, reward=self.cfg["reward"].enabled, **kw)
                 finally:
                     await bus.close()
             return asyncio.run(go())

@@ -391,6 +391,14 @@ async def test_rlrt_serve_verifier_grades_with_the_users_module(
 
         await asyncio.wait_for(bus.consume(f"{prefix}:verified", "t", "t", keep, VerifiedGroup,
                                            asyncio.Event(), max_messages=1), timeout=120)
+        # REST: the plug-ins on request (what evaluation asks for), the task checker otherwise
+        async with httpx.AsyncClient(timeout=60) as client:
+            rest = (await client.post(url + "/v1/verify/batch", json={"items": [
+                {"response": r"\boxed{2}", "reference": "2", "reward": True,
+                 "row": {"prompt_id": "p9", "difficulty": 0.5}},
+                {"response": r"\boxed{2}", "reference": "2"}]})).json()["results"]
+        # evaluation (rlrt/evaluate.py) through a stand-in rollout, with and without the plug-ins
+        evals = {flag: await _evaluate_with_standin(bus, prefix, url, flag) for flag in (True, False)}
         await bus.close()
     finally:
         _stop(proc)
@@ -398,6 +406,40 @@ async def test_rlrt_serve_verifier_grades_with_the_users_module(
     # in either response, so half of it
     assert got[0].rewards == pytest.approx([1.0 + 0.5 * (1 - len(texts[0]) / 100) + 0.4, 0.4])
     assert [v.correct for v in got[0].verifications] == [True, False]
+    assert rest[0]["reward"] == pytest.approx(1.0 + 0.5 * (1 - 9 / 100) + 0.25) and rest[0]["correct"]
+    assert rest[1]["reward"] == 1.0 and rest[1]["correct"]
+    # the stand-in answers "\boxed{2}" (right) and "e1 \boxed{3}" (wrong, but names the prompt)
+    right, wrong = 1.0 + 0.5 * (1 - 9 / 100) + 0.5, 0.5 * (1 - 12 / 100) + 1.0
+    assert evals[True]["avg@2"] == 0.5 and evals[False]["avg@2"] == 0.5  # math-verify's flag gates
+    assert evals[True]["reward_mean"] == pytest.approx((right + wrong) / 2)
+    assert evals[False]["reward_mean"] == 0.5
+
+
+async def _evaluate_with_standin(bus: Bus, prefix: str, url: str, reward: bool) -> dict:
+    """rlrt.evaluate.evaluate against the real verifier; a stand-in rollout answers every
+    prompt with two fixed responses."""
+    from helpers.tiny_policy import tiny_tokenizer
+
+    from protocol.tasks.base import Row
+    from rlrt.evaluate import evaluate
+
+    async def answer(t: PromptTask) -> None:
+        resp = [Response(token_ids=np.arange(3, dtype=np.int32), logprobs=np.zeros(3, np.float32),
+                         finish_reason="stop", text=x) for x in (r"\boxed{2}", r"e1 \boxed{3}")]
+        await bus.publish(t.reply_to, RolloutGroup(run_id=t.run_id, task=t, responses=resp,
+                                                   engine_version=0, parent_id=t.msg_id))
+
+    stop = asyncio.Event()
+    standin = asyncio.create_task(bus.consume(f"{prefix}:eval-prompts", "rollout", "r", answer,
+                                              PromptTask, stop))
+    try:
+        rows = [Row(prompt_id="e1", prompt="1+1?", answer="2", solution=None, task="math",
+                    fields={"difficulty": 1.0})]
+        return await evaluate(rows, tokenizer=tiny_tokenizer(), bus=bus, prompts_stream=f"{prefix}:eval-prompts",
+                              verifier_url=url, k=2, timeout_s=60, reward=reward)
+    finally:
+        stop.set()
+        await standin
 
 
 def test_rlrt_serve_verifier_refuses_a_missing_reward_module(
@@ -447,3 +489,16 @@ async def test_dataset_columns_reach_the_reward_row(redis_url: str, prefix: str,
     assert row["difficulty"] == 0.8 and row["tags"] == ["easy"] and row["blob"] is None
     assert row["prompt_id"] == "q0" and row["answer"] == "2" and row["meta"]["row"] == 0
     assert "id" not in row and "fields" not in row["meta"]
+
+
+def test_rest_reward_request_without_plug_ins_is_422(pool: VerifyPool) -> None:
+    import httpx
+    from helpers.verifier_live import live_verifier
+
+    from services.verifier.config import VerifierConfig
+
+    with live_verifier(VerifierConfig(workers=1), pool) as live:
+        r = httpx.post(live.url + "/v1/verify", json={"response": "x", "reference": "1", "reward": True})
+        ok = httpx.post(live.url + "/v1/verify", json={"response": r"\boxed{1}", "reference": "1"})
+    assert r.status_code == 422 and "no reward plug-ins" in r.text
+    assert ok.status_code == 200 and ok.json()["correct"]

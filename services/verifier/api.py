@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from protocol import rewards
 from services.common import create_app, require_token
 from services.common.app import Ready, bounded_errors
 from services.verifier import metrics
@@ -57,8 +58,10 @@ def _invalid(loc: tuple, msg: str, kind: str = "value_error") -> RequestValidati
     return RequestValidationError([{"loc": ("body", *loc), "msg": msg, "type": kind}])
 
 
-def to_items(cfg: VerifierConfig, reqs: Sequence[VerifyRequest], loc: tuple = ()) -> list[Item]:
-    """Apply the size and deadline limits (413/422) and resolve default deadlines."""
+def to_items(cfg: VerifierConfig, reqs: Sequence[VerifyRequest], loc: tuple = (),
+             reward: rewards.Spec | None = None) -> list[Item]:
+    """Apply the size and deadline limits (413/422), resolve default deadlines, and attach the
+    reward plug-ins (`reward`) to the items that ask for them."""
     items = []
     for i, r in enumerate(reqs):
         where = (*loc, i) if loc else ()
@@ -72,8 +75,12 @@ def to_items(cfg: VerifierConfig, reqs: Sequence[VerifyRequest], loc: tuple = ()
         if r.timeout_s is not None and r.timeout_s > cfg.max_timeout_s:
             raise _invalid((*where, "timeout_s"), f"must be <= {cfg.max_timeout_s:g} (max_timeout_s)",
                            "less_than_equal")
+        if r.reward and reward is None:
+            raise _invalid((*where, "reward"), "this verifier has no reward plug-ins (no `reward:` "
+                           "section in its config)")
         items.append(Item(task=r.task, response=r.response, reference=r.reference,
-                          timeout_s=r.timeout_s or cfg.default_timeout_s))
+                          timeout_s=r.timeout_s or cfg.default_timeout_s,
+                          reward=reward if r.reward else None, row=(r.row or {}) if r.reward else None))
     return items
 
 
@@ -83,7 +90,11 @@ async def _auth(request: Request) -> None:
 
 
 def _result(v: Verdict) -> VerifyResult:
-    return VerifyResult.model_validate(v.model_dump())
+    r = VerifyResult.model_validate(v.model_dump())
+    if v.reward_error:  # the exception's own line; the whole traceback is the bus worker's
+        last = v.reward_error.strip().splitlines()[-1]
+        r.detail = f"{r.detail}: {last[:300]}"
+    return r
 
 
 # A job-store call waits at most this long for Redis, then answers 503 (the bus itself would
@@ -129,8 +140,9 @@ async def run_for_client(request: Request, pool: VerifyPool, items: list[Item],
 
 
 def build_app(cfg: VerifierConfig, pool: VerifyPool, jobs: JobStore | None = None,
-              ready: Ready | None = None) -> FastAPI:
-    """The verifier app: common health/metrics/limits plus the /v1 routes."""
+              ready: Ready | None = None, reward: rewards.Spec | None = None) -> FastAPI:
+    """The verifier app: common health/metrics/limits plus the /v1 routes. `reward`: the
+    run's reward plug-ins, for requests that set `reward: true`."""
     app = create_app("verifier", token=cfg.token, max_body_bytes=cfg.max_request_bytes,
                      body_timeout_s=cfg.body_timeout_s,
                      ready=ready or (lambda: pool.ready))
@@ -164,7 +176,8 @@ def build_app(cfg: VerifierConfig, pool: VerifyPool, jobs: JobStore | None = Non
     @v1.post("/verify", response_model=VerifyResult, responses=_ERRORS)
     async def verify_one(req: VerifyRequest, request: Request) -> VerifyResult:
         """Grade one response. Answers within the item's deadline (plus a small margin)."""
-        (verdict,) = await run_for_client(request, pool, to_items(cfg, [req]), cfg.request_budget_s)
+        (verdict,) = await run_for_client(request, pool, to_items(cfg, [req], reward=reward),
+                                           cfg.request_budget_s)
         metrics.observe("http", [verdict])
         return _result(verdict)
 
@@ -174,7 +187,7 @@ def build_app(cfg: VerifierConfig, pool: VerifyPool, jobs: JobStore | None = Non
         if len(req.items) > cfg.max_batch:
             raise _invalid(("items",), f"at most {cfg.max_batch} items per batch (got {len(req.items)}); "
                            "use /v1/jobs for more", "too_long")
-        verdicts = await run_for_client(request, pool, to_items(cfg, req.items, ("items",)),
+        verdicts = await run_for_client(request, pool, to_items(cfg, req.items, ("items",), reward),
                                         cfg.request_budget_s)
         metrics.observe("http", verdicts)
         return BatchResult(results=[_result(v) for v in verdicts])
@@ -188,7 +201,7 @@ def build_app(cfg: VerifierConfig, pool: VerifyPool, jobs: JobStore | None = Non
             """Queue a verification job (kept in Redis for `job_ttl_s`; survives restarts)."""
             if len(req.items) > cfg.max_job_items:
                 raise _invalid(("items",), f"at most {cfg.max_job_items} items per job", "too_long")
-            items = to_items(cfg, req.items, ("items",))
+            items = to_items(cfg, req.items, ("items",), reward)
             job_id = await _store(jobs.create([i.__dict__ for i in items]))
             return JobCreated(job_id=job_id)
 

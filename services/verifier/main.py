@@ -65,7 +65,7 @@ async def serve_verifier(cfg: VerifierConfig, bus_cfg: BusSettings | None = None
             state["redis"] = await bus.reachable()
         return state
 
-    app = build_app(cfg, pool, jobs, ready=ready)
+    app = build_app(cfg, pool, jobs, ready=ready, reward=spec)
     log.info("verifier on http://%s:%d (%d workers, redis %s)", cfg.host, cfg.port, cfg.workers, url or "none")
     try:
         if cfg.http:

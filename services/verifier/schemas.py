@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -38,6 +38,13 @@ class VerifyRequest(BaseModel):
     timeout_s: float | None = Field(
         None, gt=0, description="deadline for this item in seconds (default and maximum from the config)"
     )
+    reward: bool = Field(
+        False, description="grade with the verifier's reward plug-ins (the run's `reward:` section, "
+        "docs/byo.md) instead of the task's checker alone; 422 when it has none"
+    )
+    row: dict[str, Any] | None = Field(
+        None, description="with reward: the prompt's row given to the reward functions"
+    )
 
     _text = field_validator("response", "reference")(_valid_text)
 
@@ -51,7 +58,7 @@ class VerifyRequest(BaseModel):
 
 class VerifyResult(BaseModel):
     correct: bool
-    reward: float = Field(description="1.0 if correct else 0.0")
+    reward: float = Field(description="1.0 if correct else 0.0; with reward plug-ins, their weighted sum")
     status: Literal["ok", "timeout", "parse_error", "error"] = Field(
         description="ok: compared; parse_error: no answer found or unparseable; timeout: deadline hit; error: checker failed"
     )
