@@ -202,8 +202,9 @@ async def test_nccl_update_http_sequence(fake_vllm: Fake, model_dir) -> None:
                                       + ["/update_weights"] * n
                                       + ["/finish_weight_update", "/reset_prefix_cache", "/resume"])
     init = fake_vllm.calls("/init_weight_transfer_engine")[0]["body"]
+    # `packed` travels in init_info (a group parameter in vLLM), never in update_info
     assert init == {"init_info": {"master_address": "10.0.0.5", "master_port": 29600,
-                                  "rank_offset": 1, "world_size": 2}}
+                                  "rank_offset": 1, "world_size": 2, "packed": False}}
     first = fake_vllm.calls("/update_weights")[0]["body"]["update_info"]
     assert first == {k2: upd.meta["nccl"]["buckets"][0][k1]
                      for k1, k2 in [("names", "names"), ("dtypes", "dtype_names"), ("shapes", "shapes")]}

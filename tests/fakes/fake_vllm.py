@@ -31,6 +31,14 @@ from .fake_sglang import DTYPES, _load_tokenizer
 from .tiny_lm import TinyLM
 
 MAX_LOGPROBS = 20
+# vLLM 0.32 builds these dataclasses with **init_info / **update_info: another key is an
+# error (distributed/weight_transfer/nccl_common.py, nccl_engine.py). `packed` is a group
+# parameter (init_info), not a bucket one. tests/test_upstream_contract_vllm_nccl.py checks
+# both sets against the released source.
+NCCL_INIT_INFO_FIELDS = {"master_address", "master_port", "rank_offset", "world_size",
+                         "nccl_unique_id_b64", "packed", "packed_buffer_size_bytes",
+                         "packed_num_buffers"}
+NCCL_UPDATE_INFO_FIELDS = {"names", "dtype_names", "shapes"}
 
 
 def _error(message: str, code: int = 400, typ: str = "BadRequestError") -> JSONResponse:
@@ -207,6 +215,9 @@ class FakeVLLM:
             need = {"master_address", "master_port", "rank_offset", "world_size"}
             if not isinstance(info, dict) or not need <= set(info):
                 return _error(f"init_info must hold {sorted(need)}", 422, "ValidationError")
+            if unknown := sorted(set(info) - NCCL_INIT_INFO_FIELDS):  # vLLM: **init_info
+                return _error(f"NCCLWeightTransferInitInfo.__init__() got an unexpected keyword "
+                              f"argument {unknown[0]!r}", 500, "InternalServerError")
             if info["world_size"] != self.world_size + 1:
                 return _error("world_size must be vllm world size + 1", 500, "InternalServerError")
             self.transfer_init = info
@@ -228,6 +239,9 @@ class FakeVLLM:
                 return JSONResponse({"detail": "update_weights requires a preceding "
                                      "start_weight_update."}, 409)
             info = body.get("update_info") or {}
+            if unknown := sorted(set(info) - NCCL_UPDATE_INFO_FIELDS):  # vLLM: **update_info
+                return _error(f"NCCLWeightTransferUpdateInfo.__init__() got an unexpected keyword "
+                              f"argument {unknown[0]!r}", 500, "InternalServerError")
             names, dts, shapes = info.get("names"), info.get("dtype_names"), info.get("shapes")
             if not (isinstance(names, list) and isinstance(dts, list) and isinstance(shapes, list)
                     and len(names) == len(dts) == len(shapes)):
