@@ -191,11 +191,20 @@ def run_trainer_cmd(config: Path = typer.Option(..., "--config", "-c", help="run
 @app.command("bootstrap")
 def bootstrap_cmd(out: Path = typer.Option(Path("runs/models/countdown-tiny"), "--out", help="output model directory"),
                   seed: int = typer.Option(0, help="seed (the result is deterministic under it)"),
-                  steps: int = typer.Option(900, help="SFT steps")) -> None:
-    """Build a tiny Qwen3-architecture model + tokenizer and SFT it on Countdown (HF layout)."""
+                  steps: int = typer.Option(900, help="SFT steps"),
+                  knobs: str = typer.Option("{}", help="Countdown generator knobs as JSON, e.g. "
+                                            "'{\"num_numbers\": 5}' (use the same data.knobs in the run)"),
+                  sft: str = typer.Option("{}", help="other SFT knobs as JSON (trainer/bootstrap/sft.py "
+                                          "SFTConfig: targets, teacher_fraction, copy_fraction, ...)"),
+                  hidden: int = typer.Option(64, help="model width"),
+                  layers: int = typer.Option(4, help="model depth")) -> None:
+    """Build a tiny Qwen3-architecture model + tokenizer and SFT it on Countdown (HF layout).
+    Check the RLRT mechanism on it with `python -m trainer.bootstrap.diagnose DIR`."""
     from trainer.bootstrap.run import bootstrap
 
-    metrics = bootstrap(out, seed=seed, steps=steps, log=lambda m: console.print(f"[dim]{m}[/]"))
+    metrics = bootstrap(out, seed=seed, steps=steps, task_knobs=json.loads(knobs),
+                        sft=json.loads(sft), hidden=hidden, layers=layers,
+                        log=lambda m: console.print(f"[dim]{m}[/]"))
     typer.echo(json.dumps({k: metrics[k] for k in ("params", "heldout_accuracy_greedy",
                                                    "heldout_accuracy_sampled")}))
 

@@ -103,7 +103,7 @@ async def evaluate(items: list[Row], *, tokenizer: Any, bus: Bus, prompts_stream
     per_item = [{"prompt_id": by_group[gid].prompt_id, "correct": sum(c), "n": len(c)}
                 for gid, c in correct.items()]
     avg = sum(p["correct"] / p["n"] for p in per_item) / len(per_item)
-    ks = sorted({1, k} | {x for x in (2, 4, 8) if x < k})
+    ks = range(1, k + 1)  # pass@1..k: the paper reads the whole curve
     return {
         "n_prompts": len(per_item), "k": k, "temperature": sampling.temperature,
         "top_p": sampling.top_p, f"avg@{k}": avg,

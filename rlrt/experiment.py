@@ -17,8 +17,10 @@ from rich.console import Console
 from rlrt.launch import LocalRun
 from rlrt.report import read_metrics
 
-DIAGNOSTICS = ("self_driven_share", "mean_D_correct", "weight_mean", "clip_low_share",
-               "clip_high_share", "entropy", "mismatch_kl")
+DIAGNOSTICS = ("self_driven_share", "mean_D_correct", "mean_abs_D_correct", "weight_mean",
+               "clip_low_share", "clip_high_share", "clip_share", "entropy", "mismatch_kl",
+               "clipfrac_low", "clipfrac_high")
+BOOTSTRAP_RESAMPLES = 10_000
 
 
 def _mean_metric(rows: list[dict], name: str) -> float | None:
@@ -75,12 +77,60 @@ def _fmt(xs: list[float], spec: str = ".3f") -> str:
     return f"{statistics.mean(xs):{spec}} ± {statistics.stdev(xs):{spec}}"
 
 
+def bootstrap_ci(xs: list[float], ys: list[float] | None = None, *, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of mean(xs) (or of mean(xs) - mean(ys), the two resampled
+    independently: different presets' seeds are not paired) over seeds. None below 2 values."""
+    import random
+
+    if len(xs) < 2 or (ys is not None and len(ys) < 2):
+        return None
+    rng = random.Random(seed)
+    stats = []
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        m = sum(rng.choice(xs) for _ in xs) / len(xs)
+        if ys is not None:
+            m -= sum(rng.choice(ys) for _ in ys) / len(ys)
+        stats.append(m)
+    stats.sort()
+    lo = stats[int((1 - level) / 2 * len(stats))]
+    hi = stats[min(len(stats) - 1, int((1 + level) / 2 * len(stats)))]
+    return lo, hi
+
+
+def _ci(xs: list[float], ys: list[float] | None = None) -> str:
+    ci = bootstrap_ci(xs, ys)
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "n/a"
+
+
+def _intervals(results: list[dict], presets: list[str], k: int) -> list[str]:
+    """Gain and after-minus-grpo with 95% bootstrap intervals over seeds, and pass@1..k."""
+    def after(p: str, key: str) -> list[float]:
+        return [r["after"][key] for r in results
+                if r["preset"] == p and r.get("after") and key in r["after"]]
+
+    base = after("grpo", f"avg@{k}") if "grpo" in presets else []
+    ks = [x for x in range(1, k + 1) if any(f"pass@{x}" in (r.get("after") or {}) for r in results)]
+    lines = ["", f"95% bootstrap intervals over seeds ({BOOTSTRAP_RESAMPLES:,} resamples):", "",
+             f"| preset | gain avg@{k} | avg@{k} after − grpo | "
+             + " | ".join(f"pass@{x}" for x in ks) + " |",
+             "|---|---|---|" + "---|" * len(ks)]
+    for p in presets:
+        rs = [r for r in results if r["preset"] == p and r.get("after") and r.get("before")]
+        gain = [r["after"][f"avg@{k}"] - r["before"][f"avg@{k}"] for r in rs]
+        vs = _ci(after(p, f"avg@{k}"), base) if base and p != "grpo" else "—"
+        passk = [_fmt(after(p, f"pass@{x}")) for x in ks]
+        lines.append(f"| {p} | {_ci(gain)} | {vs} | " + " | ".join(passk) + " |")
+    return lines
+
+
 def summarize(results: list[dict], out: Path) -> str:
     presets = list(dict.fromkeys(r["preset"] for r in results))
     k = next((r["after"]["k"] for r in results if r.get("after")), None)
     lines = [f"| preset | seeds | held-out avg@{k} before | after | gain | pass@{k} after | "
-             "self-driven share | mean D (correct) | mean w | teacher tokens scored | wall (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "self-driven share | mean D (correct) | mean abs D (correct) | weights at a clip "
+             "bound | mean w | PPO clip fraction | teacher tokens scored | wall (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in presets:
         rs = [r for r in results if r["preset"] == p and r.get("after") and r.get("before")]
         before = [r["before"][f"avg@{k}"] for r in rs]
@@ -95,10 +145,16 @@ def summarize(results: list[dict], out: Path) -> str:
             vals = [r[name] for r in rs if r.get(name) is not None]
             return _fmt(vals, spec) if vals and scored else "—"
 
+        clipfrac = [r["clipfrac_low"] + r["clipfrac_high"] for r in rs
+                    if r.get("clipfrac_low") is not None and r.get("clipfrac_high") is not None]
         lines.append(f"| {p} | {len(rs)} | {_fmt(before)} | {_fmt(after)} | {_fmt(gain)} | "
                      f"{_fmt(passk)} | {col('self_driven_share')} | {col('mean_D_correct')} | "
-                     f"{col('weight_mean')} | {_fmt([r['teacher_tokens_scored'] for r in rs], ',.0f')} | "
+                     f"{col('mean_abs_D_correct')} | {col('clip_share')} | "
+                     f"{col('weight_mean')} | {_fmt(clipfrac)} | "
+                     f"{_fmt([r['teacher_tokens_scored'] for r in rs], ',.0f')} | "
                      f"{_fmt([r['wall_s'] for r in rs], '.0f')} |")
+    if k is not None:
+        lines += _intervals(results, presets, k)
     table = "\n".join(lines)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

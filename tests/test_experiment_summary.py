@@ -26,12 +26,20 @@ def test_table_has_mean_and_std_per_preset_and_no_fake_diagnostics(tmp_path: Pat
         (d / "metrics.jsonl").write_text("\n".join(json.dumps({"step": i, "reward_mean": 0.1 * i})
                                                    for i in range(3)) + "\n")
     table = summarize(results, tmp_path)
+    main, _, rest = table.partition("\n\n")
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in table.splitlines()[2:]}
+            for line in main.splitlines()[2:]}
     assert rows["grpo"][0] == "3"
     assert rows["grpo"][2] == "0.320 ± 0.020"  # after: mean ± sample std over seeds
     assert rows["grpo"][3] == "0.120 ± 0.020"  # gain
-    assert rows["grpo"][5:8] == ["—", "—", "—"]  # no teacher: diagnostics undefined
-    assert rows["rlrt"][5] == "0.400 ± 0.000" and rows["rlrt"][8] == "1,001 ± 1"
+    assert rows["grpo"][5:10] == ["—"] * 5  # no teacher: diagnostics undefined
+    assert rows["rlrt"][5] == "0.400 ± 0.000" and rows["rlrt"][11] == "1,001 ± 1"
+    # the 95% bootstrap intervals over seeds: of the gain, and of the difference to grpo
+    ci = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+          for line in rest.splitlines() if line.startswith("| ") and "preset" not in line}
+    lo, hi = (float(x) for x in ci["grpo"][0].strip("[]").split(","))
+    assert 0.10 <= lo < 0.12 < hi <= 0.14
+    lo, hi = (float(x) for x in ci["rlrt"][1].strip("[]").split(","))
+    assert lo < 0.01 < hi and ci["grpo"][1] == "—"
     assert (tmp_path / "results.png").stat().st_size > 1000
     assert json.loads((tmp_path / "results.json").read_text()) == results
