@@ -76,6 +76,14 @@ class LocalRun:
                                                       self.cfg["trainer"].data)
         except ConfigError as e:
             raise LaunchError(str(e)) from None
+        spec = self.cfg["reward"].spec()
+        if spec is not None:
+            from protocol.rewards import locate
+
+            try:
+                locate(spec)  # a typo in a reward module: one line now, not a verifier's death
+            except ValueError as e:
+                raise LaunchError(str(e)) from None
 
     # ------------------------------------------------------------------ preflight
     @property

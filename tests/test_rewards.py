@@ -502,3 +502,20 @@ def test_rest_reward_request_without_plug_ins_is_422(pool: VerifyPool) -> None:
         ok = httpx.post(live.url + "/v1/verify", json={"response": r"\boxed{1}", "reference": "1"})
     assert r.status_code == 422 and "no reward plug-ins" in r.text
     assert ok.status_code == 200 and ok.json()["correct"]
+
+
+def test_rlrt_train_refuses_a_missing_reward_module_before_starting(
+        tmp_path: Path, user_pkg: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from rlrt.launch import LaunchError, LocalRun
+
+    def cfg(reward: dict) -> Path:
+        p = tmp_path / "run.yaml"
+        p.write_text(yaml.safe_dump({"model": str(tmp_path / "m"), "reward": reward,
+                                     "run": {"dir": str(tmp_path / "run"), "eval_prompts": 0}}))
+        return p
+
+    with pytest.raises(LaunchError, match="module 'no_such_pkg_xyz' not found"):
+        LocalRun(cfg({"fn": "no_such_pkg_xyz:f"}))
+    monkeypatch.chdir(user_pkg[0])  # the user's project directory, where `rlrt train` runs
+    run = LocalRun(cfg({"fns": [{"fn": "task"}, {"fn": f"{user_pkg[1]}.rewards:exact"}]}))
+    assert run.cfg["reward"].enabled
