@@ -231,7 +231,9 @@ def test_a_disconnecting_client_cancels_its_work(one_worker_verifier) -> None:  
 # ------------------------------------------------------------- the whole system (slow)
 STEPS, CKPT_EVERY = 8, 3
 VICTIMS = ("rollout", "teacher", "verifier", "trainer", "redis", "launcher")
-_REFUSED = re.compile(r"weight push v\d+ to \S+ failed|refused version")
+# A service that *refused* a push (409: hash mismatch, stale version, missing directory), as
+# opposed to one that was down while it was being restarted (a connection error).
+_REFUSED = re.compile(r"HTTP 409|refused version|: refused:")
 
 
 def _chaos_config(tmp_path: Path) -> Path:
