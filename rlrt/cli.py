@@ -113,16 +113,13 @@ def serve_verifier(config: Optional[Path] = ConfigOpt, host: Optional[str] = Hos
 def _allow_run_tasks(config: Optional[Path]) -> None:
     """The verifier grades the run's own "module:Class" tasks (data and eval sets) and no
     other: a request must never name a module for it to import."""
-    from rlrt.run_config import eval_sets
-    from rlrt.sections import read_config
+    from rlrt.sections import run_tasks
     from services.verifier.core import allow_tasks
 
-    if not config or not any(k in read_config(str(config)) for k in ("trainer", "data", "eval")):
-        return  # a verifier-only config (deployments, tests): built-in tasks only
-    trainer = _load("trainer", config)
+    if not config:
+        return  # built-in tasks only
     try:
-        sets = eval_sets(read_config(str(config)).get("eval"), _load("run", config), trainer.data)
-        allow_tasks([trainer.data.task, *(s.data_config(trainer.data).task for s in sets)])
+        allow_tasks(run_tasks(str(config)))
     except (ConfigError, KeyError) as e:
         fail(str(e))
 

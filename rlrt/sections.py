@@ -196,6 +196,26 @@ def load_section(name: str, path: str | None, sets: list[str] | None = None,
     return obj
 
 
+def run_tasks(path: str | None, sets: list[str] | None = None) -> list[str]:
+    """The tasks a run's config names: its training data's and its eval sets'. Read without
+    loading the trainer section (the verifier, which asks, has no torch)."""
+    from protocol.tasks.data import DataConfig
+    from rlrt.run_config import eval_sets
+
+    sets = active_sets() if sets is None else sets
+    raw = read_config(path, sets)
+    values = _section_values("trainer", raw).get("data") or {}
+    for p, value in parse_set(sets):
+        if p[:2] == ["trainer", "data"] and len(p) > 2:
+            _put(values, p[2:], value)
+    try:
+        data = DataConfig.model_validate(values)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, "trainer.data")) from None
+    run = load_section("run", path, sets)
+    return [data.task, *(s.data_config(data).task for s in eval_sets(raw.get("eval"), run, data))]
+
+
 def load_all(path: str | None, sets: list[str] | None = None) -> dict[str, Any]:
     """Every section, resolved (YAML + env + --set). Raises ConfigError on the first bad one."""
     return {name: load_section(name, path, sets) for name in SECTIONS}

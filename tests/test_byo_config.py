@@ -253,3 +253,17 @@ def test_hub_model_missing_offline_is_one_clear_error(tmp_path: Path, hub_cache:
 
     with pytest.raises(LaunchError, match="me/absent.*not in the Hugging Face cache"):
         LocalRun(_run_cfg(tmp_path, "me/absent")).preflight()
+
+
+def test_verifier_reads_the_runs_tasks_without_loading_the_trainer(tmp_path: Path) -> None:
+    """`rlrt serve verifier` allows the run's own tasks; it must not need torch to find them."""
+    import subprocess
+    import sys
+
+    cfg = _write(tmp_path / "c.yaml", {"data": {"task": "mypkg.tasks:Mine", "path": "x.jsonl"},
+                                       "eval": [{"name": "cd", "task": "countdown"}]})
+    code = ("import json, sys; from rlrt.sections import run_tasks; "
+            f"print(json.dumps([run_tasks({str(cfg)!r}), 'torch' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert json.loads(out.stdout) == [["mypkg.tasks:Mine", "countdown"], False]
