@@ -13,6 +13,7 @@ import os
 import typing
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import AfterValidator, BaseModel, Field, SecretStr, ValidationError
@@ -50,6 +51,19 @@ def secret_value(value: SecretStr | str | None) -> str | None:
     if value is None:
         return None
     return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
+def redact_url(url: str | None) -> str:
+    """`url` with its password (redis://:PASSWORD@host, rediss://user:PASSWORD@host) replaced
+    by '***', for logs and error messages; None -> 'none'."""
+    if not url:
+        return "none"
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:" if parts.username else ":"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
 
 
 def _types_in(annotation: Any) -> list[Any]:

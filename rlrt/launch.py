@@ -28,7 +28,7 @@ import httpx
 import redis
 from rich.console import Console
 
-from protocol.config import ConfigError, secret_value
+from protocol.config import ConfigError, redact_url, secret_value
 from protocol.hub import HubError, looks_like_hub_id, resolve
 from protocol.redis_server import EmbeddedRedis, RedisDirBusy
 from protocol.tasks.data import DataError
@@ -139,7 +139,7 @@ class LocalRun:
             try:
                 redis.Redis.from_url(self.redis_url, socket_connect_timeout=3).ping()
             except (redis.RedisError, OSError) as e:
-                raise LaunchError(f"Redis at {self.redis_url} is unreachable: {e}") from None
+                raise LaunchError(f"Redis at {redact_url(self.redis_url)} is unreachable: {e}") from None
         try:
             self.engine_servers = EngineServers(self.cfg, self.services, self.run_dir,
                                                 self.model_path, log=self.console.print)
@@ -450,7 +450,7 @@ class LocalRun:
             if code != 0:
                 why = self.redis_problem()
                 if why is not None:
-                    raise LaunchError(f"lost Redis at {self.redis_url} ({why}); the run stopped at "
+                    raise LaunchError(f"lost Redis at {redact_url(self.redis_url)} ({why}); the run stopped at "
                                       f"its last checkpoint. Once Redis is back: {self.resume_command}")
                 raise LaunchError(f"the trainer exited with code {code}; see the messages above. "
                                   f"Continue with: {self.resume_command}")

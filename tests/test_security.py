@@ -82,6 +82,30 @@ def test_config_errors_never_show_a_secret(tmp_path, monkeypatch) -> None:  # no
     assert SECRET not in str(v.value)
 
 
+def test_redis_passwords_stay_out_of_logs() -> None:
+    from protocol.config import redact_url
+
+    assert redact_url(f"redis://:{SECRET}@redis:6379/0") == "redis://:***@redis:6379/0"
+    assert redact_url(f"rediss://app:{SECRET}@h:6380/1") == "rediss://app:***@h:6380/1"
+    assert redact_url("redis://redis:6379/0") == "redis://redis:6379/0"
+    assert redact_url(None) == "none"
+
+
+async def test_a_service_logs_its_redis_url_without_the_password(caplog) -> None:  # noqa: ANN001
+    from services.engines.service import serve_engine_service
+
+    cfg = EngineServiceConfig(in_stream="i", out_stream="o", group="g", consumer="c",
+                              engine=EngineConfig(kind="sglang", url="http://127.0.0.1:9"),
+                              redis_url=f"redis://:{SECRET}@127.0.0.1:9/0", port=0)
+    stop = asyncio.Event()
+    stop.set()  # start and stop at once: the start-up line is what this checks
+    caplog.set_level("INFO")
+    await asyncio.wait_for(serve_engine_service("rollout", cfg, None, lambda *a: asyncio.sleep(0),
+                                                stop=stop), 60)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "redis://:***@127.0.0.1:9/0" in text and SECRET not in text
+
+
 def test_the_example_placeholder_is_refused(monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.setenv("RLRT_ROLLOUT__TOKEN", "change-me")
     with pytest.raises(ConfigError, match="rollout.token.*placeholder"):

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from pydantic import SecretStr
 
 from protocol.bus import Bus
-from protocol.config import BusSettings
+from protocol.config import BusSettings, redact_url
 from services.common import create_app, serve
 from services.engines.base import Engine, UpstreamError
 from services.engines.config import EngineConfig, EngineServiceConfig
@@ -95,5 +95,5 @@ async def serve_engine_service(name: str, cfg: EngineServiceConfig, bus_cfg: Bus
     app = build_service_app(name, slot, bus, token=cfg.token, max_body_bytes=cfg.max_body_bytes,
                             body_timeout_s=cfg.body_timeout_s)
     log.info("%s on http://%s:%d (engine %s, redis %s)", name, cfg.host, cfg.port,
-             engine_cfg.kind, redis_url or "none")
+             engine_cfg.kind, redact_url(redis_url))
     await serve(app, cfg.host, cfg.port, [worker], stop=stop, on_shutdown=shutdown)

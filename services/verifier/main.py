@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from protocol import rewards
 from protocol.bus import Bus
-from protocol.config import BusSettings
+from protocol.config import BusSettings, redact_url
 from protocol.rewards import RewardSettings
 from services.common import serve, setup_logging
 from services.verifier import worker
@@ -66,7 +66,7 @@ async def serve_verifier(cfg: VerifierConfig, bus_cfg: BusSettings | None = None
         return state
 
     app = build_app(cfg, pool, jobs, ready=ready, reward=spec)
-    log.info("verifier on http://%s:%d (%d workers, redis %s)", cfg.host, cfg.port, cfg.workers, url or "none")
+    log.info("verifier on http://%s:%d (%d workers, redis %s)", cfg.host, cfg.port, cfg.workers, redact_url(url))
     try:
         if cfg.http:
             await serve(app, cfg.host, cfg.port, workers, stop=stop)
