@@ -64,7 +64,7 @@ def test_compare_treats_non_finite_values_strictly() -> None:
 
 def test_tolerance_follows_the_coarsest_dtype() -> None:
     assert tolerance_for(["float32"]) == 1e-3
-    assert tolerance_for(["float32", "bfloat16"]) == 0.5
+    assert tolerance_for(["float32", "bfloat16"]) == 1.0
     assert tolerance_for([None, None]) == 1e-3
     assert tolerance_for(["float16"], {"float16": 0.2}) == 0.2
     with pytest.raises(ValueError, match="no canary tolerance for dtype 'fp8'"):

@@ -86,7 +86,7 @@ class _Collective:
         if op == "nccl":
             from trainer.weight_sync_nccl import nccl_push_all
 
-            return nccl_push_all(self.policy, self.cfg.push, version=args[0],
+            return nccl_push_all(self.policy, self.cfg.push, version=args[0], canary=args[1],
                                  dtype=_push_dtype(self.cfg, self.policy),
                                  run_id=self.cfg.run_id)
         if op == "canary":
@@ -224,12 +224,12 @@ class _Lead:
                                   sha256=update.sha256, write_s=write_s)
             res = await self.pusher.push(sd, version, meta=meta, canary=canary)
         else:
-            res = await self._all("nccl", version)
+            canary = await self.canary()
+            res = await self._all("nccl", version, canary)
             if res.failed:  # fall back to the directory for those services
                 retry = [s for s in cfg.services if s.name in res.failed]
                 sd = await self._all("gather")
-                disk = await self.pusher.push(sd, version, services=retry,
-                                              canary=await self.canary())
+                disk = await self.pusher.push(sd, version, services=retry, canary=canary)
                 res.ok += disk.ok
                 res.canary_refused.update(disk.canary_refused)
                 res.failed = {k: f"{v}; disk fallback: {disk.failed[k]}"

@@ -50,6 +50,7 @@ from typing import Any
 import httpx
 import torch
 
+from protocol.canary import Canary
 from protocol.config import secret_value
 from protocol.messages import WeightUpdate
 from protocol.weights import DEFAULT_NCCL_GROUP, Bucket, NcclSpec
@@ -222,14 +223,15 @@ class Peer:
                         "uses port %d", self.svc.name, self.port)
         return init
 
-    def update(self, version: int, buckets: list[Bucket], init: bool, run_id: str) -> _Call:
-        """Step 2: start the /v1/weights call."""
+    def update(self, version: int, buckets: list[Bucket], init: bool, run_id: str,
+               canary: Canary | None = None) -> _Call:
+        """Step 2: start the /v1/weights call (with the weight canary, protocol/canary.py)."""
         spec = NcclSpec(world_size=int(self.world_size or 2), rank_offset=1,
                         group_name=self.group_name, backend=self.cfg.nccl_backend,
                         packed=False, init_group=init, buckets=buckets)
         body = WeightUpdate(run_id=run_id, version=version, format="nccl",
                             location=self.location,
-                            meta={"nccl": spec.model_dump()}).model_dump_json()
+                            meta={"nccl": spec.model_dump()}, canary=canary).model_dump_json()
         call = _Call(self.http, f"{self.svc.url.rstrip('/')}/v1/weights", body, self.headers)
         call.start()
         return call
@@ -324,7 +326,7 @@ def bucket_metadata(policy: Policy, plan: list[list[int]], dtype: torch.dtype) -
 
 def push_buckets(peers: list[Peer], version: int, meta: list[Bucket],
                  buckets: Iterable[list[tuple[str, torch.Tensor]]], res: PushResult, *,
-                 run_id: str, timeout_s: float) -> None:
+                 run_id: str, timeout_s: float, canary: Canary | None = None) -> None:
     """Rank 0's half of one update to every peer: steps 1-5 of the module docstring.
     `buckets` yields each bucket's tensors (as `meta` announces them) and is always consumed
     to the end -- under ZeRO-3 it is a collective the other ranks run in step. Outcomes go
@@ -333,7 +335,7 @@ def push_buckets(peers: list[Peer], version: int, meta: list[Bucket],
     for peer in peers:
         try:
             init = peer.prepare()
-            call = peer.update(version, meta, init, run_id)
+            call = peer.update(version, meta, init, run_id, canary)
             if init:
                 _join_while_alive(peer, call)
             live.append((peer, call))
@@ -363,7 +365,7 @@ def push_buckets(peers: list[Peer], version: int, meta: list[Bucket],
 
 
 def nccl_push_all(policy: Policy, cfg: PushConfig, *, version: int, dtype: torch.dtype,
-                  run_id: str = "rlrt") -> PushResult | None:
+                  run_id: str = "rlrt", canary: Canary | None = None) -> PushResult | None:
     """Collective: every rank iterates the gathered buckets; rank 0 drives the services and
     broadcasts. Returns the result on rank 0, None elsewhere."""
     t0 = time.perf_counter()
@@ -375,7 +377,7 @@ def nccl_push_all(policy: Policy, cfg: PushConfig, *, version: int, dtype: torch
         return None
     res = PushResult(version=version, location=f"{cfg.master_address}:{cfg.master_port}")
     push_buckets(_peers(cfg), version, bucket_metadata(policy, plan, dtype), gathered, res,
-                 run_id=run_id, timeout_s=cfg.nccl_timeout_s)
+                 run_id=run_id, timeout_s=cfg.nccl_timeout_s, canary=canary)
     res.write_s = time.perf_counter() - t0
     for name, why in res.failed.items():
         log.error("NCCL weight push v%d to %s failed: %s", version, name, why)

@@ -102,8 +102,8 @@ class EngineConfig(BaseModel):
     canary_tolerance: dict[str, float] = Field(
         default_factory=lambda: dict(DEFAULT_TOLERANCE), description="max |log-prob difference| "
         "per dtype; the coarser of the pushed weights' dtype and serving_dtype applies. "
-        "Defaults: float32 1e-3, float16 0.1, bfloat16 0.5 (correct loads measure ~1e-6 in "
-        "float32; a stale tensor is of order 1)")
+        "Defaults: float32 1e-3, float16 0.25, bfloat16 1.0 (correct loads measure ~1e-5 in "
+        "float32, up to 0.48 bf16 vs float32; a stale tensor is of order 1)")
     serving_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="sglang/vllm: the dtype the server computes in (its --dtype), when it "
         "is coarser than the pushed weights (picks the canary tolerance); None = the pushed "
