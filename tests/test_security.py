@@ -28,7 +28,7 @@ from fakes.models import make_model_dir, make_weights_dir
 from fakes.serve import serve_app, serve_app_here
 from pydantic import SecretStr, ValidationError
 
-from protocol.config import ConfigError
+from protocol.config import BusSettings, ConfigError
 from protocol.weights import MANIFEST_NAME, WeightsCorrupt, verify_weights_dir
 from services.common import create_app, serve
 from services.common.app import UnsafeBind, is_loopback
@@ -112,6 +112,11 @@ def test_the_example_placeholder_is_refused(monkeypatch) -> None:  # noqa: ANN00
         RolloutConfig.load(None)
     with pytest.raises(ValueError, match="placeholder"):
         create_app("demo", token="change-me")
+    # ... and the example's Redis password, without printing the URL's password.
+    monkeypatch.setenv("REDIS_URL", "redis://:change-me-redis@redis:6379/0")
+    with pytest.raises(ConfigError, match="bus.redis_url.*placeholder") as e:
+        BusSettings.load(None)
+    assert "change-me-redis" not in str(e.value) and "redis://:***@redis:6379/0" in str(e.value)
     # Every placeholder of deploy/rlrt.env.example is one the config refuses.
     example = (ROOT / "deploy" / "rlrt.env.example").read_text()
     values = {line.split("=", 1)[1] for line in example.splitlines()
