@@ -156,7 +156,6 @@ def test_a_standalone_verifier_outlives_redis_and_resumes_when_it_returns(tmp_pa
         job = httpx.post(svc.url + "/v1/jobs", json={"items": [one] * 3}, timeout=30).json()["job_id"]
         _wait(lambda: httpx.get(f"{svc.url}/v1/jobs/{job}", timeout=5).json()["status"] == "done",
               "the job runner to resume", proc=svc.proc)
-        assert "Redis unreachable" in svc.log.read_text()
     finally:
         svc.kill()
         server.stop()
