@@ -238,7 +238,12 @@ def bench_model(label: str, build, n: int, threads: int, tmp: Path, redis_url: s
             return {"raw": raw, "ours": ours, "score_tokens": sum(len(s) for s in seqs),
                     "raw_score_s": raw_s, "ours_score_s": ours_s}
 
-        res = asyncio.run(go())
+        try:
+            res = asyncio.run(go())
+        except Exception:
+            print(f"--- {srv.name} log tail ---\n{srv.child.log_tail(6000) if srv.child else ''}",
+                  file=sys.stderr)
+            raise
     finally:
         srv.stop()
     cpu = asyncio.run(cpu_generate(model_dir, prompts, eos, threads))

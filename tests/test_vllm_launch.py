@@ -126,6 +126,7 @@ def test_rlrt_train_countdown_vllm_survives_a_killed_server(tmp_path: Path) -> N
             "trainer.prompts_per_step=4", "trainer.group_size=4", "trainer.micro_batch_size=16",
             "trainer.sampling.max_new_tokens=16", f"trainer.output_dir={run / 'trainer'}",
             "trainer.checkpoint.every=2", "trainer.warmup_steps=0",
+            "trainer.zero_variance=keep",  # a random-init model: every group scores 0
             f"rollout.engine.launch.python={REPO / '.venv-vllm' / 'bin' / 'python'}"]
     argv = [sys.executable, "-m", "rlrt.cli", "train", "--config",
             str(REPO / "configs" / "countdown-vllm.yaml")]
