@@ -449,6 +449,9 @@ class LocalRun:
             report["trainer_exit_code"] = code
             if code != 0:
                 why = self.redis_problem()
+                if why is not None and self.redis is not None:  # ours: the next run restarts it
+                    raise LaunchError(f"lost Redis ({why}); the run stopped at its last "
+                                      f"checkpoint. Continue with: {self.resume_command}")
                 if why is not None:
                     raise LaunchError(f"lost Redis at {redact_url(self.redis_url)} ({why}); the run stopped at "
                                       f"its last checkpoint. Once Redis is back: {self.resume_command}")

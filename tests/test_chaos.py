@@ -240,13 +240,15 @@ def test_a_disconnecting_client_cancels_its_work(one_worker_verifier) -> None:  
 
 # ------------------------------------------------------------- the whole system (slow)
 STEPS, CKPT_EVERY = 8, 3
-VICTIMS = ("rollout", "teacher", "verifier", "trainer", "redis", "launcher")
+# "redis-for-good": Redis dies and the launcher may not restart it (run.max_restarts 0), so
+# the run cannot go on: it must stop with one line naming Redis and the --resume command.
+VICTIMS = ("rollout", "teacher", "verifier", "trainer", "redis", "launcher", "redis-for-good")
 # A service that *refused* a push (409: hash mismatch, stale version, missing directory), as
 # opposed to one that was down while it was being restarted (a connection error).
 _REFUSED = re.compile(r"HTTP 409|refused version|: refused:")
 
 
-def _chaos_config(tmp_path: Path) -> Path:
+def _chaos_config(tmp_path: Path, **sections: dict) -> Path:
     import yaml
     from test_e2e_train import tiny_model, write_config
 
@@ -254,6 +256,8 @@ def _chaos_config(tmp_path: Path) -> Path:
     cfg = write_config(tmp_path, model, total_steps=STEPS, checkpoint={"every": CKPT_EVERY})
     raw = yaml.safe_load(cfg.read_text())
     raw["run"]["eval_prompts"] = 0  # the run, not the evaluation, is under test
+    for name, extra in sections.items():
+        raw.setdefault(name, {}).update(extra)
     cfg.write_text(yaml.safe_dump(raw))
     return cfg
 
@@ -313,7 +317,10 @@ def test_sigkill_during_a_run(tmp_path: Path, victim: str) -> None:
     seeded random number of steps: the run finishes -- by itself, or with the `--resume` its
     last line names -- with every step once, no task trained twice, no refused weight push,
     and no process left behind."""
-    cfg = _chaos_config(tmp_path)
+    for_good = victim == "redis-for-good"
+    # For good: no restart, and a short reconnect budget so the trainer gives up quickly.
+    cfg = _chaos_config(tmp_path, run={"max_restarts": 0}, bus={"reconnect_timeout_s": 5}) \
+        if for_good else _chaos_config(tmp_path)
     run_dir = tmp_path / "run"
     metrics, trained = run_dir / "trainer" / "metrics.jsonl", run_dir / "trainer" / "trained.jsonl"
     rng = random.Random(f"{SEED}-{victim}")
@@ -324,13 +331,16 @@ def test_sigkill_during_a_run(tmp_path: Path, victim: str) -> None:
     try:
         _wait(lambda: len(_lines(metrics)) >= kill_after, f"{kill_after} steps", 600, proc)
         t_kill = time.monotonic()
-        os.kill(_victim(victim, cfg, run_dir, proc), signal.SIGKILL)
+        os.kill(_victim("redis" if for_good else victim, cfg, run_dir, proc), signal.SIGKILL)
         out, _ = proc.communicate(timeout=600)
         outputs.append(out)
-        if victim in ("trainer", "launcher"):
-            if victim == "trainer":  # a human must act: one line says what to run
+        if victim in ("trainer", "launcher", "redis-for-good"):
+            if victim != "launcher":  # a human must act: one line says what to run
                 assert proc.returncode != 0
-                assert f"rlrt train --config {cfg} --resume" in out.strip().splitlines()[-1], out[-2000:]
+                last = out.strip().splitlines()[-1]
+                assert f"rlrt train --config {cfg} --resume" in last, out[-3000:]
+                if for_good:
+                    assert "lost Redis" in last, out[-3000:]
             # Nothing of the first run survives it (parent-death signal for every child).
             _wait(lambda: not _ours(cfg, run_dir), "the killed run's processes to exit", 180)
             proc = _train(cfg, "--resume")
