@@ -294,6 +294,15 @@ async def test_updated_but_not_flushed_is_not_a_rollback(fake_sglang: Fake, mode
                         {"new_version": "2", "abort_all_requests": False}]
 
 
+async def test_engine_world_size_comes_from_the_server(fake_sglang: Fake, model_dir) -> None:
+    fake_sglang.server.tp_size = 2  # --tp-size 2: two GPUs join an NCCL group
+    eng = await engine_for(fake_sglang, model_dir)
+    try:
+        assert (await eng.health())["engine_world_size"] == 2
+    finally:
+        await eng.close()
+
+
 async def test_health_probe_works_while_the_server_is_paused(fake_sglang: Fake, model_dir) -> None:
     eng = await engine_for(fake_sglang, model_dir)
     try:

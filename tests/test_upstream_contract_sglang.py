@@ -210,7 +210,8 @@ def test_response_fields_we_parse_are_produced_upstream(src) -> None:
     assert quoted("weight_version", model_info)
     # /server_info is the resolved server args: the two we read are fields of them
     order = src["args"].read_text()
-    assert quoted("dp_size", order) and quoted("enable_deterministic_inference", order)
+    for key in ("dp_size", "tp_size", "pp_size", "enable_deterministic_inference"):
+        assert quoted(key, order), f"/server_info has no {key}"
     # /generate's meta_info, built by the tokenizer manager
     tm = src["tokenizer"].read_text()
     for key in ("output_token_logprobs", "input_token_logprobs", "finish_reason",

@@ -86,6 +86,10 @@ class SGLangEngine(RemoteEngine):
         if isinstance(info, dict):
             self.dp_size = int(info.get("dp_size") or 1)
             self.deterministic = bool(info.get("enable_deterministic_inference", False))
+            # the GPUs that join an NCCL update group (rank_offset + tp_rank), as vLLM reports
+            # its own: the server's word beats a config default
+            if info.get("tp_size"):
+                self.engine_world_size = int(info["tp_size"]) * int(info.get("pp_size") or 1)
         if self.dp_size > 1:
             log.warning("this SGLang server runs dp_size=%d: it takes disk weight pushes only "
                         "(NCCL updates need dp_size 1; docs/deploy.md)", self.dp_size)

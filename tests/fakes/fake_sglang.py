@@ -80,6 +80,7 @@ class FakeSGLang:
                  dp_size: int = 1, deterministic: bool = True) -> None:
         self.model_path = str(model_path)
         self.dp_size = dp_size
+        self.tp_size = 1
         self.deterministic = deterministic
         self.session = False
         self.unflushed_next = 0
@@ -359,7 +360,8 @@ class FakeSGLang:
 
         @app.get("/server_info")
         async def server_info() -> dict:
-            return {"model_path": self.model_path, "tp_size": 1, "dp_size": self.dp_size,
+            return {"model_path": self.model_path, "tp_size": self.tp_size, "pp_size": 1,
+                    "dp_size": self.dp_size,
                     "enable_deterministic_inference": self.deterministic,
                     "version": "0.5.23", "frontend": "python"}
 
