@@ -140,6 +140,25 @@ class RewardFnError(Exception):
 
 
 _LOADED: dict[str, Callable[..., Any]] = {}
+# The verifier names the run's functions here before its pool starts; the pool's forkserver
+# imports them once (services/verifier/sandbox.py `warm_up`), so no worker pays a slow import
+# inside a response's deadline.
+PRELOAD_ENV = "RLRT_REWARD_PRELOAD"
+
+
+def preload_names(spec: Spec) -> str:
+    """The value of PRELOAD_ENV for `spec`: its functions, one per line."""
+    return "\n".join(fn for fn, _ in spec[0] if fn != TASK)
+
+
+def preload_from_env() -> None:
+    """Import the functions PRELOAD_ENV names. A failure is left for the items to report (with
+    the traceback, through the dead letter): here nobody would see it."""
+    for fn in filter(None, os.environ.get(PRELOAD_ENV, "").splitlines()):
+        try:
+            load_fn(fn)
+        except Exception:
+            pass
 
 
 def _with_cwd_on_path() -> None:

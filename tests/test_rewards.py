@@ -86,6 +86,9 @@ def user_pkg(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     (root / name).mkdir()
     (root / name / "__init__.py").write_text("")
     (root / name / "rewards.py").write_text(textwrap.dedent(USER_MODULE))
+    # a module whose import is slow (a big library): the service imports it before any deadline
+    (root / name / "slow.py").write_text("import time\n\ntime.sleep(2.0)\n\n\n"
+                                         "def score(response, reference, row):\n    return 0.25\n")
     return root, name
 
 
@@ -343,7 +346,7 @@ def _service(root: Path, redis_url: str, prefix: str, reward: dict) -> tuple[sub
     cfg = root / f"run-{prefix}.yaml"
     cfg.write_text(yaml.safe_dump({
         "bus": {"redis_url": redis_url, "prefix": prefix, "block_ms": 50},
-        "verifier": {"port": port, "workers": 1, "consumer": "v-test"},
+        "verifier": {"port": port, "workers": 1, "consumer": "v-test", "default_timeout_s": 1.0},
         "reward": reward,
     }))
     log = root / f"verifier-{prefix}.log"
@@ -370,7 +373,7 @@ async def test_rlrt_serve_verifier_grades_with_the_users_module(
     root, name = user_pkg
     proc, url, log = _service(root, redis_url, prefix,
                               {"fns": [{"fn": "task"}, {"fn": f"{name}.rewards:shortness", "weight": 0.5},
-                                       {"fn": f"{name}.rewards:from_row"}]})
+                                       {"fn": f"{name}.rewards:from_row"}, {"fn": f"{name}.slow:score"}]})
     try:
         async with httpx.AsyncClient() as client:
             for _ in range(1200):
@@ -403,13 +406,13 @@ async def test_rlrt_serve_verifier_grades_with_the_users_module(
     finally:
         _stop(proc)
     # from_row: the dataset column "difficulty" (0.8) travelled in the PromptTask; "p0" is not
-    # in either response, so half of it
-    assert got[0].rewards == pytest.approx([1.0 + 0.5 * (1 - len(texts[0]) / 100) + 0.4, 0.4])
+    # in either response, so half of it. slow: 0.25, its 2 s import paid before the 1 s deadlines
+    assert got[0].rewards == pytest.approx([1.0 + 0.5 * (1 - len(texts[0]) / 100) + 0.4 + 0.25, 0.65])
     assert [v.correct for v in got[0].verifications] == [True, False]
-    assert rest[0]["reward"] == pytest.approx(1.0 + 0.5 * (1 - 9 / 100) + 0.25) and rest[0]["correct"]
+    assert rest[0]["reward"] == pytest.approx(1.0 + 0.5 * (1 - 9 / 100) + 0.25 + 0.25) and rest[0]["correct"]
     assert rest[1]["reward"] == 1.0 and rest[1]["correct"]
     # the stand-in answers "\boxed{2}" (right) and "e1 \boxed{3}" (wrong, but names the prompt)
-    right, wrong = 1.0 + 0.5 * (1 - 9 / 100) + 0.5, 0.5 * (1 - 12 / 100) + 1.0
+    right, wrong = 1.0 + 0.5 * (1 - 9 / 100) + 0.5 + 0.25, 0.5 * (1 - 12 / 100) + 1.0 + 0.25
     assert evals[True]["avg@2"] == 0.5 and evals[False]["avg@2"] == 0.5  # math-verify's flag gates
     assert evals[True]["reward_mean"] == pytest.approx((right + wrong) / 2)
     assert evals[False]["reward_mean"] == 0.5

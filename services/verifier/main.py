@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -38,6 +39,8 @@ async def serve_verifier(cfg: VerifierConfig, bus_cfg: BusSettings | None = None
     spec = reward.spec() if reward is not None else None
     if spec is not None:
         rewards.locate(spec)  # a typo in a module name fails here, once
+        # read by the pool's forkserver when it starts (below), never imported here
+        os.environ[rewards.PRELOAD_ENV] = rewards.preload_names(spec)
     url = cfg.redis_url or bus_cfg.redis_url
     pool = make_pool(cfg)
     # Forking the workers blocks for a moment (first time: the forkserver imports sympy).

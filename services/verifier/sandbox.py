@@ -113,15 +113,17 @@ def run_one(seq: int, task: str, response: str, reference: str, timeout_s: float
 
 
 def warm_up() -> None:
-    """Import every task module and run one math check, so that the forkserver (which imports
-    this module once) hands every forked worker compiled regexes and loaded grammars: the first
-    real item then costs what the hundredth does."""
+    """Import every task module and the run's reward functions and run one math check, so that
+    the forkserver (which imports this module once) hands every forked worker compiled regexes,
+    loaded grammars and imported modules: the first real item then costs what the hundredth
+    does."""
     for name in TASKS:
         try:
             get_task(name)
         except Exception:  # a broken task module only fails its own items, later
             pass
     core.check(core.MATH, "\\boxed{\\frac{1}{2}}", "0.5")
+    rewards.preload_from_env()  # the run's reward functions, imported outside any deadline
 
 
 def main(conn: Connection, memory_mb: int, max_items: int) -> None:
