@@ -374,7 +374,7 @@ class _Slot(threading.Thread):
             pool._finish(job, msg)
             # The worker starts the next item the moment it sends this result.
             started = time.monotonic()
-            if pending and not yielded and started - batch_start >= pool.yield_after_s \
+            if len(pending) > 1 and not yielded and started - batch_start >= pool.yield_after_s \
                     and pool._queue.others_waiting(owners):
                 yielded = self.ask_yield()
         if yielded:
