@@ -400,6 +400,15 @@ async def test_rlrt_serve_verifier_grades_with_the_users_module(
                 {"response": r"\boxed{2}", "reference": "2", "reward": True,
                  "row": {"prompt_id": "p9", "difficulty": 0.5}},
                 {"response": r"\boxed{2}", "reference": "2"}]})).json()["results"]
+            # a job keeps the request's plug-ins and row through Redis
+            job = (await client.post(url + "/v1/jobs", json={"items": [
+                {"response": r"\boxed{2}", "reference": "2", "reward": True,
+                 "row": {"prompt_id": "p9", "difficulty": 0.5}}]})).json()["job_id"]
+            for _ in range(600):
+                state = (await client.get(f"{url}/v1/jobs/{job}")).json()
+                if state["status"] == "done":
+                    break
+                await asyncio.sleep(0.1)
         # evaluation (rlrt/evaluate.py) through a stand-in rollout, with and without the plug-ins
         evals = {flag: await _evaluate_with_standin(bus, prefix, url, flag) for flag in (True, False)}
         await bus.close()
@@ -411,6 +420,7 @@ async def test_rlrt_serve_verifier_grades_with_the_users_module(
     assert [v.correct for v in got[0].verifications] == [True, False]
     assert rest[0]["reward"] == pytest.approx(1.0 + 0.5 * (1 - 9 / 100) + 0.25 + 0.25) and rest[0]["correct"]
     assert rest[1]["reward"] == 1.0 and rest[1]["correct"]
+    assert state["results"][0]["reward"] == pytest.approx(rest[0]["reward"])
     # the stand-in answers "\boxed{2}" (right) and "e1 \boxed{3}" (wrong, but names the prompt)
     right, wrong = 1.0 + 0.5 * (1 - 9 / 100) + 0.5 + 0.25, 0.5 * (1 - 12 / 100) + 1.0 + 0.25
     assert evals[True]["avg@2"] == 0.5 and evals[False]["avg@2"] == 0.5  # math-verify's flag gates
