@@ -204,15 +204,17 @@ async def test_nccl_push_through_our_service_and_canary(kind: str, url: str | No
                         for n in names]
                 buckets = [[(n, new[n].to(torch.bfloat16).contiguous())] for n in names]
                 version += 1
+                with Swap(model, new) as m:
+                    want = ref_logprobs(m, seq, 1)
+                # the trainer's canary rides the push: the service itself judges it (409 on a
+                # mismatch), and we compare once more from outside below
+                canary = Canary(sequences=[seq], logprobs=[want.tolist()], dtype="bfloat16")
                 res = PushResult(version=version, location=f"127.0.0.1:{push.master_port}")
                 await asyncio.to_thread(push_buckets, [peer], version, meta, iter(buckets), res,
-                                        run_id="gpu", timeout_s=600)
+                                        run_id="gpu", timeout_s=600, canary=canary)
                 assert res.ok == [kind] and not res.failed, res.failed
                 got = httpx.get(f"{svc_url}/v1/version", headers=AUTH).json()
                 assert got["version"] == version and got["engine"]["nccl_group"] == peer.group_key()
-                with Swap(model, new) as m:
-                    want = ref_logprobs(m, seq, 1)
-                canary = Canary(sequences=[seq], logprobs=[want.tolist()], dtype="bfloat16")
                 client._version = version  # noqa: SLF001 - this client did not push
                 (served,) = await client.score([seq], [1])
                 verdict = compare(canary, [served.tolist()],
