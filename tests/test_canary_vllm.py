@@ -20,7 +20,6 @@ from helpers.vllm_server import *  # noqa: F403 - fixtures: real_vllm, vllm_tied
 from helpers.vllm_server import (
     LAUNCH_ARGS,
     NEEDS_VLLM,
-    ROOT,
     VLLM_PYTHON,
     RealVLLM,
     WeightsDir,
@@ -30,7 +29,7 @@ from safetensors.torch import load_file
 from protocol.canary import canary_sequences
 from protocol.messages import WeightUpdate
 from protocol.weights import load_weights_dir, save_weights_dir
-from rlrt.engine_servers import VLLMServer
+from rlrt.engine_servers import EXT_ARGS, EXT_DIR, VLLMServer
 from services.engines.base import WeightUpdateError
 from services.engines.canary_check import MAX_DIFF
 from services.engines.config import EngineConfig, EngineLaunch
@@ -38,16 +37,14 @@ from services.engines.factory import make_engine
 
 pytestmark = NEEDS_VLLM
 
-EXT = ["--worker-extension-cls", "rlrt_vllm_ext.RlrtWorkerExtension"]
-EXT_PATH = str(ROOT / "services" / "engines" / "vllm_ext")
 
 
 @pytest.fixture(scope="module")
 def tied_server(vllm_tied_model_dir: Path, tmp_path_factory) -> RealVLLM:  # noqa: ANN001
     """A private server on the tied model, with our worker extension available (it only adds
     a method: plain reload_weights stays what it is)."""
-    launch = EngineLaunch(python=str(VLLM_PYTHON), args=[*LAUNCH_ARGS, *EXT],
-                          env={"VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": EXT_PATH})
+    launch = EngineLaunch(python=str(VLLM_PYTHON), args=[*LAUNCH_ARGS, *EXT_ARGS],
+                          env={"VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(EXT_DIR)})
     server = VLLMServer("vllm-tied", launch, vllm_tied_model_dir,
                         tmp_path_factory.mktemp("vllm-logs") / "vllm-tied.log")
     server.check()
