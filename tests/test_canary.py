@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 from protocol.canary import Canary, canary_sequences, compare, tolerance_for
 from protocol.messages import WeightUpdate
 from protocol.weights import load_weights_dir, save_weights_dir
-from services.engines.base import WeightUpdateError
+from services.engines.base import UpstreamError, WeightUpdateError
 from services.engines.canary_check import CanaryMismatch
 from services.engines.config import EngineConfig
 from services.engines.control_api import EngineSlot
@@ -223,5 +223,29 @@ async def test_remote_engine_checks_the_canary_and_rolls_back_on_a_mismatch(
         np.testing.assert_allclose(np.concatenate(got),
                                    np.concatenate(canary_of(weights_v1).logprobs), atol=1e-5)
         assert await engine.update_weights(update(weights_v2, canary_of(weights_v2))) == 2
+    finally:
+        await engine.close()
+
+
+async def test_a_mismatch_with_nothing_to_roll_back_to_quarantines(
+        fake_vllm: Fake, model_dir, weights_v1: Weights) -> None:
+    engine = await make_engine(EngineConfig(kind="vllm", url=fake_vllm.url,
+                                            model_path=str(model_dir), quarantine_wait_s=0.5))
+    seqs = canary_sequences(engine.vocab_size, count=2, length=10)  # type: ignore[attr-defined]
+    good = Canary(sequences=seqs, logprobs=reference_logprobs(
+        model_dir, seqs, load_weights_dir(weights_v1.path, weights_v1.sha256)))
+    update = WeightUpdate(run_id="t", version=1, location=weights_v1.path,
+                          sha256=weights_v1.sha256)
+    try:
+        # The first update has no earlier directory: the server holds weights nobody vouches
+        # for, so the engine serves nothing until an update passes its canary.
+        with pytest.raises(WeightUpdateError, match="no known-good weight directory"):
+            await engine.update_weights(update.model_copy(update={"canary": shifted(good, 0.2)}))
+        assert engine.version == 0 and not engine.consistent  # type: ignore[attr-defined]
+        assert (await engine.health())["ok"] is False
+        with pytest.raises(UpstreamError, match="inconsistent"):
+            await engine.score(seqs, [1, 1])
+        assert await engine.update_weights(update.model_copy(update={"canary": good})) == 1
+        assert engine.consistent  # type: ignore[attr-defined]
     finally:
         await engine.close()
