@@ -245,6 +245,13 @@ class EngineServers:
             if latest is None:
                 continue
             try:
+                state = httpx.get(f"{service_url(name)}/v1/version", headers=headers, timeout=60).json()
+                if state.get("version", -1) >= latest["version"] and state.get("ready"):
+                    self.log(f"{name} already at weights version {state['version']}")
+                    continue  # the trainer's own push got there first
+            except (httpx.HTTPError, ValueError, AttributeError):
+                pass
+            try:
                 r = httpx.post(f"{service_url(name)}/v1/weights", json=latest, timeout=900,
                                headers=headers)
                 self.log(f"{name} re-pushed weights version {latest['version']} ({r.status_code})")
