@@ -73,20 +73,26 @@ class PushResult:
     notify_s: float = 0.0
 
 
+def canary_verdict(r: httpx.Response) -> dict | None:
+    """The weight-canary verdict of a 409 (`{max_diff, tolerance, sequence, position,
+    consistent, version}`), or None when the refusal had another reason."""
+    if r.status_code != 409:
+        return None
+    try:
+        body = r.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("canary"), dict):
+        return None
+    return {**body["canary"], "consistent": body.get("consistent", True),
+            "version": body.get("version")}
+
+
 def _check_reply(svc: ServiceEndpoint, r: httpx.Response) -> None:
     if r.status_code >= 300:
         detail = r.text[:500]
         retry = r.status_code >= 500 or r.status_code in _RETRY_STATUS
-        canary = None
-        if r.status_code == 409:
-            try:
-                body = r.json()
-            except ValueError:
-                body = None
-            if isinstance(body, dict) and isinstance(body.get("canary"), dict):
-                canary = {**body["canary"], "consistent": body.get("consistent", True),
-                          "version": body.get("version")}
-        raise PushError(f"{svc.name}: HTTP {r.status_code}: {detail}", retry, canary)
+        raise PushError(f"{svc.name}: HTTP {r.status_code}: {detail}", retry, canary_verdict(r))
     try:
         body = r.json()
     except ValueError:

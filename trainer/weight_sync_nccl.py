@@ -56,7 +56,7 @@ from protocol.messages import WeightUpdate
 from protocol.weights import DEFAULT_NCCL_GROUP, Bucket, NcclSpec
 from trainer.config import PushConfig, ServiceEndpoint
 from trainer.model import Policy, iter_gathered, named_weights, plan_buckets, shape_of
-from trainer.weight_push import PushResult
+from trainer.weight_push import PushResult, canary_verdict
 
 log = logging.getLogger("rlrt.trainer.nccl")
 
@@ -361,6 +361,8 @@ def push_buckets(peers: list[Peer], version: int, meta: list[Bucket],
             res.ok.append(peer.svc.name)
         else:
             res.failed.setdefault(peer.svc.name, why or "failed")
+            if call.response is not None and (v := canary_verdict(call.response)) is not None:
+                res.canary_refused[peer.svc.name] = v  # loaded, but not the pushed weights
             peer.reset()  # a failed update leaves the group unusable: rebuild next time
 
 
