@@ -193,13 +193,18 @@ def test_a_slow_client_does_not_stall_a_trivial_request(one_worker_verifier) -> 
         r = httpx.post(url + "/v1/verify/batch", json={"items": [HOSTILE] * 12}, timeout=60)
         hostile["done_at"], hostile["r"] = time.monotonic(), r
 
+    before = pool.stats().completed
     t = threading.Thread(target=slow_client)
     t.start()
     _wait(lambda: pool.stats().busy == 1, "the hostile batch to start")
     r = httpx.post(url + "/v1/verify", json=TRIVIAL, timeout=60)
     trivial_at = time.monotonic()
+    hostile_checked = pool.stats().completed - before - 1  # hostile items answered by then
     assert r.status_code == 200 and r.json()["correct"] is True
-    assert "done_at" not in hostile, "the trivial request waited for the whole hostile batch"
+    # First-in-first-out answered all 12 first; a fair share lets the trivial one in after
+    # the item the worker was on (and perhaps the next, when it arrived between items).
+    assert hostile_checked <= 3, f"the trivial request waited for {hostile_checked} hostile items"
+    assert "done_at" not in hostile
     t.join(60)
     assert hostile["r"].status_code == 200 and hostile["done_at"] > trivial_at
     assert [x["status"] for x in hostile["r"].json()["results"]] == ["timeout"] * 12
