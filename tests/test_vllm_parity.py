@@ -232,8 +232,11 @@ async def test_requests_sent_while_paused_wait_for_resume(server: Server) -> Non
 
 
 async def test_update_with_requests_in_flight(server: Server, vllm_weights) -> None:  # noqa: ANN001
-    """Generations running when an update starts finish on the old weights (pause mode=wait)
-    and are stamped with the old version; the ones after it run on and carry the new one."""
+    """Generations issued as an update starts are each stamped with the version whose weights
+    produced them (their log-probs are checked against that version's weights: a request that
+    ran on new weights under the old stamp fails), whichever side of the pause they land on;
+    the ones after the update run on and carry the new one. Which side the first three land on
+    is up to the scheduler: the test does not force them to run before the pause."""
     eng = await engine_for(server)
     prompt = [5, 6, 7]
     try:

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-wandb = pytest.importorskip("wandb", reason="wandb is not installed (pip install 'rlrt[wandb]')")
+# wandb is in the dev extra that scripts/setup.sh installs: a broken install fails here, it
+# does not skip.
+import wandb  # noqa: E402, F401 (imported only to fail loudly)
 
 from trainer.config import MetricsConfig  # noqa: E402
 from trainer.metrics import MetricsSink  # noqa: E402
