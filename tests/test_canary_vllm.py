@@ -31,7 +31,7 @@ from protocol.messages import WeightUpdate
 from protocol.weights import load_weights_dir, save_weights_dir
 from rlrt.engine_servers import EXT_ARGS, EXT_DIR, VLLMServer
 from services.engines.base import WeightUpdateError
-from services.engines.canary_check import MAX_DIFF
+from services.engines.canary_check import CHECKS, MAX_DIFF
 from services.engines.config import EngineConfig, EngineLaunch
 from services.engines.factory import make_engine
 
@@ -69,6 +69,20 @@ def update(w: WeightsDir, canary) -> WeightUpdate:  # noqa: ANN001
                         canary=canary)
 
 
+
+def arm_canary_metrics() -> float:
+    """Poison the process-wide gauge (a left-over value from an earlier check must not pass for
+    this one) and return the count of accepted checks so far."""
+    MAX_DIFF.labels("vllm").set(float("inf"))
+    return CHECKS.labels("vllm", "ok")._value.get()
+
+
+def assert_one_accepted_check(ok_before: float) -> None:
+    """The update ran exactly one canary check, it was accepted, and its max difference is
+    float32-small (not merely under the tolerance)."""
+    assert CHECKS.labels("vllm", "ok")._value.get() == ok_before + 1
+    assert MAX_DIFF.labels("vllm")._value.get() < 1e-4
+
 async def test_tied_embedding_update_is_caught_then_fixed_by_the_extension(
         tied_server: RealVLLM, vllm_tied_model_dir: Path, tmp_path: Path) -> None:
     base = load_file(str(vllm_tied_model_dir / "model.safetensors"))
@@ -103,8 +117,9 @@ async def test_tied_embedding_update_is_caught_then_fixed_by_the_extension(
     fixed = await make_engine(cfg.model_copy(update={"vllm_reload_method": "rlrt_reload_weights"}))
     try:
         assert fixed.version == 1  # adopted from the server's weight_version
+        ok_before = arm_canary_metrics()
         assert await fixed.update_weights(update(v2, canary_v2)) == 2
-        assert MAX_DIFF.labels("vllm")._value.get() < 1e-4  # the gauge of the accepted check
+        assert_one_accepted_check(ok_before)
         got = await fixed.score(seqs, [1] * len(seqs))
         np.testing.assert_allclose(np.concatenate(got), np.concatenate(canary_v2.logprobs),
                                    atol=1e-4)
@@ -124,8 +139,9 @@ async def test_untied_model_passes_the_canary_with_the_plain_reload(
     engine = await make_engine(EngineConfig(kind="vllm", url=real_vllm.url,
                                             model_path=str(vllm_model_dir)))
     try:
+        ok_before = arm_canary_metrics()
         assert await engine.update_weights(update(w, canary)) == 1
-        assert MAX_DIFF.labels("vllm")._value.get() < 1e-4
+        assert_one_accepted_check(ok_before)
     finally:
         await engine.close()
         real_vllm.reset()
