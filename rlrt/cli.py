@@ -260,7 +260,10 @@ def experiment_cmd(config: Path = typer.Option(Path("configs/countdown-tiny.yaml
                    presets: str = typer.Option("grpo,rlrt,rlsd,teacher_upweight", help="comma-separated presets"),
                    seeds: str = typer.Option("0,1,2", help="comma-separated trainer seeds"),
                    steps: Optional[int] = typer.Option(None, help="override trainer.total_steps"),
-                   out: Path = typer.Option(Path("runs/experiment"), help="output directory")) -> None:
+                   out: Path = typer.Option(Path("runs/experiment"), help="output directory"),
+                   share_before: bool = typer.Option(
+                       True, help="measure the before-training evaluation once (every run starts "
+                                  "from the same model, prompts and sampling seed) and reuse it")) -> None:
     """Toy-scale study: every preset x seed as a full `rlrt train` run with identical budgets;
     writes results.md (table), results.json and results.png. Finished runs are kept, so an
     interrupted study continues where it stopped."""
@@ -269,7 +272,8 @@ def experiment_cmd(config: Path = typer.Option(Path("configs/countdown-tiny.yaml
 
     try:
         table = run_experiment(config, [p.strip() for p in presets.split(",") if p.strip()],
-                               [int(s) for s in seeds.split(",") if s.strip()], out, steps, console)
+                               [int(s) for s in seeds.split(",") if s.strip()], out, steps, console,
+                               share_before=share_before)
     except LaunchError as e:
         fail(str(e))
     typer.echo(table)

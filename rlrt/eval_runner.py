@@ -62,6 +62,15 @@ class EvalRunner:
             top_p=s.top_p if es.top_p is None else es.top_p,
             max_new_tokens=es.max_new_tokens or s.max_new_tokens)
 
+    def record(self, results: dict[str, dict], note: str) -> None:
+        """Log results measured elsewhere (`rlrt experiment` shares one before-training
+        evaluation between runs of the same model) as if this run had measured them, marked."""
+        for res in results.values():
+            res = {**res, "reused": note}
+            with open(self.out, "a") as f:
+                f.write(json.dumps(res) + "\n")
+            self._to_tensorboard(res)
+
     def run_set(self, es: EvalSet, label: str, step: int) -> dict[str, Any]:
         cfg, rows = self.rows(es)
         res = self._evaluate(rows, k=es.k, sampling=self.sampling_of(es),

@@ -35,7 +35,7 @@ def _sum_metric(rows: list[dict], fragment: str) -> float:
 
 
 def _run_one(config: Path, preset: str, seed: int, out: Path, steps: int | None,
-             console: Console) -> dict[str, Any]:
+             console: Console, evals_before: dict | None = None) -> dict[str, Any]:
     run_dir = out / f"{preset}-s{seed}"
     overrides = {
         "RLRT_TRAINER__ALGORITHM__PRESET": preset,
@@ -51,7 +51,7 @@ def _run_one(config: Path, preset: str, seed: int, out: Path, steps: int | None,
     os.environ.update(overrides)
     t0 = time.perf_counter()
     try:
-        report = LocalRun(config, console=console).train()
+        report = LocalRun(config, console=console, evals_before=evals_before).train()
     finally:
         for k, v in saved.items():
             if v is None:
@@ -110,17 +110,19 @@ def _intervals(results: list[dict], presets: list[str], k: int) -> list[str]:
                 if r["preset"] == p and r.get("after") and key in r["after"]]
 
     base = after("grpo", f"avg@{k}") if "grpo" in presets else []
+    base_pass = after("grpo", f"pass@{k}") if "grpo" in presets else []
     ks = [x for x in range(1, k + 1) if any(f"pass@{x}" in (r.get("after") or {}) for r in results)]
     lines = ["", f"95% bootstrap intervals over seeds ({BOOTSTRAP_RESAMPLES:,} resamples):", "",
-             f"| preset | gain avg@{k} | avg@{k} after − grpo | "
+             f"| preset | gain avg@{k} | avg@{k} after − grpo | pass@{k} after − grpo | "
              + " | ".join(f"pass@{x}" for x in ks) + " |",
-             "|---|---|---|" + "---|" * len(ks)]
+             "|---|---|---|---|" + "---|" * len(ks)]
     for p in presets:
         rs = [r for r in results if r["preset"] == p and r.get("after") and r.get("before")]
         gain = [r["after"][f"avg@{k}"] - r["before"][f"avg@{k}"] for r in rs]
         vs = _ci(after(p, f"avg@{k}"), base) if base and p != "grpo" else "—"
+        vs_pass = _ci(after(p, f"pass@{k}"), base_pass) if base_pass and p != "grpo" else "—"
         passk = [_fmt(after(p, f"pass@{x}")) for x in ks]
-        lines.append(f"| {p} | {_ci(gain)} | {vs} | " + " | ".join(passk) + " |")
+        lines.append(f"| {p} | {_ci(gain)} | {vs} | {vs_pass} | " + " | ".join(passk) + " |")
     return lines
 
 
@@ -197,17 +199,30 @@ def _plot(results: list[dict], presets: list[str], out: Path) -> None:
 
 
 def run_experiment(config: Path, presets: list[str], seeds: list[int], out: Path,
-                   steps: int | None = None, console: Console | None = None) -> str:
+                   steps: int | None = None, console: Console | None = None,
+                   share_before: bool = True) -> str:
+    """Every preset x seed, resumable (a run with a result.json is kept). `share_before`: every
+    run starts from the same model and evaluates the same held-out prompts with the same
+    sampling seed (`run.seed` is pinned to 0 above; only the trainer's seed varies), so the
+    "before training" evaluation is one measurement: the first run takes it and the others
+    reuse it (at 1,000 prompts x 8 samples it is minutes per run)."""
     console = console or Console(stderr=True)
     out.mkdir(parents=True, exist_ok=True)
     results = []
+    shared: dict | None = None
     for seed in seeds:  # seeds outermost: a partial study still compares every preset
         for preset in presets:
-            done = out / f"{preset}-s{seed}" / "result.json"
-            if done.exists():  # resumable: finished runs are kept
-                results.append(json.loads(done.read_text()))
+            run_dir = out / f"{preset}-s{seed}"
+            if shared is None and share_before and (run_dir / "eval_before.json").exists() \
+                    and (run_dir / "result.json").exists():
+                shared = json.loads((run_dir / "eval_before.json").read_text())
+            if (run_dir / "result.json").exists():  # resumable: finished runs are kept
+                results.append(json.loads((run_dir / "result.json").read_text()))
                 continue
             console.rule(f"{preset}, seed {seed}")
-            results.append(_run_one(config, preset, seed, out, steps, console))
+            results.append(_run_one(config, preset, seed, out, steps, console,
+                                    evals_before=shared if share_before else None))
+            if shared is None and share_before and (run_dir / "eval_before.json").exists():
+                shared = json.loads((run_dir / "eval_before.json").read_text())
             summarize(results, out)
     return summarize(results, out)

@@ -48,9 +48,12 @@ class LaunchError(RuntimeError):
 class LocalRun:
     def __init__(self, config_path: str | Path, *, resume: bool = False,
                  services: tuple[str, ...] = SERVICES, console: Console | None = None,
-                 sets: list[str] | None = None) -> None:
+                 sets: list[str] | None = None, evals_before: dict | None = None) -> None:
         self.config_path = Path(config_path).resolve()
         self.resume = resume
+        # The "before training" evaluation measured elsewhere on this very model, prompts and
+        # sampling seed (`rlrt experiment` measures it once and hands it to every later run).
+        self.shared_evals_before = evals_before
         self.services = services
         self.console = console or Console(stderr=True)
         # --set overrides of this run: the caller's, then `sets`; every child gets them.
@@ -435,7 +438,14 @@ class LocalRun:
             if not self.resume:  # a fresh run in an old run directory starts a fresh log
                 self.evals.out.unlink(missing_ok=True)
             before_path = self.run_dir / "eval_before.json"
-            if self.resume and before_path.exists():
+            if self.shared_evals_before is not None:
+                report["evals_before"] = self.shared_evals_before
+                before_path.write_text(json.dumps(self.shared_evals_before, indent=2))
+                self.evals.record(self.shared_evals_before, "shared: same model, prompts and "
+                                  "sampling seed as the run that measured it")
+                self.console.print("before-training evaluation: reused (same model, prompts and "
+                                   "sampling seed as the run that measured it)")
+            elif self.resume and before_path.exists():
                 report["evals_before"] = json.loads(before_path.read_text())
             else:
                 report["evals_before"] = self.evals.run_all("before training", 0)

@@ -41,5 +41,7 @@ def test_table_has_mean_and_std_per_preset_and_no_fake_diagnostics(tmp_path: Pat
     assert 0.10 <= lo < 0.12 < hi <= 0.14
     lo, hi = (float(x) for x in ci["rlrt"][1].strip("[]").split(","))
     assert lo < 0.01 < hi and ci["grpo"][1] == "—"
+    # pass@k after minus grpo's (the paper's pass@k claim): every run here has pass@4 0.5
+    assert ci["rlrt"][2] == "[+0.000, +0.000]" and ci["grpo"][2] == "—"
     assert (tmp_path / "results.png").stat().st_size > 1000
     assert json.loads((tmp_path / "results.json").read_text()) == results
