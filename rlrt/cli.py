@@ -15,7 +15,7 @@ import typer
 import yaml
 from rich.console import Console
 
-from protocol.config import ConfigError
+from protocol.config import TINY_MODEL, ConfigError
 
 app = typer.Typer(help="rlrt: distributed RL for LLM reasoning (RLRT, GRPO and baselines).",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -186,7 +186,7 @@ def run_trainer_cmd(config: Path = typer.Option(..., "--config", "-c", help="run
 
 
 @app.command("bootstrap")
-def bootstrap_cmd(out: Path = typer.Option(Path("runs/models/countdown-tiny"), "--out", help="output model directory"),
+def bootstrap_cmd(out: Path = typer.Option(Path(TINY_MODEL), "--out", help="output model directory"),
                   seed: int = typer.Option(0, help="seed (the result is deterministic under it)"),
                   steps: int = typer.Option(900, help="SFT steps"),
                   knobs: str = typer.Option("{}", help="Countdown generator knobs as JSON, e.g. "

@@ -28,14 +28,14 @@ import httpx
 import redis
 from rich.console import Console
 
-from protocol.config import ConfigError, redact_url, secret_value
+from protocol.config import TINY_MODEL, ConfigError, redact_url, secret_value
 from protocol.hub import HubError, looks_like_hub_id, resolve
 from protocol.redis_server import EmbeddedRedis, RedisDirBusy
 from protocol.tasks.data import DataError
 from rlrt.engine_servers import EngineServerError, EngineServers
 from rlrt.eval_runner import EvalRunner, steps_done
 from rlrt.processes import Child, free_port, port_free, rlrt_argv
-from rlrt.run_config import TINY_MODEL, EvalSet, eval_sets
+from rlrt.run_config import EvalSet, eval_sets
 from rlrt.sections import SET_ENV, active_sets, load_all, read_config
 
 SERVICES = ("verifier", "rollout", "teacher")

@@ -12,9 +12,6 @@ from pydantic_settings import SettingsConfigDict
 from protocol.config import ConfigError, RLRTSettings, Secret, format_validation_error
 from protocol.tasks.data import DataConfig
 
-# The built-in tiny model: the only model `rlrt train` builds when it is missing.
-TINY_MODEL = "runs/models/countdown-tiny"
-
 
 class RunSettings(RLRTSettings):
     section: ClassVar[str] = "run"

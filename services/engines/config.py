@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from protocol.canary import DEFAULT_TOLERANCE
-from protocol.config import RLRTSettings, Secret
+from protocol.config import TINY_MODEL, RLRTSettings, Secret
 
 # What a CPU host needs to start vLLM's CPU build (docs/engines.md, "A real vLLM on the CPU"):
 # float32 (the CPU kernels' reference dtype), a short window so the KV cache stays small, and no
@@ -159,7 +159,7 @@ class EngineServiceConfig(RLRTSettings):
 
     # --- engine -------------------------------------------------------------------------------
     engine: EngineConfig = Field(
-        default_factory=lambda: EngineConfig(kind="cpu", model_path="runs/models/countdown-tiny"),
+        default_factory=lambda: EngineConfig(kind="cpu", model_path=TINY_MODEL),
         description="cpu (built-in; default model: where `rlrt bootstrap` writes) or a running "
         "SGLang/vLLM server (GPU); see EngineConfig")
     engine_retry_s: float = Field(5.0, gt=0, description="wait between attempts to reach the engine server")
