@@ -51,6 +51,11 @@ class VerifierConfig(RLRTSettings):
         description="a worker whose resident memory is above this after a batch is replaced "
         "(sympy's caches grow with hostile input; an idle worker is ~70 MB); 0 = never",
     )
+    worker_start_budget_s: float = Field(
+        120.0, gt=0,
+        description="a worker that cannot be (re)started for this long is a permanent fault: the "
+        "service exits with the reason (its supervisor restarts it) instead of hanging the run",
+    )
     request_budget_s: float = Field(
         30.0, gt=0,
         description="total time one /v1/verify or /v1/verify/batch request may take; items not "

@@ -18,7 +18,7 @@ from services.verifier import worker
 from services.verifier.api import build_app
 from services.verifier.config import VerifierConfig
 from services.verifier.jobs import JobStore
-from services.verifier.pool import VerifyPool
+from services.verifier.pool import PoolBroken, VerifyPool
 
 log = logging.getLogger("rlrt.verifier")
 JOBS_STREAM = "verifier:jobs"
@@ -28,7 +28,18 @@ def make_pool(cfg: VerifierConfig) -> VerifyPool:
     return VerifyPool(cfg.workers, memory_mb=cfg.memory_mb, max_queue=cfg.max_queue,
                       kill_grace_s=cfg.kill_grace_s, batch_max=cfg.ipc_batch,
                       max_items_per_worker=cfg.max_items_per_worker,
-                      max_worker_rss_mb=cfg.max_worker_rss_mb)
+                      max_worker_rss_mb=cfg.max_worker_rss_mb,
+                      spawn_budget_s=cfg.worker_start_budget_s)
+
+
+async def watch_pool(pool: VerifyPool, stop: asyncio.Event, every_s: float = 1.0) -> None:
+    """Raise PoolBroken (ending the service with its reason) once the pool cannot start
+    workers: every verification would otherwise wait forever, and the run with it."""
+    while not stop.is_set():
+        if pool.broken is not None:
+            raise PoolBroken(f"{pool.broken}; stopping so that the supervisor restarts the service")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
 
 
 async def serve_verifier(cfg: VerifierConfig, bus_cfg: BusSettings | None = None,
@@ -47,7 +58,7 @@ async def serve_verifier(cfg: VerifierConfig, bus_cfg: BusSettings | None = None
     await asyncio.to_thread(pool.start)
     bus = Bus.from_url(url, bus_cfg) if url else None
     jobs = None
-    workers: list[Callable[[asyncio.Event], Awaitable[object]]] = []
+    workers: list[Callable[[asyncio.Event], Awaitable[object]]] = [lambda s: watch_pool(pool, s)]
     if bus is None:
         log.warning("no Redis URL: serving /v1/verify only (no jobs, no bus worker)")
     else:

@@ -68,6 +68,12 @@ class QueueFull(Exception):
         self.retry_after_s = retry_after_s
 
 
+class PoolBroken(RuntimeError):
+    """No worker process could be started for `spawn_budget_s`: a permanent fault (e.g. the
+    code on disk changed under a running service and no longer imports against what the
+    forkserver loaded). The service exits on it so its supervisor restarts it."""
+
+
 class PoolClosed(Exception):
     """Submitted to a pool that is shutting down."""
 
@@ -273,11 +279,17 @@ class _Slot(threading.Thread):
         self.kill()
 
     def ensure_worker(self) -> None:
-        backoff = 0.1
+        backoff, failing_since = 0.1, time.monotonic()
         while self.proc is None and not self.pool._stopping.is_set():
             try:
                 self.spawn()
-            except Exception:
+            except Exception as e:
+                # Retried (a fork can fail for a moment), but not forever: a fault that outlives
+                # the budget marks the pool broken, and the service exits rather than hang.
+                spent = time.monotonic() - failing_since
+                if spent >= self.pool.spawn_budget_s and self.pool.broken is None:
+                    self.pool.broken = (f"no verifier worker could start for {spent:.0f} s; last "
+                                        f"error: {type(e).__name__}: {e}")
                 log.exception("could not start a verifier worker; retrying in %.1fs", backoff)
                 self.pool._stopping.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -454,6 +466,7 @@ class VerifyPool:
         max_worker_rss_mb: int = 0,
         yield_after_s: float = 0.2,
         spawn_timeout_s: float = 120.0,
+        spawn_budget_s: float = 120.0,
         start_method: str = "forkserver",
     ) -> None:
         if workers < 1:
@@ -470,6 +483,9 @@ class VerifyPool:
         # How often a slot waiting on its worker looks for a cancelled / over-budget request.
         self.watch_s = 0.05
         self.spawn_timeout_s = spawn_timeout_s
+        # How long a slot keeps failing to start a worker before the pool is `broken`.
+        self.spawn_budget_s = spawn_budget_s
+        self.broken: str | None = None
         self.ctx = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
             self.ctx.set_forkserver_preload(_PRELOAD)
