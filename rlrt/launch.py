@@ -45,6 +45,10 @@ class LaunchError(RuntimeError):
     """A problem found before or while starting the run: one line for the user."""
 
 
+# supervise()'s return code when it stopped a stalled run (not the trainer's own exit code)
+STALLED = -1000
+
+
 class LocalRun:
     def __init__(self, config_path: str | Path, *, resume: bool = False,
                  services: tuple[str, ...] = SERVICES, console: Console | None = None,
@@ -327,7 +331,28 @@ class LocalRun:
     def supervise(self) -> int:
         """Wait for the trainer; keep the services alive meanwhile. Returns its exit code."""
         assert self.trainer is not None and self.trainer.proc is not None
+        # Stall watch: a pipeline that stops moving (a service alive but wedged, a dependency
+        # gone) must not look like a slow step forever. The clock starts at this run's first
+        # completed step: start-up and the first step (model load, engine init) may take long,
+        # and the trainer's own wait_timeout_s bounds them.
+        last_step, last_change, warned = steps_done(self.metrics_path), time.monotonic(), 0
+        watching = False
         while self.trainer.proc.poll() is None:
+            step, now = steps_done(self.metrics_path), time.monotonic()
+            if step != last_step:
+                last_step, last_change, warned, watching = step, now, 0, True
+            elif watching and not self._stopping \
+                    and now - last_change >= self.run.stall_warn_s * (warned + 1):
+                warned += 1
+                self.console.print(f"[yellow]no training step for {now - last_change:.0f} s "
+                                   f"(after step {step}): {self.pipeline_state()}[/]")
+            if watching and not self._stopping and self.run.stall_stop_s is not None \
+                    and now - last_change >= self.run.stall_stop_s:
+                self.console.print(f"[red]no training step for {now - last_change:.0f} s "
+                                   f"(run.stall_stop_s): {self.pipeline_state()}; stopping the "
+                                   "trainer; continue later with --resume[/]")
+                self.trainer.stop(timeout_s=120)
+                return STALLED
             if self.redis is not None and not self.redis.alive and not self._stopping \
                     and not self.revive_redis():
                 self.console.print("[red]stopping the trainer; continue later with --resume[/]")
@@ -348,6 +373,40 @@ class LocalRun:
                 self.evals.poll(steps_done(self.metrics_path), self.cfg["trainer"].total_steps)
             time.sleep(0.5)
         return self.trainer.proc.returncode
+
+    def pipeline_state(self) -> str:
+        """One line for a stalled run: per service, the entries its group has read but not
+        acked, and its /readyz answer (or why there was none)."""
+        from protocol.bus import Bus
+
+        async def pending() -> dict[str, int | str]:
+            bus = Bus.from_url(self.redis_url, self.cfg["bus"])
+            out: dict[str, int | str] = {}
+            try:
+                for name in self.children:
+                    c = self.cfg[name]
+                    try:
+                        out[name] = await asyncio.wait_for(
+                            bus.pending(self.cfg["bus"].stream(c.in_stream), c.group), 2)
+                    except Exception as e:  # noqa: BLE001 - a diagnosis, never a crash
+                        out[name] = f"? ({type(e).__name__})"
+            finally:
+                await bus.close()
+            return out
+
+        try:
+            held = asyncio.run(pending())
+        except Exception as e:  # noqa: BLE001
+            held = {name: f"? ({type(e).__name__}: {e})" for name in self.children}
+        parts = []
+        for name in self.children:
+            try:
+                r = httpx.get(self.url(name) + "/readyz", timeout=2)
+                ready = f"/readyz {r.status_code} {r.text.strip()[:160]}"
+            except httpx.HTTPError as e:
+                ready = f"/readyz no answer ({type(e).__name__})"
+            parts.append(f"{name}: {held.get(name)} in flight, {ready}")
+        return "; ".join(parts)
 
     # ------------------------------------------------------------------ evaluation
     def eval_runner(self, sets: list[EvalSet] | None = None,
@@ -465,6 +524,10 @@ class LocalRun:
                 if why is not None:
                     raise LaunchError(f"lost Redis at {redact_url(self.redis_url)} ({why}); the run stopped at "
                                       f"its last checkpoint. Once Redis is back: {self.resume_command}")
+                if code == STALLED:
+                    raise LaunchError(f"the run stalled: no training step for "
+                                      f"{self.run.stall_stop_s:.0f} s (run.stall_stop_s; the "
+                                      f"diagnosis is above). Continue with: {self.resume_command}")
                 raise LaunchError(f"the trainer exited with code {code}; see the messages above. "
                                   f"Continue with: {self.resume_command}")
             report["evals_after"] = self.evals.run_all("after training",

@@ -35,6 +35,16 @@ class RunSettings(RLRTSettings):
         2, ge=0, description="a service process that dies is restarted (and given the current "
         "weights) at most this many times; then the run stops with a resumable checkpoint",
     )
+    stall_warn_s: float = Field(
+        300.0, gt=0, description="no trainer step for this long (counted from this run's first "
+        "completed step): print what each stage holds "
+        "(entries read but not yet acked) and each service's readiness, again every period "
+        "(names the wedged service; the trainer itself fails after trainer.wait_timeout_s)",
+    )
+    stall_stop_s: float | None = Field(
+        None, gt=0, description="no trainer step for this long: stop the run (checkpoint, "
+        "resumable) with that diagnosis. None = only warn (a big model's step may be slow)",
+    )
     # The implicit evaluation set of a generator task (Countdown's held-out split), used when
     # the config has no top-level `eval:` list. File and hub data have no implicit one.
     eval_prompts: int = Field(200, ge=0, description="held-out prompts of the implicit set, evaluated before and after training (0 = skip)")

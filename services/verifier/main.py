@@ -75,6 +75,8 @@ async def serve_verifier(cfg: VerifierConfig, bus_cfg: BusSettings | None = None
         # (an orchestrator would stop routing REST traffic to it); it is reported, and the job
         # runner and bus worker wait for Redis and resume by themselves.
         state: dict = {"ready": pool.ready}
+        if pool.broken is not None:
+            state["broken"] = pool.broken
         if bus is not None:
             state["redis"] = await bus.reachable()
         return state
