@@ -26,11 +26,11 @@ class ConfigError(ValueError):
     """A config file or environment variable with a bad value. The message names the field."""
 
 
-# The example token of deploy/rlrt.env.example: a deployment that still has it is unprotected.
 # The built-in tiny model's directory: where `rlrt bootstrap` writes it, the only model `rlrt
 # train` builds when missing, and the CPU engine's default model (services and rlrt share it).
 TINY_MODEL = "runs/models/countdown-tiny"
 
+# The example token of deploy/rlrt.env.example: a deployment that still has it is unprotected.
 PLACEHOLDER_SECRETS = frozenset({"change-me", "change-me-redis"})
 
 

@@ -213,16 +213,14 @@ def run_experiment(config: Path, presets: list[str], seeds: list[int], out: Path
     for seed in seeds:  # seeds outermost: a partial study still compares every preset
         for preset in presets:
             run_dir = out / f"{preset}-s{seed}"
-            if shared is None and share_before and (run_dir / "eval_before.json").exists() \
-                    and (run_dir / "result.json").exists():
-                shared = json.loads((run_dir / "eval_before.json").read_text())
             if (run_dir / "result.json").exists():  # resumable: finished runs are kept
                 results.append(json.loads((run_dir / "result.json").read_text()))
-                continue
-            console.rule(f"{preset}, seed {seed}")
-            results.append(_run_one(config, preset, seed, out, steps, console,
-                                    evals_before=shared if share_before else None))
-            if shared is None and share_before and (run_dir / "eval_before.json").exists():
+            else:
+                console.rule(f"{preset}, seed {seed}")
+                results.append(_run_one(config, preset, seed, out, steps, console,
+                                        evals_before=shared if share_before else None))
+                summarize(results, out)
+            # the first finished run's measurement serves every later one
+            if share_before and shared is None and (run_dir / "eval_before.json").exists():
                 shared = json.loads((run_dir / "eval_before.json").read_text())
-            summarize(results, out)
     return summarize(results, out)

@@ -37,9 +37,9 @@ class RunSettings(RLRTSettings):
     )
     stall_warn_s: float = Field(
         300.0, gt=0, description="no trainer step for this long (counted from this run's first "
-        "completed step): print what each stage holds "
-        "(entries read but not yet acked) and each service's readiness, again every period "
-        "(names the wedged service; the trainer itself fails after trainer.wait_timeout_s)",
+        "completed step): print, per service, the entries read but not yet acked and its "
+        "readiness, again every period (names the wedged service; the trainer itself fails "
+        "after trainer.wait_timeout_s)",
     )
     stall_stop_s: float | None = Field(
         None, gt=0, description="no trainer step for this long: stop the run (checkpoint, "
