@@ -24,7 +24,7 @@ from protocol.bus import Bus  # noqa: E402
 from protocol.codec import encode  # noqa: E402
 from protocol.config import BusSettings  # noqa: E402
 from protocol.messages import PromptTask, Response, RolloutGroup  # noqa: E402
-from protocol.redis_server import EmbeddedRedis  # noqa: E402
+from rlrt.redis_server import EmbeddedRedis  # noqa: E402
 
 G, T = 8, 1024
 

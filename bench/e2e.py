@@ -13,7 +13,7 @@ the measured steps.
         launcher's processes as in real use: embedded Redis, verifier, rollout (CPU engine, 1
         thread), teacher (pass-through for grpo) and the DeepSpeed trainer (1 thread).
   TRL:  `GRPOTrainer` (transformers `generate` for sampling, `use_vllm=False`, `use_cpu=True`)
-        in its own process, a reward function calling `protocol.tasks.countdown.verify`; run
+        in its own process, a reward function calling `tasks.countdown.verify`; run
         twice, with 1 torch thread and with torch's default thread count. The reference is the
         faster of the two.
 
@@ -158,7 +158,7 @@ def trl_worker(model_dir: Path, steps: int, out: Path, t_launch: float, threads:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from protocol.tasks import countdown
+    from tasks import countdown
 
     torch.manual_seed(SEED)
     rows = prompt_rows(model_dir, steps * PROMPTS_PER_STEP)
@@ -321,7 +321,7 @@ def main() -> None:
                         f"({trl0['s_per_step']:.2f} s/step) ours is {x:.2f}x.")
     body = f"""
 One RL step = 8 Countdown prompts x G = 8 completions of at most 32 tokens (temperature 1.0),
-rewards from `protocol.tasks.countdown.verify`, one AdamW step (lr 1e-4 constant, weight
+rewards from `tasks.countdown.verify`, one AdamW step (lr 1e-4 constant, weight
 decay 0.01, clip 1.0, no KL, one pass per batch), fp32 on the CPU. Both sides: the same
 {params / 1e6:.2f}M-parameter Qwen3 (hidden 128, 4 layers, 4 heads / 2 KV heads, the bootstrap
 tokenizer; random weights, seed 0, so almost every completion runs to the 32-token cap and

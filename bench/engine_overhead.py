@@ -45,9 +45,9 @@ from bench._report import emit, record  # noqa: E402
 from protocol.bus import Bus  # noqa: E402
 from protocol.config import BusSettings  # noqa: E402
 from protocol.messages import PromptTask, RolloutGroup, SamplingParams  # noqa: E402
-from protocol.redis_server import EmbeddedRedis  # noqa: E402
 from rlrt.engine_servers import VLLMServer  # noqa: E402
 from rlrt.processes import free_port  # noqa: E402
+from rlrt.redis_server import EmbeddedRedis  # noqa: E402
 from services.engines.config import VLLM_CPU_ARGS, EngineConfig, EngineLaunch  # noqa: E402
 from services.engines.factory import make_engine  # noqa: E402
 

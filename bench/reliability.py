@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from protocol.bus import Bus  # noqa: E402
 from protocol.config import BusSettings  # noqa: E402
 from protocol.messages import WeightUpdate  # noqa: E402
-from protocol.redis_server import EmbeddedRedis  # noqa: E402
+from rlrt.redis_server import EmbeddedRedis  # noqa: E402
 from services.verifier.config import VerifierConfig  # noqa: E402
 from services.verifier.pool import Item, VerifyPool  # noqa: E402
 

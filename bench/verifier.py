@@ -244,7 +244,7 @@ def run_http(tmp: Path, url: str, inputs: list[tuple[str, list[str]]], workers: 
 
 def main() -> None:
     from bench._report import emit, record
-    from protocol.redis_server import EmbeddedRedis
+    from rlrt.redis_server import EmbeddedRedis
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--groups", type=int, default=250)

@@ -64,7 +64,7 @@ class SamplingParams(BaseModel):
 class TeacherRequest(BaseModel):
     """What the teacher service must do for this prompt's group: set by the trainer from the
     preset (`AlgorithmConfig.teacher_request()`), so the teacher service needs no algorithm
-    config of its own. Interpreted by protocol/teacher.py on both sides."""
+    config of its own. Interpreted by tasks/teacher.py on both sides."""
 
     model_config = ConfigDict(extra="ignore")
 

@@ -227,9 +227,9 @@ def eval_cmd(config: Path = typer.Option(..., "--config", "-c", help="run config
     """avg@k and pass@k of a model through the rollout and verifier services (started here,
     on the config's ports; paper defaults k=16, temperature 0.7, top-p 0.8). Prints
     {set name: result}."""
-    from protocol.tasks.data import spec_from_cli
     from rlrt.launch import LaunchError, LocalRun
     from rlrt.run_config import EvalSet
+    from tasks.data import spec_from_cli
 
     _apply_sets(sets)
     # Exactly this model: the trainer's path (tokenizer) and the rollout engine's, whatever
@@ -286,7 +286,7 @@ def redis_cmd(directory: Path = typer.Option(Path("runs/redis"), help="data + AO
     import signal
     import threading
 
-    from protocol.redis_server import EmbeddedRedis
+    from rlrt.redis_server import EmbeddedRedis
 
     server = EmbeddedRedis(directory, port=port)
     url = server.start()

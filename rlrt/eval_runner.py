@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from protocol.messages import SamplingParams
-from protocol.tasks.base import Row
-from protocol.tasks.data import DataConfig, load_rows
 from rlrt.run_config import EvalSet
+from tasks.base import Row
+from tasks.data import DataConfig, load_rows
 
 # Rows of a generator task's set when the set gives no `n`.
 GENERATED_DEFAULT_N = 200

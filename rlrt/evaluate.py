@@ -18,8 +18,8 @@ import httpx
 
 from protocol.bus import Bus
 from protocol.messages import PromptTask, RolloutGroup, SamplingParams
-from protocol.rewards import prompt_row
-from protocol.tasks.base import Row, render_prompt
+from tasks.base import Row, render_prompt
+from tasks.rewards import prompt_row
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -10,7 +10,7 @@ response of a mixed group computes, per token,
 then writes inspect.html / inspect.png / inspect.json (rendering in rlrt/inspect_render.py).
 
 Every step goes through the code the running system uses, so what is shown is what training
-would do: the data loading and the one prompt rendering of protocol/tasks, the verifier's
+would do: the data loading and the one prompt rendering of tasks, the verifier's
 `check` dispatch, the teacher service's `build_contexts` (sibling demonstration, reference-solution fallback), the
 trainer's chunked `token_logprobs` and `token_advantages`. Only sampling differs: plain HF
 `generate` stands in for the rollout engine (same model, same EOS set, full-vocabulary
@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from protocol.hub import looks_like_hub_id
 from protocol.messages import (
     PromptTask,
     Response,
@@ -41,8 +40,9 @@ from protocol.messages import (
     Verification,
     VerifiedGroup,
 )
-from protocol.tasks.base import render_prompt
-from protocol.tasks.data import DataConfig, load_rows, spec_from_cli
+from tasks.base import render_prompt
+from tasks.data import DataConfig, load_rows, spec_from_cli
+from tasks.hub import looks_like_hub_id
 from trainer.algorithm import AlgorithmConfig, token_advantages, token_logprobs
 
 log = logging.getLogger("rlrt.inspect")

@@ -29,14 +29,14 @@ import redis
 from rich.console import Console
 
 from protocol.config import TINY_MODEL, ConfigError, redact_url, secret_value
-from protocol.hub import HubError, looks_like_hub_id, resolve
-from protocol.redis_server import EmbeddedRedis, RedisDirBusy
-from protocol.tasks.data import DataError
 from rlrt.engine_servers import EngineServerError, EngineServers
 from rlrt.eval_runner import EvalRunner, steps_done
 from rlrt.processes import Child, free_port, port_free, rlrt_argv
+from rlrt.redis_server import EmbeddedRedis, RedisDirBusy
 from rlrt.run_config import EvalSet, eval_sets
 from rlrt.sections import SET_ENV, active_sets, load_all, read_config
+from tasks.data import DataError
+from tasks.hub import HubError, looks_like_hub_id, resolve
 
 SERVICES = ("verifier", "rollout", "teacher")
 
@@ -85,7 +85,7 @@ class LocalRun:
             raise LaunchError(str(e)) from None
         spec = self.cfg["reward"].spec()
         if spec is not None:
-            from protocol.rewards import locate
+            from tasks.rewards import locate
 
             try:
                 locate(spec)  # a typo in a reward module: one line now, not a verifier's death

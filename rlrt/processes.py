@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 # Not Linux: a no-op, and Ctrl-C handling in the launcher still stops the children.
-from protocol.redis_server import die_with_parent as _die_with_parent
+from rlrt.redis_server import die_with_parent as _die_with_parent
 
 
 def port_free(host: str, port: int) -> bool:

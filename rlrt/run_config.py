@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import SettingsConfigDict
 
 from protocol.config import ConfigError, RLRTSettings, Secret, format_validation_error
-from protocol.tasks.data import DataConfig
+from tasks.data import DataConfig
 
 
 class RunSettings(RLRTSettings):
@@ -67,7 +67,7 @@ class EvalSet(BaseModel):
 
     name: str = Field(description="metric prefix (eval/<name>/avg@k) and report label")
     data: dict[str, Any] | None = Field(
-        None, description="a data section (protocol/tasks/data.py). With path, hf_dataset or "
+        None, description="a data section (tasks/data.py). With path, hf_dataset or "
         "task it is a set of its own (system_prompt and chat_template_kwargs default to the "
         "run's); otherwise it overrides fields of the run's data (e.g. {split: test}). None = "
         "the run's data (split 'heldout' for a generator task)",

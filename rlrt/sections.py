@@ -5,12 +5,12 @@ A run config has a section per part (`bus`, `verifier`, `rollout`, `teacher`, `t
 `reward`) and three top-level keys that several parts read:
 
     model: Qwen/Qwen2.5-0.5B-Instruct   # what the trainer loads and the engines serve
-    data: {path: my.jsonl}              # protocol/tasks/data.py: training (and eval) rows
+    data: {path: my.jsonl}              # tasks/data.py: training (and eval) rows
     eval: [{name: test, data: {path: test.jsonl}, every: 10}]   # rlrt/run_config.py: EvalSet
 
 `model` fills trainer.model_path and rollout/teacher engine.model_path, `data` fills
 trainer.data, wherever the section does not set its own (a section's value wins). `model` is a
-local HF directory or a hub id (`rlrt train` resolves it once, protocol/hub.py).
+local HF directory or a hub id (`rlrt train` resolves it once, tasks/hub.py).
 
 Precedence, lowest first: the YAML file, environment variables (`RLRT_<SECTION>__<FIELD>`),
 then `--set key.path=value` overrides (the only way to override a shared key). `--set` reaches every process
@@ -40,7 +40,7 @@ SECTIONS: dict[str, str] = {
     "teacher": "services.teacher.config:TeacherConfig",
     "trainer": "trainer.config:TrainerConfig",
     "run": "rlrt.run_config:RunSettings",
-    "reward": "protocol.rewards:RewardSettings",
+    "reward": "tasks.rewards:RewardSettings",
 }
 # Top-level keys that are not sections (see the module doc).
 SHARED = ("model", "data", "eval")
@@ -199,8 +199,8 @@ def load_section(name: str, path: str | None, sets: list[str] | None = None,
 def run_tasks(path: str | None, sets: list[str] | None = None) -> list[str]:
     """The tasks a run's config names: its training data's and its eval sets'. Read without
     loading the trainer section (the verifier, which asks, has no torch)."""
-    from protocol.tasks.data import DataConfig
     from rlrt.run_config import eval_sets
+    from tasks.data import DataConfig
 
     sets = active_sets() if sets is None else sets
     raw = read_config(path, sets)

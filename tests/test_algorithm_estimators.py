@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from protocol.estimators import ADV_ESTIMATORS, ZERO_ADV_TOL, get_adv_est
-from protocol.teacher import teacher_needed
+from tasks.teacher import teacher_needed
 from trainer.algorithm import PRESETS, AlgorithmConfig, token_advantages
 from trainer.algorithm.advantages import ADV_FORMULAS
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from protocol.tasks import countdown as cd
-from protocol.teacher import render_teacher_prompt
+from tasks import countdown as cd
+from tasks.teacher import render_teacher_prompt
 from trainer.bootstrap.chat import chat_prompt, encode_prompts, encode_responses
 from trainer.bootstrap.evaluate import generate, response_logprobs
 from trainer.bootstrap.model import build_model

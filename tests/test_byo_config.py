@@ -13,11 +13,11 @@ import yaml
 from typer.testing import CliRunner
 
 from protocol.config import ConfigError
-from protocol.hub import HubError, resolve
-from protocol.tasks.data import DataConfig, DataError, load_rows
 from rlrt.cli import app
 from rlrt.run_config import EvalSet, RunSettings, eval_sets
 from rlrt.sections import SET_ENV, load_section, parse_set, read_config
+from tasks.data import DataConfig, DataError, load_rows
+from tasks.hub import HubError, resolve
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 import yaml
 
-from protocol.rewards import load_fn
-from protocol.tasks.data import load_rows
 from rlrt.data.arith import generate
 from rlrt.run_config import eval_sets
 from rlrt.sections import SET_ENV, load_all, read_config
+from tasks.data import load_rows
+from tasks.rewards import load_fn
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "byo"

@@ -25,7 +25,7 @@ import pytest
 from protocol.bus import Bus
 from protocol.config import BusSettings
 from protocol.messages import WeightUpdate, derive_id
-from protocol.redis_server import EmbeddedRedis
+from rlrt.redis_server import EmbeddedRedis
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("RLRT_CHAOS_SEED", "16"))

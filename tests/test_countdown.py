@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from protocol.tasks import countdown as cd
-from protocol.tasks import get_task
+from tasks import countdown as cd
+from tasks import get_task
 
 REF = "numbers=3,5,7,9;target=24"
 

@@ -9,10 +9,10 @@ import threading
 from pathlib import Path
 
 from protocol.messages import SamplingParams
-from protocol.tasks.data import DataConfig
 from rlrt.eval_runner import EvalRunner, steps_done
 from rlrt.report import write_report
 from rlrt.run_config import EvalSet
+from tasks.data import DataConfig
 
 
 class Recorder:

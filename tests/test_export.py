@@ -15,10 +15,10 @@ from helpers.vllm_server import HAVE_VLLM, vllm_server
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from protocol.tasks.base import render_prompt
 from protocol.weights import save_weights_dir
 from rlrt.cli import app
 from rlrt.export import ExportError, export_checkpoint
+from tasks.base import render_prompt
 from trainer import dist
 from trainer.checkpoint import Checkpointer
 from trainer.model import build_policy, full_state_dict

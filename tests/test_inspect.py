@@ -19,8 +19,8 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from protocol.tasks.data import DataConfig, load_rows
 from rlrt.cli import app
+from tasks.data import DataConfig, load_rows
 from trainer.bootstrap.model import build_model
 from trainer.bootstrap.tokenizer import build_tokenizer
 

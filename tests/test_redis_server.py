@@ -15,13 +15,13 @@ import psutil
 import pytest
 import redis
 
-from protocol.redis_server import EmbeddedRedis, RedisDirBusy
+from rlrt.redis_server import EmbeddedRedis, RedisDirBusy
 
 REPO = Path(__file__).resolve().parents[1]
 
 _OWNER = """
 import sys, time
-from protocol.redis_server import EmbeddedRedis
+from rlrt.redis_server import EmbeddedRedis
 s = EmbeddedRedis(sys.argv[1])
 s.start()
 print(s.proc.pid, flush=True)

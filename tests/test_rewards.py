@@ -1,4 +1,4 @@
-"""Reward plug-ins (protocol/rewards.py): a user's module written to a temporary directory,
+"""Reward plug-ins (tasks/rewards.py): a user's module written to a temporary directory,
 imported by dotted path, run inside the verifier's real pool workers (deadline, kill), its
 failures dead-lettered with the traceback on a real Redis, and its non-binary rewards carried
 into the trainer's batch and advantages."""
@@ -22,7 +22,10 @@ import yaml
 from protocol.bus import Bus
 from protocol.config import BusSettings, ConfigError
 from protocol.messages import PromptTask, Response, RolloutGroup, ScoredGroup, VerifiedGroup
-from protocol.rewards import (
+from services.verifier import worker
+from services.verifier.pool import Item, VerifyPool
+from tasks.base import CheckResult
+from tasks.rewards import (
     RewardFnError,
     RewardSettings,
     as_reward,
@@ -31,9 +34,6 @@ from protocol.rewards import (
     prompt_row,
     score,
 )
-from protocol.tasks.base import CheckResult
-from services.verifier import worker
-from services.verifier.pool import Item, VerifyPool
 
 USER_MODULE = '''
 import time
@@ -277,7 +277,7 @@ def group(i: int, texts: list[str], answer: str, row: dict | None = None) -> Rol
 
 async def test_bus_worker_dead_letters_failing_groups_and_rewards_flow_to_the_trainer(
         redis_url: str, prefix: str, pool: VerifyPool, user_pkg: tuple[Path, str]) -> None:
-    from protocol.teacher import teacher_needed_for_group
+    from tasks.teacher import teacher_needed_for_group
     from trainer.algorithm import group_advantages
     from trainer.batch import build_batch
 
@@ -433,8 +433,8 @@ async def _evaluate_with_standin(bus: Bus, prefix: str, url: str, reward: bool) 
     prompt with two fixed responses."""
     from helpers.tiny_policy import tiny_tokenizer
 
-    from protocol.tasks.base import Row
     from rlrt.evaluate import evaluate
+    from tasks.base import Row
 
     async def answer(t: PromptTask) -> None:
         resp = [Response(token_ids=np.arange(3, dtype=np.int32), logprobs=np.zeros(3, np.float32),

@@ -11,11 +11,11 @@ import pytest
 from helpers.tiny_policy import tiny_tokenizer
 
 from protocol.messages import TeacherRequest
-from protocol.tasks import TASKS, UnknownTask, get_task, task_class
-from protocol.tasks.base import Task, render_prompt
-from protocol.tasks.data import DataConfig, load_rows
-from protocol.teacher import Demonstration, build_teacher_context, render_teacher_prompt
 from services.verifier import core
+from tasks import TASKS, UnknownTask, get_task, task_class
+from tasks.base import Task, render_prompt
+from tasks.data import DataConfig, load_rows
+from tasks.teacher import Demonstration, build_teacher_context, render_teacher_prompt
 from trainer.data import PromptSource
 
 CONTAINS = "helpers.inspect_task:ContainsTask"
@@ -30,7 +30,7 @@ def test_builtin_and_dotted_tasks() -> None:
         task_class("nope")
     with pytest.raises(UnknownTask, match="cannot be imported"):
         task_class("no_such_module:Task")
-    with pytest.raises(UnknownTask, match="not a protocol.tasks.base.Task"):
+    with pytest.raises(UnknownTask, match="not a tasks.base.Task"):
         task_class("json:loads")
 
 

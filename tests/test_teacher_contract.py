@@ -1,4 +1,4 @@
-"""The teacher contract (protocol/teacher.py): who needs a teacher score, and what the teacher
+"""The teacher contract (tasks/teacher.py): who needs a teacher score, and what the teacher
 scores, with tokenizers built here (no hub downloads)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from protocol.messages import (
     Verification,
     VerifiedGroup,
 )
-from protocol.teacher import (
+from tasks.teacher import (
     DEFAULT_TEMPLATE,
     Demonstration,
     build_teacher_context,

@@ -20,10 +20,10 @@ from protocol.messages import (
     VerifiedGroup,
     derive_id,
 )
-from protocol.teacher import teacher_context_for_group
 from services.engines.config import EngineConfig
 from services.teacher.config import TeacherConfig
 from services.teacher.main import serve_teacher
+from tasks.teacher import teacher_context_for_group
 
 TOKEN = "tok"
 

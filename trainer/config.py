@@ -26,7 +26,7 @@ from pydantic_settings import SettingsConfigDict
 
 from protocol.config import RLRTSettings, Secret
 from protocol.messages import SamplingParams
-from protocol.tasks.data import DataConfig
+from tasks.data import DataConfig
 from trainer.algorithm import AlgorithmConfig
 
 

@@ -1,6 +1,6 @@
-"""Training prompts: the rows of the run's `data` section (protocol/tasks/data.py: the task's
+"""Training prompts: the rows of the run's `data` section (tasks/data.py: the task's
 generator, local files or a hub dataset), rendered by the one `render_prompt` of
-protocol/tasks/base.py, drawn in a seeded order.
+tasks/base.py, drawn in a seeded order.
 
 A row is drawn by its *cursor*, a position in an endless stream of epochs, each a seeded
 permutation of the rows: the cursor alone (saved in checkpoints) says which row comes next,
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol.tasks.base import Row, render_prompt
-from protocol.tasks.data import DataConfig, DataError, describe, load_table, to_row
+from tasks.base import Row, render_prompt
+from tasks.data import DataConfig, DataError, describe, load_table, to_row
 
 log = logging.getLogger("rlrt.trainer.data")
 

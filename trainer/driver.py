@@ -180,7 +180,7 @@ class Driver:
             sampling=sampling, policy_version=version, teacher=self.teacher,
             meta={"task_index": k, "nonce": self.state.nonce, "row": drawn.index,
                   "epoch": drawn.epoch,
-                  # the row's other columns, for reward functions (protocol.rewards.prompt_row)
+                  # the row's other columns, for reward functions (tasks.rewards.prompt_row)
                   **({"fields": dict(drawn.row.fields)} if drawn.row.fields else {})},
         )
 

@@ -34,6 +34,7 @@ RUN python3 -m venv --without-pip /opt/rlrt \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY protocol ./protocol
+COPY tasks ./tasks
 COPY services ./services
 COPY trainer ./trainer
 COPY rlrt ./rlrt

@@ -20,6 +20,7 @@ RUN python -m venv /opt/rlrt \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY protocol ./protocol
+COPY tasks ./tasks
 COPY services ./services
 COPY trainer ./trainer
 COPY rlrt ./rlrt

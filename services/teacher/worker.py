@@ -1,6 +1,6 @@
 """Bus worker: VerifiedGroup in, ScoredGroup out.
 
-Only what the teacher contract (protocol/teacher.py) asks for is scored -- for rlrt, the
+Only what the teacher contract (tasks/teacher.py) asks for is scored -- for rlrt, the
 correct responses of mixed groups that have a demonstration; every other response passes
 through with `teacher = None`. Each scored response gets q_t = log p(y_t | c, x, y_<t) of its
 own sampled tokens under the teacher context c, at the engine's current policy version.
@@ -18,8 +18,8 @@ from prometheus_client import Counter, Histogram
 
 from protocol.bus import Bus
 from protocol.messages import ScoredGroup, TeacherScores, VerifiedGroup, derive_id
-from protocol.teacher import TeacherContext, teacher_context_for_group, teacher_needed_for_group
 from services.engines.base import Engine, InvalidRequest, UpstreamError
+from tasks.teacher import TeacherContext, teacher_context_for_group, teacher_needed_for_group
 
 log = logging.getLogger("rlrt.teacher")
 GROUPS = Counter("rlrt_teacher_groups_total", "ScoredGroups published")

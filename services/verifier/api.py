@@ -18,7 +18,6 @@ from fastapi.responses import JSONResponse, Response
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from protocol import rewards
 from services.common import create_app, require_token
 from services.common.app import Ready, bounded_errors
 from services.verifier import metrics
@@ -34,6 +33,7 @@ from services.verifier.schemas import (
     VerifyRequest,
     VerifyResult,
 )
+from tasks import rewards
 
 T = TypeVar("T")
 

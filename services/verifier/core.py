@@ -1,11 +1,11 @@
 """Dispatch one check by task name: "math" goes to math-verify, anything else to the task's
-own checker (protocol.tasks: a built-in name or a "module:Class" path)."""
+own checker (tasks: a built-in name or a "module:Class" path)."""
 
 from __future__ import annotations
 
-from protocol.tasks import TASKS, get_task, task_class
-from protocol.tasks.base import CheckResult
 from services.verifier.mathcheck import check_math
+from tasks import TASKS, get_task, task_class
+from tasks.base import CheckResult
 
 MATH = "math"
 

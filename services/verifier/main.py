@@ -9,16 +9,16 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 
-from protocol import rewards
 from protocol.bus import Bus
 from protocol.config import BusSettings, redact_url
-from protocol.rewards import RewardSettings
 from services.common import serve, setup_logging
 from services.verifier import worker
 from services.verifier.api import build_app
 from services.verifier.config import VerifierConfig
 from services.verifier.jobs import JobStore
 from services.verifier.pool import PoolBroken, VerifyPool
+from tasks import rewards
+from tasks.rewards import RewardSettings
 
 log = logging.getLogger("rlrt.verifier")
 JOBS_STREAM = "verifier:jobs"

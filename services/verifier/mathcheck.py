@@ -16,7 +16,7 @@ from functools import lru_cache
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-from protocol.tasks.base import CheckResult
+from tasks.base import CheckResult
 
 # math-verify warns once per process that its timeouts are off; that is deliberate here.
 logging.getLogger("math_verify").setLevel(logging.ERROR)

@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 
 from pydantic import Field
 
-from protocol import rewards
-from protocol.tasks.base import CheckResult
 from services.verifier import sandbox
+from tasks import rewards
+from tasks.base import CheckResult
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Verdict(CheckResult):
     latency_ms: float = Field(0.0, description="submit-to-answer time in milliseconds")
     reward_error: str | None = Field(
         None, description="traceback of a user reward function that failed on this item "
-        "(protocol/rewards.py); the bus worker dead-letters the group with it"
+        "(tasks/rewards.py); the bus worker dead-letters the group with it"
     )
 
 
@@ -94,7 +94,7 @@ class Item:
     response: str
     reference: str
     timeout_s: float
-    # The run's reward plug-ins (protocol.rewards.Spec) and the prompt's row they receive;
+    # The run's reward plug-ins (tasks.rewards.Spec) and the prompt's row they receive;
     # None = grade with the task's checker alone.
     reward: rewards.Spec | None = None
     row: dict | None = None

@@ -4,7 +4,7 @@ Protocol over one multiprocessing Connection:
   child -> parent  ("ready", pid)                        once, after limits are set
   parent -> child  [(seq, task, response, reference, timeout_s, reward, row), ...]
                    a batch, or None = exit. `reward` is None (grade with the task's checker)
-                   or a protocol.rewards.Spec (the run's reward plug-ins; `row` is their row)
+                   or a tasks.rewards.Spec (the run's reward plug-ins; `row` is their row)
   child -> parent  (seq, correct, reward, status, parsed_response, parsed_reference, detail,
                    reward_error)  one per item, in batch order, as soon as each item is done;
                    reward_error is the traceback of a user reward function that failed, else None
@@ -28,9 +28,8 @@ import signal
 from multiprocessing.connection import Connection
 from typing import Any
 
-from protocol import rewards
-from protocol.tasks import TASKS, get_task
 from services.verifier import core
+from tasks import TASKS, get_task, rewards
 
 # Result tuples are plain, so pickling is cheap and needs no pydantic on the parent's hot path.
 Result = tuple[int, bool, float, str, "str | None", "str | None", str, "str | None"]

@@ -7,10 +7,10 @@ import time
 
 from protocol.bus import Bus, PermanentError
 from protocol.messages import RolloutGroup, Verification, VerifiedGroup, derive_id
-from protocol.rewards import Spec, prompt_row
 from services.verifier import metrics
 from services.verifier.core import is_known, known_tasks
 from services.verifier.pool import Item, VerifyPool
+from tasks.rewards import Spec, prompt_row
 
 
 class UnknownTask(ValueError):
@@ -25,7 +25,7 @@ class RewardFunctionFailed(PermanentError):
 async def verify_group(pool: VerifyPool, group: RolloutGroup, timeout_s: float,
                        reward: Spec | None = None) -> VerifiedGroup:
     """Grade every response of the group against the prompt's reference answer, with the
-    task's checker or, when `reward` is set, the run's reward plug-ins (protocol/rewards.py)."""
+    task's checker or, when `reward` is set, the run's reward plug-ins (tasks/rewards.py)."""
     task = group.task.task
     if not is_known(task):
         raise UnknownTask(f"unknown task {task!r}; known: {', '.join(known_tasks())}")

@@ -5,7 +5,7 @@ dotted path (`helpers.inspect_task:ContainsTask`), as a user's own task is."""
 
 from __future__ import annotations
 
-from protocol.tasks.base import CheckResult, Task
+from tasks.base import CheckResult, Task
 
 
 class ContainsTask(Task):

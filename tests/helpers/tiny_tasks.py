@@ -3,7 +3,7 @@ whole of a new task is this one file."""
 
 from __future__ import annotations
 
-from protocol.tasks.base import CheckResult, Task
+from tasks.base import CheckResult, Task
 
 
 class Echo(Task):

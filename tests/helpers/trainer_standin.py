@@ -8,7 +8,7 @@ the services.
 - A bus consumer turns each PromptTask into a ScoredGroup: G responses sampled from the tiny
   model in plain torch (seeded by the task's sampling seed), a toy reward (parity of the
   token ids' sum: about half correct, deterministic), and teacher log-probs from the same
-  model where the task's TeacherRequest asks for them (protocol.teacher builds the context).
+  model where the task's TeacherRequest asks for them (tasks.teacher builds the context).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from protocol.messages import (
     WeightUpdate,
     derive_id,
 )
-from protocol.teacher import teacher_context_for_group, teacher_needed_for_group
 from protocol.weights import load_weights_dir
+from tasks.teacher import teacher_context_for_group, teacher_needed_for_group
 
 
 def parity_reward(token_ids: list[int]) -> float:

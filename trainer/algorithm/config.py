@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from protocol.estimators import ADV_ESTIMATORS, Scope, get_adv_est
 from protocol.messages import TeacherRequest
-from protocol.teacher import ContextMode
+from tasks.teacher import ContextMode
 
 LossAgg = Literal[
     "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"

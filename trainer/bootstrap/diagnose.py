@@ -1,7 +1,7 @@
 """Is the RLRT mechanism active for a model and task? Its diagnostics at step 0 of RL, in plain
 torch: sample G responses per prompt, grade them, and on the correct responses of mixed groups
 (the only ones RLRT re-weights) compute D_t = s_t - q_t with the sibling teacher exactly as the
-pipeline does (protocol.teacher: another correct response of the group as demonstration, the
+pipeline does (tasks.teacher: another correct response of the group as demonstration, the
 spec's template, the response's own tokens), then the RLRT weight w_t = exp(D_t) (A > 0 on a
 correct response) and where it sits against its clip bounds [1 - eps_w, 1 + eps_w].
 
@@ -21,8 +21,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from protocol.tasks import countdown
-from protocol.teacher import pick_sibling, render_teacher_prompt
+from tasks import countdown
+from tasks.teacher import pick_sibling, render_teacher_prompt
 from trainer.bootstrap.chat import chat_prompt
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
 
-from protocol.tasks.countdown import Problem, canonical_form, render_solution, solve_many, verify
-from protocol.teacher import render_teacher_prompt
+from tasks.countdown import Problem, canonical_form, render_solution, solve_many, verify
+from tasks.teacher import render_teacher_prompt
 from trainer.bootstrap.chat import chat_prompt, encode_prompts, encode_responses
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from protocol.tasks import countdown
+from tasks import countdown
 from trainer.bootstrap.evaluate import accuracy, teacher_advantage
 from trainer.bootstrap.model import build_model, num_params
 from trainer.bootstrap.sft import SFTConfig, prepare, train_sft

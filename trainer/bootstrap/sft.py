@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
 
-from protocol.tasks.countdown import Problem, render_solution, solve_many
-from protocol.teacher import render_teacher_prompt
+from tasks.countdown import Problem, render_solution, solve_many
+from tasks.teacher import render_teacher_prompt
 from trainer.bootstrap.chat import encode_prompts, encode_responses
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from protocol.tasks import countdown
-from protocol.teacher import render_teacher_prompt
+from tasks import countdown
+from tasks.teacher import render_teacher_prompt
 
 PAD, IM_START, IM_END, UNK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>"
 SPECIAL_TOKENS = [PAD, IM_START, IM_END, UNK]

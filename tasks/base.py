@@ -2,10 +2,10 @@
 graded. Shared by the trainer (training rows), `rlrt eval` / `rlrt inspect` (evaluation rows),
 the teacher (its context is rendered by the same `render_prompt`) and the verifier (grading).
 
-A task is a `Task` subclass. Built-in ones are listed in `protocol.tasks.BUILTIN`; any other is
+A task is a `Task` subclass. Built-in ones are listed in `tasks.BUILTIN`; any other is
 named by dotted path in the config (`data: {task: "mypkg.tasks:MyTask"}`), so adding one never
 means editing this package. A *generator* task (Countdown) makes its own rows; any task can
-also read rows from files or a hub dataset through the `data` section (protocol/tasks/data.py).
+also read rows from files or a hub dataset through the `data` section (tasks/data.py).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Row:
     solution: str | None
     task: str
     # The source row's other columns (plain JSON-like values): reward functions receive them in
-    # their `row` (protocol/rewards.py). Not part of the row's identity.
+    # their `row` (tasks/rewards.py). Not part of the row's identity.
     fields: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import SettingsConfigDict
 
 from protocol.config import RLRTSettings
-from protocol.tasks.base import CheckResult
+from tasks.base import CheckResult
 
 # The name of the built-in term: the prompt's task checker (math-verify for "math", the task
 # module's exact checker otherwise), so a user function can be added to it instead of replacing it.

@@ -5,7 +5,7 @@ name "math" there before asking this class."""
 
 from __future__ import annotations
 
-from protocol.tasks.base import CheckResult, Task
+from tasks.base import CheckResult, Task
 
 
 class MathTask(Task):

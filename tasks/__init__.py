@@ -1,4 +1,4 @@
-"""Tasks: one `protocol.tasks.base.Task` per dataset kind (rows, rendering, grading).
+"""Tasks: one `tasks.base.Task` per dataset kind (rows, rendering, grading).
 
 A config names a task by a built-in name below or by dotted path, `"mypkg.tasks:MyTask"`
 (a `Task` subclass importable where the trainer and the verifier run): a new task is one
@@ -11,12 +11,12 @@ import importlib
 from functools import lru_cache
 from typing import Any
 
-from protocol.tasks.base import Task
+from tasks.base import Task
 
 # Built-in tasks: name -> "module:Class".
 TASKS: dict[str, str] = {
-    "countdown": "protocol.tasks.countdown:CountdownTask",
-    "math": "protocol.tasks.math:MathTask",
+    "countdown": "tasks.countdown:CountdownTask",
+    "math": "tasks.math:MathTask",
 }
 
 
@@ -34,14 +34,14 @@ def task_class(name: str) -> type[Task]:
     target = TASKS.get(name) or (name if is_dotted(name) else None)
     if target is None:
         raise UnknownTask(f"unknown task {name!r}; built-in: {sorted(TASKS)}, or a "
-                          "'module:Class' path of a protocol.tasks.base.Task subclass")
+                          "'module:Class' path of a tasks.base.Task subclass")
     module, _, attr = target.partition(":")
     try:
         cls = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
         raise UnknownTask(f"task {name!r} cannot be imported: {e}") from None
     if not (isinstance(cls, type) and issubclass(cls, Task)):
-        raise UnknownTask(f"task {name!r} is not a protocol.tasks.base.Task subclass")
+        raise UnknownTask(f"task {name!r} is not a tasks.base.Task subclass")
     return cls
 
 

@@ -21,7 +21,7 @@ from typing import Any, Literal, Protocol
 
 from protocol.estimators import Scope, get_adv_est
 from protocol.messages import ScoredGroup, TeacherRequest, VerifiedGroup
-from protocol.tasks.base import render_prompt
+from tasks.base import render_prompt
 
 ContextMode = Literal["sibling", "reference_solution", "reference_answer"]
 
@@ -253,7 +253,7 @@ def build_teacher_context(
     prompt, exactly like the student's prompt) and append the response tokens unchanged.
     The response is never re-tokenized from text: the teacher must score the very tokens the
     student sampled, or q_t and s_t would refer to different tokens."""
-    # The student's own rendering (protocol/tasks/base.py), system prompt included: only the
+    # The student's own rendering (tasks/base.py), system prompt included: only the
     # user turn differs.
     context = render_prompt(tokenizer, render_teacher_prompt(prompt, demonstration.text, template),
                             system_prompt=system_prompt, chat_template_kwargs=chat_template_kwargs)

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from protocol.tasks.base import CheckResult, Task
+from tasks.base import CheckResult, Task
 
 OPS = "+-*/"
 

@@ -4,7 +4,7 @@ prompt. One model for training (the trainer), evaluation (`rlrt eval`, the eval 
 
     data:
       task: math                         # or countdown, or "mypkg.tasks:MyTask"
-      path: examples/byo/maths.jsonl     # or hf_dataset: org/name (HF cache, see protocol/hub.py)
+      path: examples/byo/maths.jsonl     # or hf_dataset: org/name (HF cache, see tasks/hub.py)
       prompt_field: question
       answer_field: answer
       system_prompt: "Put the final answer after 'Answer:'."
@@ -22,8 +22,8 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from protocol.tasks import get_task
-from protocol.tasks.base import Row
+from tasks import get_task
+from tasks.base import Row
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow",
              ".csv": "csv"}
@@ -41,7 +41,7 @@ class DataConfig(BaseModel):
     task: str = Field(
         "countdown",
         description="the task (rows, rendering, grading): a built-in name (countdown, math) or "
-        "a 'module:Class' path of a protocol.tasks.base.Task subclass. Stamped into "
+        "a 'module:Class' path of a tasks.base.Task subclass. Stamped into "
         "PromptTask.task for the verifier. Default: countdown, or math when `path` or "
         "`hf_dataset` is given",
     )
@@ -149,7 +149,7 @@ def _load_files(cfg: DataConfig) -> Any:
 def _load_hub(cfg: DataConfig) -> Any:
     import datasets
 
-    from protocol.hub import HubError, resolve
+    from tasks.hub import HubError, resolve
 
     try:
         local = resolve(cfg.hf_dataset or "", "dataset", revision=cfg.revision)
@@ -232,7 +232,7 @@ def load_rows(cfg: DataConfig, *, seed: int, n: int | None = None) -> list[Row]:
 def spec_from_cli(data: str, *, task: str | None = None, split: str | None = None) -> dict[str, Any]:
     """A command line's `--data X` as a data-section mapping: an existing file or directory,
     a task name with its own rows (countdown), or else a hub dataset id."""
-    from protocol.tasks import TASKS, is_dotted
+    from tasks import TASKS, is_dotted
 
     if Path(data).exists():
         spec: dict[str, Any] = {"path": [data], "task": task or "math"}
