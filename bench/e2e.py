@@ -78,7 +78,7 @@ def prompt_rows(model_dir: Path, n: int) -> list[dict]:
         _, index = src.position(cursor)
         raw = src._row(index)
         rows.append({"prompt": raw["prompt"], "reference": raw["answer"],
-                     "prompt_tokens": len(src.render(raw["prompt"]))})
+                     "prompt_tokens": len(src.parse(index)[1])})
     return rows
 
 

@@ -170,14 +170,14 @@ def bench_push(args: argparse.Namespace, policy, tmp: Path) -> dict:  # noqa: AN
     from safetensors.torch import save_file
 
     from protocol.weights import save_weights_dir, sha256_file
-    from trainer.config import PushConfig, ServiceEndpoint
+    from trainer.config import DiskPush, ServiceEndpoint
     from trainer.model import full_state_dict
-    from trainer.weight_push import WeightPusher
+    from trainer.transports.disk import WeightPusher
 
     model_dir = str(policy.hf_model.name_or_path)
     procs = [_start_service(model_dir) for _ in range(2)]
     try:
-        cfg = PushConfig(services=[ServiceEndpoint(name="rollout", url=procs[0][1]),
+        cfg = DiskPush(services=[ServiceEndpoint(name="rollout", url=procs[0][1]),
                                    ServiceEndpoint(name="teacher", url=procs[1][1])],
                          control_token="tok")
         extra = {"config.json": policy.hf_model.config.to_json_string()}

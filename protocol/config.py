@@ -1,18 +1,37 @@
-"""Typed configuration: one pydantic-settings model per service and for the trainer.
+"""A run's configuration: one YAML file, resolved once, read by every process of the run.
 
-A run has ONE YAML file with a section per part (`bus`, `verifier`, `rollout`, `teacher`,
-`trainer`, ...). Each model reads its own section, then environment variables override it:
-`RLRT_<SECTION>__<FIELD>` (nested fields with another `__`), e.g.
-`RLRT_TRAINER__ALGORITHM__LAM=0.3`. An invalid value is a `ConfigError` naming the field
-and what is allowed.
+The YAML has a section per part (`bus`, `verifier`, `rollout`, `teacher`, `trainer`, `run`,
+`reward`) and three top-level keys that several parts read (`model`, `data`, `eval`: SHARED).
+`resolve` turns it into the run's config, a plain dict, in this order:
+
+1. the YAML file; an unknown top-level key is a ConfigError with a "did you mean";
+2. overrides, lowest first: environment variables `RLRT_<SECTION>__<FIELD>` (nested fields with
+   another `__`, e.g. `RLRT_TRAINER__ALGORITHM__LAM=0.3`), then `--set key.path=value` items
+   (`trainer.algorithm.lam=0.3`). Both are one channel: a value is read the same way from either
+   (`override_value`), so YAML, the environment and --set give the same config for every knob;
+3. the shared keys, filled into the sections that read them where a section sets no value of
+   its own (SHARED);
+4. derived defaults: `run.dir` is the run's one folder, so `trainer.output_dir` (metrics,
+   checkpoints, pushed weights) defaults to <run.dir>/trainer.
+
+Each part then validates its section with its model (an `RLRTSettings`, extra keys forbidden):
+a bad value or an unknown nested key is a ConfigError naming the field (and the closest known
+key). Model validators such as the algorithm preset's expansion run on the merged values, so an
+override means exactly what the same key in the YAML means. Protocol imports no section's
+model: callers pass the models that type the override values (`models`).
 """
 
 from __future__ import annotations
 
+import collections.abc
+import copy
+import difflib
+import json
 import os
+import types
 import typing
-from pathlib import Path
-from typing import Annotated, Any, ClassVar, TypeVar
+from pathlib import Path, PurePath
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
@@ -23,8 +42,26 @@ T = TypeVar("T", bound="RLRTSettings")
 
 
 class ConfigError(ValueError):
-    """A config file or environment variable with a bad value. The message names the field."""
+    """A config file, override or environment variable with a bad value. The message names the field."""
 
+
+# The sections of a run's YAML; each part declares its section's model (rlrt/config.py maps
+# a name to its model; protocol imports none of them).
+SECTIONS: tuple[str, ...] = ("bus", "verifier", "rollout", "teacher", "trainer", "run", "reward")
+# Top-level keys that are not sections, and the section fields each one fills where the
+# section sets none (`eval` is read whole by the launcher: rlrt/run_config.py, EvalSet). The
+# first target also types the key's override values.
+SHARED: dict[str, tuple[tuple[str, ...], ...]] = {
+    "model": (("trainer", "model_path"), ("rollout", "engine", "model_path"),
+              ("teacher", "engine", "model_path")),
+    "data": (("trainer", "data"),),
+    "eval": (),
+}
+# The run's one folder when the config names none (`run.dir`); every output defaults under it.
+DEFAULT_RUN_DIR = "runs/default"
+# The resolved config `rlrt train` writes into run.dir, which every process of the run reads.
+RESOLVED_NAME = "config.resolved.yaml"
+ENV_PREFIX = "RLRT_"
 
 # The built-in tiny model's directory: where `rlrt bootstrap` writes it, the only model `rlrt
 # train` builds when missing, and the CPU engine's default model (services and rlrt share it).
@@ -32,6 +69,11 @@ TINY_MODEL = "runs/models/countdown-tiny"
 
 # The example token of deploy/rlrt.env.example: a deployment that still has it is unprotected.
 PLACEHOLDER_SECRETS = frozenset({"change-me", "change-me-redis"})
+
+
+def trainer_output_dir(run_dir: str) -> str:
+    """The trainer's output folder of a run whose folder is `run_dir` (unless the config sets one)."""
+    return os.path.join(run_dir, "trainer")
 
 
 def _refuse_placeholder(value: SecretStr) -> SecretStr:
@@ -45,9 +87,11 @@ def _refuse_placeholder(value: SecretStr) -> SecretStr:
 
 
 # A token or password. It prints, logs and serialises as '**********' (saved configs such as
-# <output_dir>/trainer_config.json, reprs, config errors); code that must send it calls
-# `secret_value()`. The deploy example's placeholder is refused.
+# <output_dir>/trainer_config.json, reprs, config errors) and never reaches the resolved config
+# file (`dump_config`); code that must send it calls `secret_value()`. The deploy example's
+# placeholder is refused.
 Secret = Annotated[SecretStr, AfterValidator(_refuse_placeholder)]
+_MASK = "**********"
 
 
 def secret_value(value: SecretStr | str | None) -> str | None:
@@ -55,6 +99,13 @@ def secret_value(value: SecretStr | str | None) -> str | None:
     if value is None:
         return None
     return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
+def _has_password(url: str) -> bool:
+    try:
+        return "://" in url and urlsplit(url).password is not None
+    except ValueError:
+        return False
 
 
 def redact_url(url: str | None) -> str:
@@ -70,6 +121,9 @@ def redact_url(url: str | None) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
 
 
+# --------------------------------------------------------------------------- field types
+
+
 def _types_in(annotation: Any) -> list[Any]:
     """The types a field can hold, unwrapped: X | None, list[X], dict[str, X], Annotated[X, ...]."""
     args = typing.get_args(annotation)
@@ -80,30 +134,97 @@ def _types_in(annotation: Any) -> list[Any]:
     return [t for a in args for t in _types_in(a)]
 
 
+def _members(annotation: Any) -> list[Any]:
+    """The alternatives of a union (Annotated unwrapped), or [annotation]."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _members(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [m for a in typing.get_args(annotation) for m in _members(a)]
+    return [annotation]
+
+
+def _is_model(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, BaseModel)
+
+
+def _field(model: type[BaseModel], key: str) -> Any:
+    """The field of `model` named (or aliased) `key`, or None."""
+    if key in model.model_fields:
+        return model.model_fields[key]
+    for f in model.model_fields.values():
+        alias = f.validation_alias
+        names = getattr(alias, "choices", [alias]) if alias is not None else [f.alias]
+        if key in names:
+            return f
+    return None
+
+
+def _step(kind: Any, key: Any) -> list[Any]:
+    """The types one path step (a field, a dict key, a list index) below `kind` can hold."""
+    if kind is Any:
+        return [Any]
+    if _is_model(kind):
+        f = _field(kind, str(key))
+        return _members(f.annotation) if f is not None else []
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind in (dict, list, tuple, set) or origin in (dict, collections.abc.Mapping):
+        return _members(args[1]) if len(args) == 2 and origin is not tuple else [Any]
+    if origin in (list, set, frozenset, collections.abc.Sequence):
+        return _members(args[0]) if args else [Any]
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return _members(args[0])
+        try:
+            return _members(args[int(key)])
+        except (ValueError, IndexError):
+            return [m for a in args for m in _members(a)]
+    return []
+
+
+def types_at(root: Any, path: list[Any] | tuple[Any, ...], *, skip_unknown: bool = False) -> list[Any]:
+    """The types the value at `path` below annotation `root` can hold; [] where the path names
+    no field. skip_unknown: a step that matches nothing is skipped (a union tag in the
+    location of a pydantic error)."""
+    kinds = _members(root)
+    for key in path:
+        nxt = [t for k in kinds for t in _step(k, key)]
+        if nxt or not skip_unknown:
+            kinds = nxt
+    return kinds
+
+
 def _is_secret(model: type[BaseModel], loc: tuple[Any, ...]) -> bool:
-    """Does the error location `loc` of `model` fall inside a secret field? (Walks the field
-    annotations; a list index or dict key keeps the element types.)"""
-    kinds: list[Any] = [model]
-    for part in loc:
-        nxt: list[Any] = []
-        for kind in kinds:
-            if isinstance(kind, type) and issubclass(kind, BaseModel):
-                field = kind.model_fields.get(str(part))
-                if field is not None:
-                    nxt += _types_in(field.annotation)
-            else:
-                nxt.append(kind)
-        kinds = nxt
+    """Does the error location `loc` of `model` fall inside a secret field?"""
+    kinds = [t for k in types_at(model, loc, skip_unknown=True) for t in _types_in(k)]
     return any(isinstance(k, type) and issubclass(k, SecretStr) for k in kinds)
+
+
+def _did_you_mean(key: str, known: collections.abc.Iterable[str]) -> str:
+    known = sorted(set(known))
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.7)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; known: {', '.join(known)}" if 0 < len(known) <= 12 else ""
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    return [name for k in types_at(model, loc, skip_unknown=True) if _is_model(k)
+            for name in k.model_fields]
 
 
 def format_validation_error(err: ValidationError, section: str | None = None,
                             model: type[BaseModel] | None = None) -> str:
-    """One line naming each bad field and the value it got -- except a secret's value."""
+    """One line naming each bad field and the value it got -- except a secret's value. An
+    unknown key gets the closest known one ("did you mean")."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         where = f"{section}.{loc}" if section else loc
+        if e["type"] == "extra_forbidden":  # its value is never shown: it may be a misspelt secret
+            hint = _did_you_mean(str(e["loc"][-1]), _known_keys(model, e["loc"][:-1])) if model else ""
+            lines.append(f"{where}: unknown key{hint}")
+            continue
         got = e.get("input")
         secret = model is not None and _is_secret(model, tuple(e["loc"]))
         if isinstance(got, str) and "://" in got:
@@ -111,6 +232,9 @@ def format_validation_error(err: ValidationError, section: str | None = None,
         got_s = "" if isinstance(got, dict) or secret else f" (got {got!r})"
         lines.append(f"{where}: {e['msg']}{got_s}")
     return "invalid config: " + "; ".join(lines)
+
+
+# --------------------------------------------------------------------------- resolution
 
 
 def read_yaml(path: str | os.PathLike | None) -> dict[str, Any]:
@@ -128,8 +252,216 @@ def read_yaml(path: str | os.PathLike | None) -> dict[str, Any]:
     return data
 
 
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _takes_text(kind: Any) -> bool:
+    if typing.get_origin(kind) is Literal:
+        return any(isinstance(a, str) for a in typing.get_args(kind))
+    return isinstance(kind, type) and issubclass(kind, (str, SecretStr, PurePath))
+
+
+def _takes_scalar(kind: Any, value: bool | int | float) -> bool:
+    if kind is Any:
+        return True
+    if typing.get_origin(kind) is Literal:
+        return any(type(a) is type(value) and a == value for a in typing.get_args(kind))
+    if isinstance(value, bool):
+        return kind is bool
+    return kind is float or (kind is int and isinstance(value, int))
+
+
+def override_value(text: str, kinds: list[Any] | None, where: str) -> Any:
+    """The value of one override (a --set item's or an environment variable's text): YAML
+    (numbers, booleans, null, lists, `{...}` mappings; a bare word is a string), except that a
+    text field keeps the text as written (a token `0123` or a run name `yes` stays a string).
+    `kinds`: the types the target field can hold (`types_at`), None = unknown."""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: the value is not valid YAML: {e}") from None
+    if kinds and any(_takes_text(k) for k in kinds):
+        if isinstance(value, (bool, int, float)) and not any(_takes_scalar(k, value) for k in kinds):
+            return text
+        return value
+    if isinstance(value, str) and _is_float(value):  # YAML 1.1 reads 1e-5 as a string
+        return float(value)
+    return value
+
+
+def _check_top(key: str, sections: tuple[str, ...], where: str) -> None:
+    if key not in sections and key not in SHARED:
+        raise ConfigError(f"{where}: unknown key {key!r}{_did_you_mean(key, [*SHARED, *sections])}")
+
+
+def parse_set(items: collections.abc.Iterable[str],
+              sections: tuple[str, ...] = SECTIONS) -> list[tuple[list[str], str, str]]:
+    """`["trainer.lr=1e-5", "model=org/name"]` -> [(["trainer", "lr"], "1e-5", "--set 'trainer.lr=1e-5'"), ...]:
+    each item's key path, value text and a label for errors."""
+    out = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        path = [p for p in key.strip().split(".") if p]
+        where = f"--set {item!r}"
+        if not sep or not path:
+            raise ConfigError(f"{where}: expected KEY.PATH=VALUE, e.g. trainer.lr=1e-5")
+        _check_top(path[0], sections, where)
+        if path[0] in sections and len(path) == 1:
+            raise ConfigError(f"{where}: set a field, e.g. {path[0]}.FIELD=VALUE")
+        out.append((path, raw, where))
+    return out
+
+
+def override_path(var: str, sections: tuple[str, ...] = SECTIONS) -> list[str] | None:
+    """The key path an environment variable overrides (`RLRT_TRAINER__ALGORITHM__LAM` ->
+    ["trainer", "algorithm", "lam"]), or None when it is no override."""
+    if not var.startswith(ENV_PREFIX) or "__" not in var:
+        return None
+    path = [p.lower() for p in var[len(ENV_PREFIX):].split("__")]
+    return path if path[0] in sections and len(path) > 1 and all(path) else None
+
+
+def env_var(path: collections.abc.Sequence[str]) -> str:
+    """The environment variable that overrides `path` (inverse of `override_path`)."""
+    return ENV_PREFIX + "__".join(p.upper() for p in path)
+
+
+def env_overrides(environ: collections.abc.Mapping[str, str],
+                  sections: tuple[str, ...] = SECTIONS) -> list[tuple[list[str], str, str]]:
+    """The environment form of --set: `RLRT_TRAINER__ALGORITHM__LAM=0.3` is
+    `trainer.algorithm.lam=0.3`. Sorted, so a nested variable beats its parent's JSON."""
+    out = []
+    for var in sorted(environ):
+        path = override_path(var, sections)
+        if path is not None:
+            out.append((path, environ[var], f"environment variable {var}"))
+    return out
+
+
+def _put(tree: dict, path: list[str], value: Any) -> None:
+    for p in path[:-1]:
+        nxt = tree.get(p)
+        if not isinstance(nxt, dict):
+            nxt = tree[p] = {}
+        tree = nxt
+    tree[path[-1]] = value
+
+
+def _override_types(models: collections.abc.Mapping[str, Any] | None, path: list[str]) -> list[Any] | None:
+    if not models:
+        return None
+    if path[0] in models:
+        return types_at(models[path[0]], path[1:])
+    for target in SHARED.get(path[0], ()):
+        if target[0] in models:
+            return types_at(models[target[0]], [*target[1:], *path[1:]])
+    return None
+
+
+def _fill_shared(raw: dict[str, Any]) -> None:
+    for key, targets in SHARED.items():
+        value = raw.get(key)
+        if value is None:
+            continue
+        for target in targets:
+            tree = raw
+            for p in target[:-1]:
+                tree = tree.setdefault(p, {}) if isinstance(tree, dict) else None
+                if tree is None:
+                    break
+            if isinstance(tree, dict) and tree.get(target[-1]) in (None, ""):
+                tree[target[-1]] = str(value) if key == "model" else copy.deepcopy(value)
+
+
+def _derive(raw: dict[str, Any]) -> None:
+    """Defaults computed from other keys: every output of a run under its `run.dir`."""
+    run, trainer = raw.get("run"), raw.setdefault("trainer", {})
+    run_dir = (run.get("dir") if isinstance(run, dict) else None) or DEFAULT_RUN_DIR
+    if isinstance(trainer, dict) and trainer.get("output_dir") is None:
+        trainer["output_dir"] = trainer_output_dir(str(run_dir))
+
+
+def resolve(path: str | os.PathLike | None, sets: collections.abc.Iterable[str] = (), *,
+            models: collections.abc.Mapping[str, Any] | None = None,
+            environ: collections.abc.Mapping[str, str] | None = None,
+            sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
+    """The run's config as a plain dict: the YAML file at `path` (None = none), the overrides
+    of `environ` (None = this process's) and `sets`, the shared keys, the derived defaults
+    (module doc). `models`: section (or shared key) -> its model, typing the override values of
+    the sections the caller validates. Raises ConfigError."""
+    raw = copy.deepcopy(read_yaml(path))
+    for key in raw:
+        _check_top(key, sections, str(path))
+    for name in sections:
+        if raw.get(name) is None:
+            raw.pop(name, None)
+        elif not isinstance(raw[name], dict):
+            raise ConfigError(f"{path}: section '{name}' must be a mapping, not {raw[name]!r}")
+    overrides = [*env_overrides(os.environ if environ is None else environ, sections),
+                 *parse_set(sets, sections)]
+    for p, text, where in overrides:
+        _put(raw, p, override_value(text, _override_types(models, p), where))
+    _fill_shared(raw)
+    _derive(raw)
+    return raw
+
+
+# --------------------------------------------------------------------------- output
+
+
+def dump_config(obj: BaseModel, *, secrets: Literal["mask", "drop"] = "mask") -> dict[str, Any]:
+    """`obj` as JSON-able data. Secrets (Secret fields, URL passwords) are masked (printing) or
+    left out (the resolved config file: secrets reach a process through its environment)."""
+    drop = object()
+
+    def scrub(value: Any, data: Any) -> Any:
+        if isinstance(value, SecretStr) or (isinstance(value, str) and _has_password(value)):
+            if secrets == "drop":
+                return drop
+            return _MASK if isinstance(value, SecretStr) else redact_url(value)
+        if isinstance(value, BaseModel) and isinstance(data, dict):
+            pairs = ((k, scrub(getattr(value, k, None), v)) for k, v in data.items())
+        elif isinstance(value, dict) and isinstance(data, dict):
+            pairs = ((k, scrub(value.get(k), v)) for k, v in data.items())
+        elif isinstance(value, (list, tuple)) and isinstance(data, list):
+            return [x for x in (scrub(o, d) for o, d in zip(value, data, strict=False)) if x is not drop]
+        else:
+            return data
+        return {k: v for k, v in pairs if v is not drop}
+
+    return scrub(obj, json.loads(obj.model_dump_json()))
+
+
+def secret_items(obj: BaseModel) -> list[tuple[list[str], str]]:
+    """The secrets held by `obj` (Secret fields, URLs with a password; inside sub-models and
+    mappings) as (key path, plain text): what a resolved config file leaves out, for the
+    environment of the processes that read it."""
+    out: list[tuple[list[str], str]] = []
+
+    def walk(value: Any, path: list[str]) -> None:
+        if isinstance(value, SecretStr):
+            out.append((path, value.get_secret_value()))
+        elif isinstance(value, str) and _has_password(value):
+            out.append((path, value))
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name), [*path, name])
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, [*path, str(k)])
+
+    walk(obj, [])
+    return out
+
+
 class RLRTSettings(BaseSettings):
-    """Base for every config model. Subclasses set `section` and `env_prefix`."""
+    """Base for every section's model. Subclasses set `section` (and `env_prefix`, which
+    documents the environment form; the environment is read once, by `resolve`)."""
 
     section: ClassVar[str] = ""
     # hide_input_in_errors: a ValidationError printed as is never shows a value (secrets).
@@ -142,29 +474,35 @@ class RLRTSettings(BaseSettings):
         env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Environment first: an env var beats the YAML values we pass as init kwargs.
-        return env_settings, init_settings
+        # Only the values given: the environment is an override channel applied by `resolve`
+        # with --set's reading of values, before validators such as the preset expansion run.
+        return (init_settings,)
 
     @classmethod
     def load(cls: type[T], path: str | os.PathLike | None = None, section: str | None = None,
-             **overrides: Any) -> T:
-        """Read `section` of the YAML file at `path` (None = defaults), apply env overrides,
-        then explicit `overrides` (e.g. CLI flags; None values are ignored)."""
+             sets: collections.abc.Iterable[str] = (), **overrides: Any) -> T:
+        """Section `section` (default: the model's) of the config at `path` (None = defaults),
+        resolved (`resolve`: environment and `sets` overrides, shared keys, derived defaults),
+        then `overrides` (CLI flags; None values are ignored)."""
         section = section if section is not None else cls.section
-        data = read_yaml(path)
-        values = data.get(section, {}) if section else data
-        if values is None:
-            values = {}
+        names = SECTIONS if not section or section in SECTIONS else (*SECTIONS, section)
+        raw = resolve(path, sets, models={section: cls} if section else None, sections=names)
+        return cls.from_resolved(raw, section, **overrides)
+
+    @classmethod
+    def from_resolved(cls: type[T], raw: dict[str, Any], section: str | None = None,
+                      **overrides: Any) -> T:
+        """Validate section `section` of an already resolved config (`resolve`), with
+        `overrides` (None values are ignored). Raises ConfigError naming the field."""
+        section = section if section is not None else cls.section
+        values = raw.get(section) or {} if section else raw
         if not isinstance(values, dict):
             raise ConfigError(f"section '{section}' must be a mapping")
+        clean = {k: v for k, v in overrides.items() if v is not None}
         try:
-            obj = cls(**values)
-            clean = {k: v for k, v in overrides.items() if v is not None}
-            if clean:
-                obj = cls.model_validate({**obj.model_dump(), **clean})
+            return cls.model_validate({**values, **clean})
         except ValidationError as e:
             raise ConfigError(format_validation_error(e, section, cls)) from None
-        return obj
 
 
 class BusSettings(RLRTSettings):
@@ -220,5 +558,30 @@ class BusSettings(RLRTSettings):
         "after that until stopped, so a restarted Redis is picked up whenever it returns",
     )
 
+    streams: dict[str, str] = Field(
+        default_factory=dict,
+        description="the pipeline's stream names, by logical name (protocol/topology.py: "
+        "prompts, rollouts, verified, scored), e.g. {rollouts: rollouts-v2}; the one place a "
+        "stream is renamed, read by every process of the run. Unset names keep their logical "
+        "name",
+    )
+
+    @field_validator("streams")
+    @classmethod
+    def _known_streams(cls, streams: dict[str, str]) -> dict[str, str]:
+        # Imported here: the table names message types (numpy), which `rlrt --help` and the
+        # light entry points that import this module do not need.
+        from protocol.topology import STREAMS
+
+        unknown = sorted(set(streams) - set(STREAMS))
+        if unknown:
+            raise ValueError(f"unknown stream {unknown}; the pipeline's streams are {list(STREAMS)}")
+        names = [streams.get(s, s) for s in STREAMS]
+        if len(set(names)) != len(names) or not all(names):
+            raise ValueError(f"every stream needs its own non-empty name, got {names}")
+        return streams
+
     def stream(self, name: str) -> str:
-        return f"{self.prefix}:{name}"
+        """The Redis key of stream `name`: a logical pipeline stream (renamed by `streams`) or
+        any other stream of the run (evaluation replies, verifier jobs), under the prefix."""
+        return f"{self.prefix}:{self.streams.get(name, name)}"

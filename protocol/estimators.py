@@ -6,7 +6,7 @@ its facts without sharing the torch formula:
 - the teacher service asks *which responses need a teacher score* (`teacher_scope`), and that
   depends on which responses have zero advantage (`zero_advantage`);
 - the trainer's driver asks *which groups carry no signal* (`carries_no_signal`), and its
-  formula (trainer/algorithm/estimators.py, registered under the same name) forces exactly
+  formula (trainer/algorithm/advantages.py, registered under the same name) forces exactly
   the zero-advantage responses of this test to A = 0.
 
 So a new estimator is: `@register_adv_est("name")` here on its facts, and

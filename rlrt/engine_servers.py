@@ -21,6 +21,9 @@ from pathlib import Path
 
 import httpx
 
+from protocol.messages import WeightUpdate
+from protocol.topology import ENGINE_STAGES
+from protocol.weights_client import WeightsClient
 from rlrt.processes import Child, free_port, port_free
 from services.engines.config import EngineLaunch
 
@@ -163,7 +166,7 @@ class EngineServers:
         self.urls: dict[str, str] = {}  # service -> the engine URL it is given
         self.users: dict[str, list[str]] = {}  # server's service -> services using it
         self.restarts: dict[str, int] = {}
-        for name in ("rollout", "teacher"):
+        for name in ENGINE_STAGES:
             if name not in services:
                 continue
             eng = cfg[name].engine
@@ -222,7 +225,7 @@ class EngineServers:
         return [name for name, srv in self.servers.items() if not srv.alive]
 
     def revive(self, owner: str, max_restarts: int, service_url: Callable[[str], str],
-               token: str, latest: dict | None) -> bool:
+               token: str, latest: WeightUpdate | None) -> bool:
         """Restart a dead server on its port; then have each service that uses it notice (its
         /readyz reads the server's version: base weights -> quarantine) and push it the
         newest weights (the sharing teacher after the rollout, which loads them)."""
@@ -238,23 +241,23 @@ class EngineServers:
         except EngineServerError as e:
             self.log(f"{srv.name} did not come back: {e}")
             return False
-        headers = {"Authorization": f"Bearer {token}"}
         for name in self.users[owner]:
             with contextlib.suppress(httpx.HTTPError):
                 httpx.get(f"{service_url(name)}/readyz", timeout=60)
             if latest is None:
                 continue
+            client = WeightsClient(name, service_url(name), token)
             try:
-                state = httpx.get(f"{service_url(name)}/v1/version", headers=headers, timeout=60).json()
-                if state.get("version", -1) >= latest["version"] and state.get("ready"):
+                state = client.version(timeout=60)
+                serving = state.get("version")
+                if serving is not None and serving >= latest.version and state.get("ready"):
                     self.log(f"{name} already at weights version {state['version']}")
                     continue  # the trainer's own push got there first
             except (httpx.HTTPError, ValueError, AttributeError):
                 pass
             try:
-                r = httpx.post(f"{service_url(name)}/v1/weights", json=latest, timeout=900,
-                               headers=headers)
-                self.log(f"{name} re-pushed weights version {latest['version']} ({r.status_code})")
+                r = client.post(latest, timeout=900)
+                self.log(f"{name} re-pushed weights version {latest.version} ({r.status_code})")
             except httpx.HTTPError as e:  # the trainer's next push brings it up to date
                 self.log(f"{name}: weights not re-pushed yet: {e!r}")
         return True

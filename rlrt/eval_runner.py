@@ -31,8 +31,8 @@ class EvalRunner:
                  seed: int, evaluate: Callable[..., dict[str, Any]],
                  out: Path, log: Callable[[str], None] = print,
                  tb_dir: Path | None = None) -> None:
-        """`evaluate(rows, k=, sampling=, system_prompt=, chat_template_kwargs=)` runs one
-        evaluation through the services (rlrt.evaluate.evaluate, bound to a run's bus)."""
+        """`evaluate(rows, k=, sampling=, system_prompt=, chat_template_kwargs=, chat_template=)`
+        runs one evaluation through the services (rlrt.evaluate.evaluate, bound to a run's bus)."""
         self.sets = sets
         self.run_data = run_data
         self.sampling = sampling
@@ -75,7 +75,8 @@ class EvalRunner:
         cfg, rows = self.rows(es)
         res = self._evaluate(rows, k=es.k, sampling=self.sampling_of(es),
                              system_prompt=cfg.system_prompt,
-                             chat_template_kwargs=cfg.chat_template_kwargs)
+                             chat_template_kwargs=cfg.chat_template_kwargs,
+                             chat_template=cfg.chat_template)
         res = {"set": es.name, "label": label, "step": step, **res}
         with open(self.out, "a") as f:
             f.write(json.dumps(res) + "\n")

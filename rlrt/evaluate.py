@@ -18,8 +18,13 @@ import httpx
 
 from protocol.bus import Bus
 from protocol.messages import PromptTask, RolloutGroup, SamplingParams
-from tasks.base import Row, render_prompt
+from tasks.base import Row, render_row
 from tasks.rewards import prompt_row
+
+
+class EvalError(RuntimeError):
+    """Responses could not be graded (a reward function raised, the verifier failed them):
+    an evaluation with errors is reported as such, never as a score of 0."""
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -50,19 +55,23 @@ async def evaluate(items: list[Row], *, tokenizer: Any, bus: Bus, prompts_stream
                    sampling: SamplingParams | None = None, run_id: str = "eval",
                    timeout_s: float = 1800.0, seed: int = 0, system_prompt: str | None = None,
                    chat_template_kwargs: Mapping[str, Any] | None = None,
-                   reward: bool = False) -> dict[str, Any]:
+                   chat_template: str | None = None, reward: bool = False) -> dict[str, Any]:
     """Sample k responses per row through the rollout service and grade them. Rows are
     rendered exactly as training renders them (the data section's system prompt and
-    chat-template arguments). `reward`: grade with the verifier's reward plug-ins (the run's
-    `reward:` section), so `correct` is the same gate as in training."""
+    chat-template arguments and choice). `reward`: grade with the verifier's reward plug-ins
+    (the run's `reward:` section), so `correct` is the same gate as in training. Raises
+    EvalError when any response could not be graded (status 'error')."""
     sampling = sampling or SamplingParams(temperature=0.7, top_p=0.8, max_new_tokens=1024)
     reply = bus.cfg.stream(f"eval:{uuid.uuid4().hex[:12]}")
     by_group: dict[str, Row] = {}
     t0 = time.perf_counter()
     for i, it in enumerate(items):
         task = PromptTask(run_id=run_id, prompt_id=it.prompt_id, prompt_text=it.prompt,
-                          prompt_ids=render_prompt(tokenizer, it.prompt, system_prompt=system_prompt,
-                                                   chat_template_kwargs=chat_template_kwargs),
+                          prompt_ids=render_row(tokenizer, it, system_prompt=system_prompt,
+                                                chat_template_kwargs=chat_template_kwargs,
+                                                chat_template=chat_template),
+                          prompt_history=[dict(m) for m in it.messages[:-1]] if it.messages
+                          else None,
                           answer=it.answer, solution=it.solution,
                           task=it.task, group_size=k,
                           sampling=sampling.model_copy(update={"seed": seed * 100_003 + i}),
@@ -91,9 +100,16 @@ async def evaluate(items: list[Row], *, tokenizer: Any, bus: Bus, prompts_stream
     flat = [(gid, r) for gid, g in groups.items() for r in g.responses]
     async with httpx.AsyncClient(timeout=300) as client:
         results = await grade(client, verifier_url, token, [
+            # The row always travels: its data_source picks the math extraction policy
+            # (verifier.math_policy_by_source) for evaluation exactly as for training.
             {"response": r.text, "reference": by_group[gid].answer, "task": by_group[gid].task,
-             **({"reward": True, "row": prompt_row(groups[gid].task)} if reward else {})}
+             "row": prompt_row(groups[gid].task), **({"reward": True} if reward else {})}
             for gid, r in flat])
+    errors = [res for res in results if res.get("status") == "error"]
+    if errors:
+        raise EvalError(f"{len(errors)} of {len(results)} responses could not be graded; the "
+                        f"first: {errors[0].get('detail') or 'no detail'} (the verifier's log "
+                        "has the traceback)")
     correct: dict[str, list[bool]] = {gid: [] for gid in groups}
     lengths, scores = [], []
     for (gid, r), res in zip(flat, results, strict=True):

@@ -40,7 +40,7 @@ from protocol.messages import (
     Verification,
     VerifiedGroup,
 )
-from tasks.base import render_prompt
+from tasks.base import render_row
 from tasks.data import DataConfig, load_rows, spec_from_cli
 from tasks.hub import looks_like_hub_id
 from trainer.algorithm import AlgorithmConfig, token_advantages, token_logprobs
@@ -209,18 +209,21 @@ def inspect_rollouts(model_dir: str | Path, *, data: str | DataConfig = "countdo
     data_cfg = inspect_data(data)
     items = load_rows(data_cfg, seed=seed, n=n)
     request: TeacherRequest = cfg.teacher_request(
-        system_prompt=data_cfg.system_prompt, chat_template_kwargs=data_cfg.chat_template_kwargs)
+        system_prompt=data_cfg.system_prompt, chat_template_kwargs=data_cfg.chat_template_kwargs
+    ).model_copy(update={"chat_template": data_cfg.chat_template})
     s_temp = temperature if temperature > 0 else 1.0
 
     groups: list[VerifiedGroup] = []
     for i, it in enumerate(items):
-        prompt_ids = render_prompt(tokenizer, it.prompt, system_prompt=data_cfg.system_prompt,
-                                   chat_template_kwargs=data_cfg.chat_template_kwargs)
+        prompt_ids = render_row(tokenizer, it, system_prompt=data_cfg.system_prompt,
+                                chat_template_kwargs=data_cfg.chat_template_kwargs,
+                                chat_template=data_cfg.chat_template)
         responses = sample_group(model, tokenizer, prompt_ids, g, temperature=temperature,
                                  max_new_tokens=max_new_tokens, seed=seed * 100_003 + i, stop=stop)
         task = PromptTask(
             run_id="inspect", prompt_id=it.prompt_id, group_id=f"inspect:{seed}:{i}",
             prompt_text=it.prompt, prompt_ids=np.asarray(prompt_ids, np.int32), answer=it.answer,
+            prompt_history=[dict(m) for m in it.messages[:-1]] if it.messages else None,
             solution=it.solution, task=it.task, group_size=g, teacher=request,
             sampling=SamplingParams(temperature=max(temperature, 0.0),
                                     max_new_tokens=max_new_tokens))

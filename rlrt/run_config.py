@@ -9,7 +9,13 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import SettingsConfigDict
 
-from protocol.config import ConfigError, RLRTSettings, Secret, format_validation_error
+from protocol.config import (
+    DEFAULT_RUN_DIR,
+    ConfigError,
+    RLRTSettings,
+    Secret,
+    format_validation_error,
+)
 from tasks.data import DataConfig
 
 
@@ -18,7 +24,10 @@ class RunSettings(RLRTSettings):
     model_config = SettingsConfigDict(env_prefix="RLRT_RUN__")
 
     name: str = Field("rlrt", description="run name (shown in logs and the report)")
-    dir: str = Field("runs/default", description="run directory: logs, Redis AOF, report")
+    dir: str = Field(DEFAULT_RUN_DIR, description="the run's one folder: logs, Redis data, "
+                     "evaluations, report, the resolved config every process reads "
+                     "(config.resolved.yaml) and, unless trainer.output_dir says otherwise, the "
+                     "trainer's metrics, checkpoints and pushed weights (<dir>/trainer)")
     seed: int = Field(0, description="seed of the bootstrap model and the held-out evaluation")
     control_token: Secret | None = Field(
         None, description="bearer token for the services' control endpoints; None: a fresh "
@@ -68,9 +77,10 @@ class EvalSet(BaseModel):
     name: str = Field(description="metric prefix (eval/<name>/avg@k) and report label")
     data: dict[str, Any] | None = Field(
         None, description="a data section (tasks/data.py). With path, hf_dataset or "
-        "task it is a set of its own (system_prompt and chat_template_kwargs default to the "
-        "run's); otherwise it overrides fields of the run's data (e.g. {split: test}). None = "
-        "the run's data (split 'heldout' for a generator task)",
+        "task it is a set of its own (the field names, system_prompt and the chat template "
+        "default to the run's: DataConfig.inherited); otherwise it overrides fields of the "
+        "run's data (e.g. {split: test}). None = the run's data (split 'heldout' for a "
+        "generator task)",
     )
     task: str | None = Field(None, description="shorthand for data.task")
     n: int | None = Field(None, ge=1, description="evaluate the first n rows; None = all (generator tasks: 200)")
@@ -86,9 +96,7 @@ class EvalSet(BaseModel):
         if self.task is not None:
             over["task"] = self.task
         if {"path", "hf_dataset", "task"} & set(over):
-            inherit = {"system_prompt": run_data.system_prompt,
-                       "chat_template_kwargs": run_data.chat_template_kwargs}
-            cfg = DataConfig.model_validate({**inherit, **over})
+            cfg = DataConfig.model_validate({**run_data.inherited(), **over})
         else:
             base = run_data.model_dump(exclude_unset=True)
             if not over and run_data.kind == "generator":
@@ -110,12 +118,16 @@ def eval_sets(raw_eval: Any, run: RunSettings, run_data: DataConfig) -> list[Eva
                         max_new_tokens=run.eval_max_new_tokens)]
     if not isinstance(raw_eval, list):
         raise ConfigError("eval: must be a list of sets, e.g. [{name: test, data: {path: t.jsonl}}]")
-    try:
-        sets = [EvalSet.model_validate(e) for e in raw_eval]
-        for s in sets:
-            s.data_config(run_data)  # a bad data mapping fails here, before anything starts
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, "eval")) from None
+    sets = []
+    for i, item in enumerate(raw_eval):
+        try:
+            sets.append(EvalSet.model_validate(item))
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e, f"eval.{i}", EvalSet)) from None
+        try:
+            sets[-1].data_config(run_data)  # a bad data mapping fails here, before anything starts
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e, f"eval.{i}.data", DataConfig)) from None
     names = [s.name for s in sets]
     if len(set(names)) != len(names):
         raise ConfigError(f"eval: set names must be unique, got {names}")

@@ -6,7 +6,11 @@
 # The pins are the images' (one fact, one place):
 #   SGLang = deploy/docker/rollout.Dockerfile  ARG SGLANG_IMAGE=lmsysorg/sglang:v<version>
 #   vLLM   = deploy/docker/trainer.Dockerfile  ARG VLLM_VERSION=<version>  (= teacher image tag)
-# Usage: bash scripts/fetch-upstream.sh        (CI runs it after scripts/setup.sh)
+# Also Math-Verify's own test suite (tests/test_verifier_conformance.py), which ships only in
+# its source distribution: the sdist of the version installed in the venv (the one the verifier
+# runs), its tests/*.py kept under .upstream/math_verify/tests/, version in .../VERSION.
+# Usage: bash scripts/fetch-upstream.sh [sglang|vllm|math_verify ...]   (default: all;
+#        CI runs it after scripts/setup.sh)
 # Knobs: RLRT_UPSTREAM_DIR (default .upstream), PYTHON (default .venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,5 +48,43 @@ EOF
     echo "$name $version: unpacked into $dir"
 }
 
-fetch sglang "$sglang_version"
-fetch vllm "$vllm_version"
+# Math-Verify: the sdist (its wheel has no tests) of the version the verifier really runs.
+fetch_math_verify_tests() {
+    local version dir=$DEST/math_verify tmp
+    version=$("$PY" -c 'import importlib.metadata as m; print(m.version("math-verify"))')
+    if [ "$(cat "$dir/VERSION" 2>/dev/null)" = "$version" ]; then
+        echo "math-verify $version tests: already in $dir"
+        return
+    fi
+    tmp=$(mktemp -d)
+    "$PY" -m pip download --quiet --no-deps --no-binary :all: -d "$tmp" "math-verify==$version"
+    rm -rf "$dir"
+    "$PY" - "$tmp" "$dir" <<'EOF'
+import sys, tarfile
+from pathlib import Path
+
+tmp, dest = Path(sys.argv[1]), Path(sys.argv[2])
+(sdist,) = tmp.glob("*.tar.gz")
+with tarfile.open(sdist) as t:
+    for m in t.getmembers():
+        parts = Path(m.name).parts  # math_verify-<version>/tests/<file>.py
+        if m.isfile() and len(parts) == 3 and parts[1] == "tests" and parts[2].endswith(".py"):
+            out = dest / "tests" / parts[2]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(t.extractfile(m).read())
+EOF
+    echo "$version" >"$dir/VERSION"
+    rm -rf "$tmp"
+    echo "math-verify $version tests: unpacked into $dir/tests"
+}
+
+for what in "${@:-sglang vllm math_verify}"; do
+    for one in $what; do
+        case $one in
+            sglang) fetch sglang "$sglang_version" ;;
+            vllm) fetch vllm "$vllm_version" ;;
+            math_verify) fetch_math_verify_tests ;;
+            *) echo "unknown upstream $one (sglang, vllm, math_verify)" >&2; exit 2 ;;
+        esac
+    done
+done

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks import get_task
-from tasks.base import Row
+from tasks.base import Row, as_messages
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow",
              ".csv": "csv"}
@@ -31,6 +31,12 @@ _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow":
 
 class DataError(RuntimeError):
     """The data source is unusable (no file, no usable row, ...)."""
+
+
+# Keys of the run's data section an evaluation set with its own `path` / `hf_dataset` / `task`
+# inherits (rlrt/run_config.py): its rows are read and rendered like the training rows.
+INHERITED = ("prompt_field", "answer_field", "solution_field", "id_field", "system_prompt",
+             "chat_template_kwargs", "chat_template")
 
 
 class DataConfig(BaseModel):
@@ -66,7 +72,10 @@ class DataConfig(BaseModel):
         description="split to read: a `datasets` split of the files / hub dataset; for a "
         "generator task 'train' or 'heldout' (which never share a problem)",
     )
-    prompt_field: str = Field("prompt", description="column holding the question")
+    prompt_field: str = Field(
+        "prompt", description="column holding the question: a string, or a conversation as "
+        "a list of {role, content} turns ending with the user's (TRL's conversational format; "
+        "the earlier turns are rendered before it, for the student and the teacher alike)")
     answer_field: str = Field("answer", description="column holding the reference final answer")
     solution_field: str = Field(
         "solution", description="column holding an optional reference solution (teacher context)"
@@ -92,6 +101,12 @@ class DataConfig(BaseModel):
         description="extra apply_chat_template arguments (e.g. {'enable_thinking': False}); "
         "also sent to the teacher so it renders its context the same way",
     )
+    chat_template: str | None = Field(
+        None, description="how a prompt becomes tokens: None = the model's own chat template; "
+        "'raw' = no template, the prompt text as it is (base models; system_prompt is put "
+        "before it); 'chatml' (a named template), a .jinja file or a template text = that "
+        "template instead of the model's (tasks/base.py, render_prompt)",
+    )
     max_prompt_tokens: int | None = Field(
         None,
         ge=1,
@@ -113,6 +128,11 @@ class DataConfig(BaseModel):
             self.task = "math"
         return self
 
+    def inherited(self) -> dict[str, Any]:
+        """What an evaluation set with data of its own takes from the run's data unless it sets
+        it: the field mapping and the rendering (the same columns, prompts rendered alike)."""
+        return {k: getattr(self, k) for k in INHERITED}
+
     @property
     def kind(self) -> Literal["generator", "files", "hub"]:
         if self.source == "countdown":
@@ -131,6 +151,14 @@ def _load_files(cfg: DataConfig) -> Any:
         raise DataError(f"data.source={cfg.source} needs data.path (one or more local files)")
     if len(cfg.path) == 1 and Path(cfg.path[0]).is_dir():
         return datasets.load_dataset(cfg.path[0], split=cfg.split)
+    for p in cfg.path:
+        if any(c in p for c in "*?["):
+            continue  # a glob: `datasets` says when it matches nothing
+        if not Path(p).exists():
+            raise DataError(f"data file {p} does not exist (data.path; relative paths are "
+                            f"from {Path.cwd()})")
+        if Path(p).is_file() and Path(p).stat().st_size == 0:
+            raise DataError(f"data file {p} is empty: no rows to train on")
     exts = {Path(p).suffix.lower() for p in cfg.path}
     builder = {"jsonl": "json"}.get(cfg.source, cfg.source)
     if builder == "auto":
@@ -143,7 +171,9 @@ def _load_files(cfg: DataConfig) -> Any:
         return datasets.load_dataset(builder, data_files={cfg.split: list(cfg.path)},
                                      split=cfg.split)
     except FileNotFoundError as e:
-        raise DataError(f"data file not found: {e}") from e
+        raise DataError(f"data file not found: {e}") from None
+    except StopIteration:  # what `datasets` raises on files without a single row (or blank)
+        raise DataError(f"data.path {cfg.path}: no rows (empty or blank files)") from None
 
 
 def _load_hub(cfg: DataConfig) -> Any:
@@ -186,6 +216,12 @@ def to_row(raw: Mapping[str, Any], index: int, cfg: DataConfig) -> Row | str:
     'no_answer'). A row's own `task` column wins over the section's (mixed files)."""
     prompt = raw.get(cfg.prompt_field)
     answer = raw.get(cfg.answer_field)
+    messages = None
+    if isinstance(prompt, (list, tuple)):  # a conversation: its last turn is the question
+        turns = as_messages(prompt)
+        if isinstance(turns, str):
+            return turns
+        messages, prompt = turns, turns[-1]["content"]
     if not isinstance(prompt, str) or not prompt.strip():
         return "no_prompt"
     if answer is None or (isinstance(answer, str) and not answer.strip()):
@@ -196,7 +232,7 @@ def to_row(raw: Mapping[str, Any], index: int, cfg: DataConfig) -> Row | str:
     used = {cfg.prompt_field, cfg.answer_field, cfg.solution_field, cfg.id_field, "task"}
     return Row(prompt_id=str(pid) if pid is not None else f"row:{index}", prompt=prompt,
                answer=str(answer), solution=str(solution) if solution else None,
-               task=task or cfg.task,
+               task=task or cfg.task, messages=messages,
                fields={k: v for k, v in raw.items() if k not in used and _plain(v)})
 
 
@@ -224,9 +260,39 @@ def load_rows(cfg: DataConfig, *, seed: int, n: int | None = None) -> list[Row]:
         if n is not None and len(rows) == n:
             break
     if not rows:
-        raise DataError(f"no usable row in {describe(cfg)} (fields {cfg.prompt_field!r}, "
-                        f"{cfg.answer_field!r}): skipped {skipped}")
+        raise DataError(f"no usable row in {describe(cfg)}: skipped {skipped}"
+                        + missing_fields(table, cfg))
     return rows
+
+
+def columns(table: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The table's column names (a `datasets.Dataset`'s, or the first rows' keys)."""
+    names = getattr(table, "column_names", None)
+    if names is not None:
+        return list(names)
+    seen: dict[str, None] = {}
+    for i in range(min(len(table), 100)):
+        seen.update(dict.fromkeys(table[i]))
+    return list(seen)
+
+
+def missing_fields(table: Sequence[Mapping[str, Any]], cfg: DataConfig) -> str:
+    """'' when the prompt and answer columns exist, else a sentence naming the columns there
+    are and the keys to set (so a typo in a field name is one line, not a skipped row each)."""
+    have = columns(table)
+    lost = [(key, name) for key, name in (("prompt_field", cfg.prompt_field),
+                                           ("answer_field", cfg.answer_field))
+            if name not in have]
+    if not lost:
+        return ""
+    import difflib
+
+    parts = []
+    for key, name in lost:
+        close = difflib.get_close_matches(name, have, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        parts.append(f"data.{key} {name!r} is not a column{hint}")
+    return f"; {'; '.join(parts)}. Its columns: {', '.join(have) or 'none'}"
 
 
 def spec_from_cli(data: str, *, task: str | None = None, split: str | None = None) -> dict[str, Any]:

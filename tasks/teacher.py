@@ -4,8 +4,9 @@ checks it got what it needs). See docs/rlrt-method.md, "The teacher context".
 Two questions, answered the same way on both sides:
 1. `teacher_needed`: which responses of a verified group need teacher log-probs q_t?
 2. `build_teacher_context`: what token sequence does the teacher score? It is
-   chat_template(user: template(prompt, demonstration)) + the student's response tokens
-   unchanged, so q_t of response token t sits at position `response_start + t`.
+   chat_template(earlier turns, user: template(prompt, demonstration)) + the student's
+   response tokens unchanged (a conversational prompt keeps its earlier turns), so q_t of
+   response token t sits at position `response_start + t`.
 
 Pure Python (no torch, no transformers import): the tokenizer is duck-typed, anything with
 `apply_chat_template(..., tokenize=False)` and `__call__(text, add_special_tokens=False)`.
@@ -21,7 +22,7 @@ from typing import Any, Literal, Protocol
 
 from protocol.estimators import Scope, get_adv_est
 from protocol.messages import ScoredGroup, TeacherRequest, VerifiedGroup
-from tasks.base import render_prompt
+from tasks.base import Message, render_prompt
 
 ContextMode = Literal["sibling", "reference_solution", "reference_answer"]
 
@@ -248,15 +249,18 @@ def build_teacher_context(
     template: str | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
     system_prompt: str | None = None,
+    history: Sequence[Message] | None = None,
+    chat_template: str | None = None,
 ) -> TeacherContext:
     """Render the teacher prompt through the tokenizer's chat template (with the generation
     prompt, exactly like the student's prompt) and append the response tokens unchanged.
     The response is never re-tokenized from text: the teacher must score the very tokens the
     student sampled, or q_t and s_t would refer to different tokens."""
-    # The student's own rendering (tasks/base.py), system prompt included: only the
-    # user turn differs.
+    # The student's own rendering (tasks/base.py), system prompt, a conversation's earlier
+    # turns and the template choice included: only the last user turn differs.
     context = render_prompt(tokenizer, render_teacher_prompt(prompt, demonstration.text, template),
-                            system_prompt=system_prompt, chat_template_kwargs=chat_template_kwargs)
+                            system_prompt=system_prompt, chat_template_kwargs=chat_template_kwargs,
+                            history=history, chat_template=chat_template)
     return TeacherContext(
         input_ids=context + [int(t) for t in response_ids],
         response_start=len(context),
@@ -312,4 +316,6 @@ def teacher_context_for_group(
         template=req.template,
         chat_template_kwargs=req.chat_template_kwargs,
         system_prompt=req.system_prompt,
+        history=group.task.prompt_history,
+        chat_template=req.chat_template,
     )

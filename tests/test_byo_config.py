@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.tiny_policy import tiny_tokenizer
 from typer.testing import CliRunner
 
 from protocol.config import ConfigError
+from protocol.config import resolve as resolve_config
 from rlrt.cli import app
+from rlrt.config import RunConfig, load_section
 from rlrt.run_config import EvalSet, RunSettings, eval_sets
-from rlrt.sections import SET_ENV, load_section, parse_set, read_config
 from tasks.data import DataConfig, DataError, load_rows
 from tasks.hub import HubError, resolve
 
@@ -25,11 +27,6 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 def _write(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-@pytest.fixture(autouse=True)
-def _no_inherited_sets(monkeypatch):
-    monkeypatch.delenv(SET_ENV, raising=False)
 
 
 @pytest.fixture
@@ -105,7 +102,7 @@ def test_set_model_and_data(tmp_path: Path) -> None:
 ])
 def test_bad_set_is_one_clear_error(item: str, words: str) -> None:
     with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace(".", r"\.")):
-        parse_set([item])
+        resolve_config(None, [item])
 
 
 def test_set_with_a_wrong_type_names_the_field(tmp_path: Path) -> None:
@@ -140,7 +137,9 @@ def test_eval_set_data_inherits_rendering_but_not_rows() -> None:
     run_data = DataConfig(path=["train.jsonl"], system_prompt="Be brief.", prompt_field="q")
     own = EvalSet(name="test", data={"path": "test.jsonl"}).data_config(run_data)
     assert own.path == ["test.jsonl"] and own.system_prompt == "Be brief."
-    assert own.prompt_field == "prompt"  # a set of its own maps its own fields
+    assert own.prompt_field == "q"  # a file of its own inherits the run's field mapping...
+    mapped = EvalSet(name="t2", data={"path": "t.jsonl", "prompt_field": "question"})
+    assert mapped.data_config(run_data).prompt_field == "question"  # ...unless it sets its own
     split = EvalSet(name="val", data={"split": "validation"}).data_config(run_data)
     assert split.path == ["train.jsonl"] and split.split == "validation" and split.prompt_field == "q"
     cd = EvalSet(name="cd", task="countdown").data_config(run_data)
@@ -156,9 +155,10 @@ def test_eval_sets_are_checked_before_anything_starts() -> None:
         eval_sets([{"name": "a", "kk": 3}], run, DataConfig())
 
 
-def test_eval_list_reaches_the_launcher_through_read_config(tmp_path: Path) -> None:
+def test_eval_list_reaches_the_launcher_through_the_resolved_config(tmp_path: Path) -> None:
     cfg = _write(tmp_path / "c.yaml", {"eval": [{"name": "t", "task": "countdown", "every": 5}]})
-    raw = read_config(str(cfg), ['eval=[{"name": "u", "task": "countdown", "every": 2}]'])
+    raw = RunConfig.load(cfg, ['eval=[{"name": "u", "task": "countdown", "every": 2}]'],
+                         sections=()).raw
     (s,) = eval_sets(raw["eval"], RunSettings(), DataConfig())
     assert (s.name, s.every) == ("u", 2)
 
@@ -198,6 +198,7 @@ def test_local_parquet_and_arrow(tmp_path: Path) -> None:
     ds.save_to_disk(str(tmp_path / "arrow"))
     arrow = sorted((tmp_path / "arrow").glob("*.arrow"))
     assert [r.answer for r in load_rows(DataConfig(path=[str(a) for a in arrow]), seed=0)] == ["2"]
+    (tmp_path / "d.txt").write_text("1+1? 2\n")
     with pytest.raises(DataError, match="format"):
         load_rows(DataConfig(path=[str(tmp_path / "d.txt")]), seed=0)
 
@@ -209,8 +210,7 @@ def _run_cfg(tmp_path: Path, model: str, **extra) -> Path:
     return _write(tmp_path / "run.yaml", {
         "model": model,
         "run": {"dir": str(tmp_path / "run"), "bootstrap": True, "eval_prompts": 0},
-        "verifier": {"port": 0}, "rollout": {"port": 0}, "teacher": {"port": 0},
-        "trainer": {"output_dir": str(tmp_path / "run" / "trainer")}, **extra})
+        "verifier": {"port": 0}, "rollout": {"port": 0}, "teacher": {"port": 0}, **extra})
 
 
 def test_a_missing_user_model_is_never_replaced_by_the_tiny_one(tmp_path: Path) -> None:
@@ -237,15 +237,17 @@ def test_hub_model_resolved_once_and_children_get_the_directory(tmp_path: Path, 
     from rlrt.launch import LocalRun
 
     snap = _lay_out(hub_cache, "model", "me/policy", {"config.json": "{}"})
+    tiny_tokenizer().save_pretrained(str(snap))  # the preflight renders prompts with it
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     run = LocalRun(_run_cfg(tmp_path, "me/policy"))
     run.preflight()
     assert run.model_path == snap
     env = run.child_env()
     assert "HF_HUB_OFFLINE" not in env  # children may reach the hub when the user can
-    child_sets = json.loads(env[SET_ENV])
-    assert load_section("rollout", str(run.config_path), child_sets).engine.model_path == str(snap)
-    assert load_section("trainer", str(run.config_path), child_sets).model_path == str(snap)
+    # The children read the resolved file, with no override in their environment.
+    child = RunConfig.load(run.resolved_path, environ=env)
+    assert child.rollout.engine.model_path == str(snap)
+    assert child.trainer.model_path == str(snap)
 
 
 def test_hub_model_missing_offline_is_one_clear_error(tmp_path: Path, hub_cache: Path) -> None:
@@ -262,8 +264,9 @@ def test_verifier_reads_the_runs_tasks_without_loading_the_trainer(tmp_path: Pat
 
     cfg = _write(tmp_path / "c.yaml", {"data": {"task": "mypkg.tasks:Mine", "path": "x.jsonl"},
                                        "eval": [{"name": "cd", "task": "countdown"}]})
-    code = ("import json, sys; from rlrt.sections import run_tasks; "
-            f"print(json.dumps([run_tasks({str(cfg)!r}), 'torch' in sys.modules]))")
+    code = ("import json, sys; from rlrt.config import RunConfig; "
+            f"cfg = RunConfig.load({str(cfg)!r}, sections=('verifier', 'bus', 'reward')); "
+            "print(json.dumps([cfg.tasks(), 'torch' in sys.modules]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert json.loads(out.stdout) == [["mypkg.tasks:Mine", "countdown"], False]

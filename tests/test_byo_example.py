@@ -15,9 +15,9 @@ import pytest
 import torch
 import yaml
 
+from rlrt.config import load_all
 from rlrt.data.arith import generate
 from rlrt.run_config import eval_sets
-from rlrt.sections import SET_ENV, load_all, read_config
 from tasks.data import load_rows
 from tasks.rewards import load_fn
 
@@ -29,7 +29,6 @@ CONFIG = EXAMPLE / "config.yaml"
 @pytest.fixture(autouse=True)
 def _in_repo(monkeypatch):
     monkeypatch.chdir(REPO)  # the example's paths are relative to where rlrt runs
-    monkeypatch.delenv(SET_ENV, raising=False)
 
 
 def test_example_is_short_and_resolves() -> None:
@@ -41,7 +40,7 @@ def test_example_is_short_and_resolves() -> None:
     assert cfg["rollout"].engine.model_path == cfg["teacher"].engine.model_path == model
     rows = load_rows(cfg["trainer"].data, seed=0)
     assert len(rows) == 128 and all(r.task == "math" and r.answer.isdigit() for r in rows)
-    (test,) = eval_sets(read_config(str(CONFIG)).get("eval"), cfg["run"], cfg["trainer"].data)
+    (test,) = eval_sets(cfg.raw.get("eval"), cfg["run"], cfg["trainer"].data)
     assert test.every > 0 and load_rows(test.data_config(cfg["trainer"].data), seed=0)
     terms = dict(cfg["reward"].spec()[0])
     assert terms["task"] == 1.0 and terms["examples/byo/reward.py:boxed_once"] == 0.1

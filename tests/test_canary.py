@@ -35,9 +35,9 @@ from services.engines.factory import make_engine
 from services.engines.service import build_service_app
 from trainer import dist
 from trainer.canary import canary_logprobs, fixed_sequences
-from trainer.config import PushConfig, ServiceEndpoint
+from trainer.config import DiskPush, ServiceEndpoint
 from trainer.model import build_policy, full_state_dict
-from trainer.weight_push import WeightPusher
+from trainer.transports.disk import WeightPusher
 
 TOKEN = "s3cret"
 
@@ -172,7 +172,7 @@ async def test_the_service_answers_409_and_the_push_result_reports_the_canary(
     good = Canary(sequences=seqs, logprobs=reference_logprobs(trained_dir, seqs))
     try:
         async with serve_app_here(app) as url:
-            cfg = PushConfig(services=[ServiceEndpoint(name="rollout", url=url)],
+            cfg = DiskPush(services=[ServiceEndpoint(name="rollout", url=url)],
                              control_token=TOKEN, retry_backoff_s=0.05)
             pusher = WeightPusher(cfg, tmp_path / "weights", "run")
             res = await pusher.push(sd, 1, canary=shifted(good, -0.3, at=(0, 0)))

@@ -277,7 +277,8 @@ def _ours(cfg: Path, run_dir: Path) -> list:
             cmd = " ".join(p.info["cmdline"] or [])
         except psutil.Error:
             continue
-        if str(cfg) in cmd or str(run_dir / "redis") in cmd:
+        # the children read <run dir>/config.resolved.yaml; redis-server runs in <run dir>/redis
+        if str(cfg) in cmd or str(run_dir) in cmd:
             out.append(p)
     return out
 

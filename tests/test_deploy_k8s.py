@@ -12,6 +12,8 @@ import kubernetes_validate
 import pytest
 from helpers.deploy import OVERLAYS, k8s_tree, kustomize_binary, pod_template, render
 
+from protocol.topology import SERVICES
+
 K8S_VERSIONS = ("1.30.0", "1.37.0")
 GPU_WORKLOADS = {("Deployment", "rollout"), ("Deployment", "teacher"), ("Job", "trainer")}
 
@@ -73,7 +75,7 @@ def _objs(docs, kind):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_workloads(rendered, overlay):
     docs = rendered[overlay]
-    assert set(_objs(docs, "Deployment")) == {"verifier", "rollout", "teacher"}
+    assert set(_objs(docs, "Deployment")) == set(SERVICES)
     assert set(_objs(docs, "StatefulSet")) == {"redis"}
     assert set(_objs(docs, "Job")) == {"trainer"}
     assert all(d["metadata"].get("namespace") == "rlrt" for d in docs if d["kind"] != "Namespace")

@@ -84,7 +84,7 @@ def test_rlrt_train_runs_the_whole_system(tmp_path: Path) -> None:
     # The services served the trainer's last weights during the final evaluation.
     assert report["eval_after"]["engine_version"] == 2
     assert (run / "training.png").stat().st_size > 1000
-    assert not run_processes(str(cfg))  # no orphan service or trainer
+    assert not run_processes(str(cfg.parent))  # no orphan service or trainer
 
 
 @pytest.mark.slow
@@ -105,7 +105,7 @@ def test_ctrl_c_stops_everything_and_resume_finishes(tmp_path: Path) -> None:
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, out[-3000:]
     assert "--resume" in out
-    assert not run_processes(str(cfg))
+    assert not run_processes(str(cfg.parent))
     res = subprocess.run(argv + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -130,7 +130,7 @@ def test_a_service_killed_mid_run_is_restarted_at_the_current_weights(tmp_path: 
             assert proc.poll() is None, proc.stdout.read()[-3000:] if proc.stdout else ""
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        rollout = [p for p in run_processes(str(cfg)) if "rollout" in p.info["cmdline"]]
+        rollout = [p for p in run_processes(str(cfg.parent)) if "rollout" in p.info["cmdline"]]
         assert len(rollout) == 1
         rollout[0].kill()
         out, _ = proc.communicate(timeout=600)
@@ -145,4 +145,4 @@ def test_a_service_killed_mid_run_is_restarted_at_the_current_weights(tmp_path: 
     assert steps == [0, 1, 2, 3]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["eval_after"]["engine_version"] == 4  # the revived service got every push
-    assert not run_processes(str(cfg))
+    assert not run_processes(str(cfg.parent))

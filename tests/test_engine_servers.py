@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from fakes.models import make_model_dir
 
+from rlrt.config import load_all
 from rlrt.engine_servers import EXT_ARGS, EngineServerError, EngineServers
-from rlrt.sections import load_all
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,8 @@ class Recorder:
         self.calls: list[dict] = []
         self.gate = gate
 
-    def __call__(self, rows, *, k, sampling, system_prompt, chat_template_kwargs) -> dict:
+    def __call__(self, rows, *, k, sampling, system_prompt, chat_template_kwargs,
+                 chat_template=None) -> dict:
         if self.gate is not None:
             self.gate.wait(30)
         self.calls.append({"n": len(rows), "k": k, "sampling": sampling,

@@ -1,4 +1,4 @@
-"""The trainer's update-group set-up (trainer/weight_sync_nccl.py) meets SGLang's own
+"""The trainer's update-group set-up (trainer/transports/nccl.py) meets SGLang's own
 `init_custom_process_group` -- the released sglang source (scripts/fetch-upstream.sh),
 loaded in isolation -- on gloo, each side in its own process (tests/helpers/
 rendezvous_roles.py): they form one group and a broadcast arrives. Also with two peers

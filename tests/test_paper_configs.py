@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rlrt.sections import SECTIONS, load_section
+from rlrt.config import SECTION_MODELS as SECTIONS
+from rlrt.config import load_section
 
 PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper"
 RUNS = ("rlrt", "grpo", "rlsd")

@@ -116,3 +116,67 @@ def test_rlrt_train_refuses_a_run_whose_redis_is_still_up(tmp_path: Path) -> Non
         assert redis.Redis.from_url(url).ping()  # untouched
     finally:
         live.stop()
+
+
+def _aof_with_writes(directory: Path, n: int = 200) -> Path:
+    server = EmbeddedRedis(directory)
+    url = server.start()
+    r = redis.Redis.from_url(url)
+    for i in range(n):
+        r.xadd("s", {"i": str(i), "pad": "x" * 40})
+    server.stop()  # SIGTERM: the AOF is flushed
+    return directory / "appendonly.aof"
+
+
+@pytest.mark.parametrize("damage", ["cut", "corrupt"])
+def test_a_damaged_aof_is_refused_with_the_repair_command_and_the_repair_works(
+        tmp_path: Path, damage: str) -> None:
+    """Redis 6.2 loads a cut AOF silently by default (dropping its tail): the embedded server
+    refuses it, one line names the repair, and the shipped repair (the server binary run as
+    redis-check-aof) brings back everything before the damage."""
+    from rlrt.redis_server import AofDamaged, repair_aof
+
+    d = tmp_path / "r"
+    aof = _aof_with_writes(d)
+    data = bytearray(aof.read_bytes())
+    if damage == "cut":
+        aof.write_bytes(data[: len(data) // 2])
+    else:
+        data[len(data) // 2: len(data) // 2 + 8] = b"ZZZZZZZZ"
+        aof.write_bytes(bytes(data))
+    with pytest.raises(AofDamaged) as e:
+        EmbeddedRedis(d).start()
+    kind = "cut short" if damage == "cut" else "corrupted"
+    assert str(e.value).startswith(f"the Redis append-only file {d.resolve()}/appendonly.aof "
+                                   f"is damaged ({kind}): Redis refused to load it")
+    assert f"rlrt redis --directory {d.resolve()} --fix-aof" in str(e.value)
+    assert "\n" not in str(e.value)
+
+    valid, said = repair_aof(d, fix=False)
+    assert not valid and "AOF is not valid" in said
+    valid, said = repair_aof(d, fix=True)
+    assert valid, said
+    backups = list(d.glob("appendonly.aof.damaged-*"))
+    assert len(backups) == 1 and backups[0].read_bytes()[:100] == bytes(data[:100])
+    assert repair_aof(d, fix=False)[0]
+
+    server = EmbeddedRedis(d)
+    url = server.start()
+    try:
+        got = [int(f[b"i"]) for _, f in redis.Redis.from_url(url).xrange("s")]
+        assert 0 < len(got) < 200 and got == list(range(len(got)))  # the prefix, in order
+    finally:
+        server.stop()
+
+
+def test_repairing_an_aof_a_live_server_serves_is_refused(tmp_path: Path) -> None:
+    from rlrt.redis_server import repair_aof
+
+    _aof_with_writes(tmp_path / "r", n=3)
+    live = EmbeddedRedis(tmp_path / "r")
+    live.start()
+    try:
+        with pytest.raises(RedisDirBusy, match=r"a redis-server \(pid \d+\) is serving"):
+            repair_aof(tmp_path / "r", fix=True)
+    finally:
+        live.stop()

@@ -40,9 +40,9 @@ from services.engines.service import build_service_app
 from services.rollout.config import RolloutConfig
 from services.verifier.config import VerifierConfig
 from trainer.checkpoint import safe_torch_load
-from trainer.config import MetricsConfig, TrainerConfig
+from trainer.config import MetricsConfig, ServiceEndpoint, TrainerConfig
 from trainer.metrics import MetricsSink
-from trainer.weight_push import WeightPusher
+from trainer.transports.disk import WeightPusher
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "tok-5d1f0a9c3e7b42aa"  # a token value that must never be printed
@@ -60,7 +60,8 @@ def test_saved_trainer_config_and_reprs_hide_the_token(tmp_path) -> None:  # noq
     assert "**********" in cfg.model_dump_json()
     # ... while the pusher still sends the real one.
     pusher = WeightPusher(cfg.push, tmp_path / "w", "run")
-    assert pusher._headers()["authorization"] == f"Bearer {SECRET}"
+    service = ServiceEndpoint(name="rollout", url="http://127.0.0.1:9")
+    assert pusher.client(service).headers["authorization"] == f"Bearer {SECRET}"
 
 
 def test_config_errors_never_show_a_secret(tmp_path, monkeypatch) -> None:  # noqa: ANN001
@@ -94,9 +95,8 @@ def test_redis_passwords_stay_out_of_logs() -> None:
 async def test_a_service_logs_its_redis_url_without_the_password(caplog) -> None:  # noqa: ANN001
     from services.engines.service import serve_engine_service
 
-    cfg = EngineServiceConfig(in_stream="i", out_stream="o", group="g", consumer="c",
-                              engine=EngineConfig(kind="sglang", url="http://127.0.0.1:9"),
-                              redis_url=f"redis://:{SECRET}@127.0.0.1:9/0", port=0)
+    cfg = RolloutConfig(consumer="c", engine=EngineConfig(kind="sglang", url="http://127.0.0.1:9"),
+                        redis_url=f"redis://:{SECRET}@127.0.0.1:9/0", port=0)
     stop = asyncio.Event()
     stop.set()  # start and stop at once: the start-up line is what this checks
     caplog.set_level("INFO")
@@ -319,6 +319,10 @@ def test_a_planted_deepspeed_checkpoint_is_refused(tmp_path) -> None:  # noqa: A
         state = torch.load(target, weights_only=False)
         state["planted"] = _Planted(marker)
         torch.save(state, target)
+    # An attacker who can plant a file can rewrite the manifest too (hashes are not a
+    # signature): refresh it, so the allow-list is the layer under test here.
+    from trainer.checkpoint import MANIFEST, _atomic_write
+    _atomic_write(d / MANIFEST, json.dumps(ckpt._manifest(d), indent=1))
     with pytest.raises(RuntimeError, match="allow-list"):
         ckpt.load(policy)
     assert not marker.exists()

@@ -51,7 +51,7 @@ def compose(tmp_path_factory) -> tuple[dict[str, Any], dict[str, str]]:
     project = compose_project(tmp_path_factory.mktemp("compose"))
     env = dict(line.split("=", 1) for line in (project.parent / "deploy" / "rlrt.env").read_text().splitlines()
                if line and not line.startswith("#"))
-    return compose_config(binary, project, "gpu", "cpu"), env
+    return compose_config(binary, project, "gpu", "cpu", "cpu-single"), env
 
 
 def test_compose_redis_requires_the_generated_password(compose) -> None:  # noqa: ANN001
@@ -63,7 +63,7 @@ def test_compose_redis_requires_the_generated_password(compose) -> None:  # noqa
     assert "requirepass $$REDIS_PASSWORD" in script and " - <<EOF" in script.split("\n")[0]
     assert redis["environment"]["REDIS_PASSWORD"] == env["REDIS_PASSWORD"] != "change-me-redis"
     assert "REDISCLI_AUTH" in " ".join(redis["healthcheck"]["test"])
-    for name in (*RLRT, "rlrt-cpu"):
+    for name in (*RLRT, *(f"cpu-{n}" for n in RLRT), "cpu-trainer-1", "rlrt-cpu"):
         url = urlparse(resolved["services"][name]["environment"]["REDIS_URL"])
         assert url.hostname == "redis" and url.password == env["REDIS_PASSWORD"], name
 

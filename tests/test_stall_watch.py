@@ -37,7 +37,7 @@ def test_a_frozen_verifier_is_named_and_the_run_stops_resumably(tmp_path: Path) 
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        verifier = next(p for p in run_processes(str(cfg_path))
+        verifier = next(p for p in run_processes(str(cfg_path.parent))
                         if "verifier" in " ".join(p.cmdline()) and "serve" in p.cmdline())
         verifier.send_signal(signal.SIGSTOP)
         while "stopping the trainer" not in log.read_text():
@@ -60,4 +60,4 @@ def test_a_frozen_verifier_is_named_and_the_run_stops_resumably(tmp_path: Path) 
     assert re.search(r"verifier: \S+ in flight, /readyz no answer", warn.group(3)), warn.group(3)
     assert re.search(r"rollout: \d+ in flight, /readyz 200", warn.group(3)), warn.group(3)
     assert "the run stalled" in text and "--resume" in text
-    assert not run_processes(str(cfg_path))
+    assert not run_processes(str(cfg_path.parent))

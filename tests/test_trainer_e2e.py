@@ -28,11 +28,17 @@ REQUIRED = [
 ]
 
 
-@pytest.fixture(params=[True, False], ids=["push-overlap", "push-sync"])
+# Every stream of the pipeline renamed in the one place stream names are set (bus.streams).
+RENAMED = {"prompts": "p2", "rollouts": "r2", "verified": "v2", "scored": "s2"}
+
+
+@pytest.fixture(params=[(True, {}), (False, {}), (True, RENAMED)],
+                ids=["push-overlap", "push-sync", "renamed-streams"])
 def run(request, tmp_path, redis_url, prefix):
     torch.set_num_threads(1)
+    overlap, streams = request.param
     model = save_tiny_policy(tmp_path / "policy")
-    bus = BusSettings(redis_url=redis_url, prefix=prefix)
+    bus = BusSettings(redis_url=redis_url, prefix=prefix, streams=streams)
     standin = StandinPipeline(model, bus, token="tok")
     with standin.running() as url:
         cfg = TrainerConfig(
@@ -42,10 +48,26 @@ def run(request, tmp_path, redis_url, prefix):
             algorithm={"preset": "rlrt"}, torch_threads=1, micro_batch_size=4,
             data={"source": "countdown", "num_prompts": 30},
             push={"services": [{"name": "standin", "url": url}], "control_token": "tok",
-                  "overlap": request.param},
+                  "overlap": overlap},
             checkpoint={"every": 2}, metrics={"prometheus_port": 0})
         summary = run_trainer(cfg, bus)
     return cfg, summary, standin
+
+
+def test_renamed_streams_carry_the_whole_run(run, redis_url):
+    """A stream renamed in bus.streams is the one the trainer and the pipeline use: the run
+    completes on the new names and nothing touches the old ones."""
+    import redis
+
+    cfg, summary, standin = run
+    streams = standin.bus_cfg.streams
+    r = redis.Redis.from_url(redis_url)
+    prefix = standin.bus_cfg.prefix
+    used = {k.decode().split(":")[1] for k in r.scan_iter(f"{prefix}:*")}
+    assert summary["completed"]
+    assert {streams.get(s, s) for s in ("prompts", "scored", "verified")} <= used
+    renamed_away = {s for s, name in streams.items() if name != s}
+    assert not renamed_away & used, sorted(renamed_away & used)
 
 
 def test_a_run_trains_pushes_logs_checkpoints_and_exports(run):

@@ -1,4 +1,4 @@
-"""The trainer's half of an NCCL weight update (trainer/weight_sync_nccl.py), run over gloo
+"""The trainer's half of an NCCL weight update (trainer/transports/nccl.py), run over gloo
 on CPU against a receiver process that plays the service + engine and joins with SGLang's
 released `init_custom_process_group` (tests/helpers/nccl_receiver.py): bucket metadata sized by ds_numel under ZeRO-3, the broadcasts matching
 it tensor for tensor, group reuse, and a refusal reported at once (no rendezvous wait).
@@ -20,7 +20,7 @@ from helpers.update_case import case_batch, case_config
 from helpers.upstream import package_dir
 
 from trainer import dist
-from trainer.config import PushConfig, ServiceEndpoint
+from trainer.config import NcclPush, ServiceEndpoint
 from trainer.dist import free_port
 from trainer.model import (
     build_policy,
@@ -29,8 +29,8 @@ from trainer.model import (
     numel_of,
     plan_buckets,
 )
+from trainer.transports.nccl import _PEERS, nccl_push_all
 from trainer.update import update_step
-from trainer.weight_sync_nccl import _PEERS, nccl_push_all
 
 TESTS = Path(__file__).parent
 
@@ -75,9 +75,9 @@ def test_buckets_are_sized_by_ds_numel_under_zero3(policy):
 def test_nccl_push_broadcasts_every_bucket_and_reuses_the_group(policy, receiver):
     p, cfg = policy
     _PEERS.clear()
-    push = PushConfig(mode="nccl", nccl_backend="gloo", bucket_mb=0.02, nccl_timeout_s=60,
-                      master_port=free_port(), control_token="t",
-                      services=[ServiceEndpoint(name="rollout", url=receiver, engine="sglang")])
+    push = NcclPush(nccl_backend="gloo", bucket_mb=0.02, nccl_timeout_s=60,
+                    master_port=free_port(), control_token="t",
+                    services=[ServiceEndpoint(name="rollout", url=receiver, engine="sglang")])
 
     def check(version: int) -> None:
         res = nccl_push_all(p, push, version=version, dtype=torch.float32)
@@ -110,7 +110,7 @@ def test_a_data_parallel_sglang_server_is_refused_with_the_reason():
     from fastapi import FastAPI
     from helpers.trainer_standin import serve
 
-    from trainer.weight_sync_nccl import Peer
+    from trainer.transports.nccl import Peer
 
     app = FastAPI()
 
@@ -118,8 +118,7 @@ def test_a_data_parallel_sglang_server_is_refused_with_the_reason():
     def version() -> dict:  # what a rollout service in front of `--dp-size 3` reports
         return {"version": 0, "engine": {"engine_world_size": 3, "dp_size": 3}}
 
-    push = PushConfig(mode="nccl", services=[ServiceEndpoint(name="rollout", url="http://x",
-                                                             engine="sglang")])
+    push = NcclPush(services=[ServiceEndpoint(name="rollout", url="http://x", engine="sglang")])
     with serve(app) as url:
         svc = ServiceEndpoint(name="rollout", url=url, engine="sglang")
         with pytest.raises(RuntimeError, match="dp_size=3.*one server per replica"):

@@ -13,8 +13,8 @@ from helpers.trainer_standin import Controls, serve, weights_app
 
 from protocol.messages import WeightUpdate
 from protocol.weights import load_weights_dir
-from trainer.config import PushConfig, ServiceEndpoint
-from trainer.weight_push import WeightPusher
+from trainer.config import DiskPush, ServiceEndpoint
+from trainer.transports.disk import WeightPusher
 
 TOKEN = "secret"
 
@@ -43,8 +43,8 @@ def services():
 
 
 def pusher(tmp_path, urls, **kw) -> WeightPusher:
-    cfg = PushConfig(services=[ServiceEndpoint(name=f"s{i}", url=u) for i, u in enumerate(urls)],
-                     control_token=kw.pop("token", TOKEN), retry_backoff_s=0.05, **kw)
+    cfg = DiskPush(services=[ServiceEndpoint(name=f"s{i}", url=u) for i, u in enumerate(urls)],
+                   control_token=kw.pop("token", TOKEN), retry_backoff_s=0.05, **kw)
     return WeightPusher(cfg, tmp_path / "weights", "run", extra_files={"config.json": "{}"})
 
 

@@ -5,7 +5,7 @@ package (the trainer image's pin, fetched by scripts/fetch-upstream.sh), read wi
   the body keys it sends; `init_info` holds only fields of NCCLWeightTransferInitInfo (with
   `packed` there: a group parameter) and every required one; `update_info` holds exactly
   NCCLWeightTransferUpdateInfo's fields;
-- trainer side (trainer/weight_sync_nccl.py): `vllm.distributed.weight_transfer.nccl_common.
+- trainer side (trainer/transports/nccl.py): `vllm.distributed.weight_transfer.nccl_common.
   trainer_init` exists, reads only the keys we pass, and PyNccl's broadcast takes
   (tensor, src, stream); the removed `NCCLWeightTransferEngine.trainer_init/
   trainer_send_weights` are not used.
@@ -118,7 +118,7 @@ def test_the_fakes_nccl_fields_are_vllms(src) -> None:
 
 
 def test_trainer_side_uses_vllms_current_api(src) -> None:
-    from trainer import weight_sync_nccl as ours
+    from trainer.transports import nccl as ours
 
     ours_src = Path(ours.__file__).read_text()
     assert "NCCLWeightTransferEngine" not in ours_src  # trainer_init/trainer_send_weights: gone

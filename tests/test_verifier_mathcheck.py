@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.verifier.mathcheck import check_math, extract_answer, final_answer_line, last_boxed
+from services.verifier.extract import final_answer_line, last_boxed
+from services.verifier.mathcheck import check_math
 
 B = r"\boxed"
 
@@ -133,4 +134,5 @@ def test_last_boxed_handles_escaped_braces_and_deep_nesting() -> None:
 def test_answer_line_takes_the_last_anchor() -> None:
     assert final_answer_line("answer: 3\nthen\nFinal answer: 4") == "4"
     assert final_answer_line("the answers are many") is None
-    assert extract_answer("answer: 3 \\boxed{9}") == ("9", "boxed")
+    r = check_math("answer: 3 \\boxed{9}", "9")  # a box beats an answer line before it
+    assert (r.correct, r.detail) == (True, "boxed")

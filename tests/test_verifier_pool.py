@@ -113,7 +113,7 @@ def test_memory_cap_is_set_on_workers(pool: VerifyPool) -> None:
 
 
 def test_memory_error_answers_error_and_asks_for_a_fresh_worker(monkeypatch: pytest.MonkeyPatch) -> None:
-    def hog(task: str, response: str, reference: str):
+    def hog(task: str, response: str, reference: str, policy: str | None = None):
         raise MemoryError
 
     monkeypatch.setattr(sandbox.core, "check", hog)

@@ -1,6 +1,6 @@
-"""TrainerConfig: every knob of the trainer process. Section `trainer` of the run's YAML,
-environment `RLRT_TRAINER__*` (nested with `__`, e.g. `RLRT_TRAINER__ALGORITHM__LAM=0.3`,
-`RLRT_TRAINER__PUSH__EVERY=2`).
+"""TrainerConfig: every knob of the trainer process. Section `trainer` of the run's config,
+resolved with the rest (protocol/config.py: `--set trainer.push.every=2`, or its environment
+form `RLRT_TRAINER__PUSH__EVERY=2`; the top-level `model` and `data` fill model_path and data).
 
     trainer:
       model_path: runs/boot/model
@@ -19,12 +19,12 @@ Sub-sections are plain pydantic models; their fields are documented where declar
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from protocol.config import RLRTSettings, Secret
+from protocol.config import DEFAULT_RUN_DIR, RLRTSettings, Secret, trainer_output_dir
 from protocol.messages import SamplingParams
 from tasks.data import DataConfig
 from trainer.algorithm import AlgorithmConfig
@@ -53,17 +53,18 @@ class ServiceEndpoint(_Section):
     )
 
 
-class PushConfig(_Section):
-    """How new weights reach the services after an optimizer step."""
+class DiskPush(_Section):
+    """`push.mode: disk` (the default), and what every push mode shares: new weights reach the
+    services after an optimizer step as an atomic safetensors directory (sha256 manifest)
+    whose path is POSTed to each service's /v1/weights (trainer/transports/disk.py)."""
 
-    every: int = Field(1, ge=1, description="push after every `every` optimizer steps")
-    mode: Literal["disk", "nccl"] = Field(
+    mode: Literal["disk"] = Field(
         "disk",
-        description="disk: write an atomic safetensors directory (sha256 manifest) and POST "
-        "its path to each service's /v1/weights (CPU and GPU); nccl: POST the bucket list "
-        "(format nccl) and broadcast the buckets into the services' SGLang / vLLM servers "
-        "(GPU only; docs/trainer.md, docs/engines.md)",
+        description="how weights travel, each mode with its own knobs: disk (CPU and GPU; this "
+        "one) or nccl (GPU: broadcast into the services' SGLang / vLLM servers, NcclPush; "
+        "docs/trainer.md, docs/engines.md)",
     )
+    every: int = Field(1, ge=1, description="push after every `every` optimizer steps")
     services: list[ServiceEndpoint] = Field(
         default_factory=list, description="services to update; empty = none (offline training)"
     )
@@ -79,7 +80,7 @@ class PushConfig(_Section):
     )
     overlap: bool = Field(
         True,
-        description="disk mode: write the directory before the next optimizer step, then let "
+        description="disk pushes: write the directory before the next optimizer step, then let "
         "the services load it in the background (the trainer waits for it at the start of "
         "the next step, before publishing that step's prompts, and at the end). A service drains its "
         "in-flight generations before swapping weights, so a synchronous push waits for them. "
@@ -125,27 +126,83 @@ class PushConfig(_Section):
     canary_sequences: int = Field(4, ge=1, le=64, description="canary: number of sequences")
     canary_tokens: int = Field(32, ge=2, le=1024, description="canary: tokens per sequence")
     bucket_mb: float = Field(
-        512, gt=0, description="nccl mode: size of one broadcast bucket, in MiB (sized by ds_numel)"
+        512, gt=0, description="size of one bucket of gathered weights, in MiB (sized by "
+        "ds_numel): a ZeRO-3 gather holds one bucket at a time; nccl mode broadcasts per bucket"
+    )
+    # The rendezvous address is a fact of the deployment, not of the mode: compose and the
+    # Kubernetes manifests set it for either mode, so that switching to nccl is one line.
+    master_address: str = Field(
+        "127.0.0.1", description="nccl mode: address the trainer's rendezvous store listens on "
+        "(accepted in disk mode, unused)"
+    )
+    master_port: int = Field(
+        29600, ge=1, le=65535, description="nccl mode: first port (one per engine: port + index; "
+        "accepted in disk mode, unused)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _other_modes_knobs(cls, values: Any) -> Any:
+        """A knob of another mode: say which mode it belongs to (pydantic would say only
+        'extra inputs are not permitted')."""
+        if isinstance(values, dict):
+            mode = values.get("mode", "disk")
+            for other in _PUSH_MODES.values():
+                wrong = sorted(set(values) & (set(other.model_fields) - set(cls.model_fields)))
+                if wrong:
+                    raise ValueError(
+                        f"push.{', push.'.join(wrong)}: knob(s) of push.mode "
+                        f"{other.model_fields['mode'].default}, and this push is mode {mode}: "
+                        "remove them, or set that mode")
+        return values
+
+
+class NcclPush(DiskPush):
+    """`push.mode: nccl` (GPU only): broadcast the buckets into the services' SGLang / vLLM
+    servers over an NCCL group per service, after POSTing the bucket list (format nccl) to
+    each service's /v1/weights; the first push, every `disk_every`-th, and a retry for any
+    service an NCCL push failed go by disk (trainer/transports/fallback.py)."""
+
+    mode: Literal["nccl"] = Field(  # type: ignore[assignment]
+        "nccl", description="nccl: the NCCL broadcast with its disk fallback (see DiskPush.mode)"
     )
     disk_every: int = Field(
         10,
         ge=0,
-        description="nccl mode: every n-th push goes by disk instead (and the first one, and a "
-        "retry for any service an NCCL push failed): the directory a failed NCCL update "
-        "rolls back to (docs/engines.md); 0 = only the first and the fallbacks",
+        description="every n-th push goes by disk instead (and the first one, and a retry for "
+        "any service an NCCL push failed): the directory a failed NCCL update rolls back to "
+        "(docs/engines.md); 0 = only the first and the fallbacks",
     )
-    master_address: str = Field(
-        "127.0.0.1", description="nccl mode: address the trainer's rendezvous store listens on"
-    )
-    master_port: int = Field(
-        29600, ge=1, le=65535, description="nccl mode: first port (one per engine: port + index)"
-    )
-    nccl_timeout_s: float = Field(600.0, gt=0, description="nccl mode: group init / broadcast timeout")
+    nccl_timeout_s: float = Field(600.0, gt=0, description="group init / broadcast timeout")
     nccl_backend: Literal["nccl", "gloo"] = Field(
         "nccl",
-        description="nccl mode, SGLang-kind services: torch backend of the update group; "
-        "gloo only to exercise the same sequence on CPU (tests)",
+        description="SGLang-kind services: torch backend of the update group; gloo only to "
+        "exercise the same sequence on CPU (tests)",
     )
+
+    @model_validator(mode="after")
+    def _engines_named(self) -> NcclPush:
+        for s in self.services:
+            if s.engine is None:
+                raise ValueError(f"push.mode=nccl needs engine (sglang|vllm) for service {s.name!r}")
+        return self
+
+
+_PUSH_MODES: dict[str, type[DiskPush]] = {"disk": DiskPush, "nccl": NcclPush}
+
+
+def _push_mode(value: Any) -> str:
+    """The mode of a push section (a mapping from YAML/env, or a model); unset = disk."""
+    mode = value.get("mode", "disk") if isinstance(value, dict) else getattr(value, "mode", "disk")
+    return mode if mode in _PUSH_MODES else str(mode)
+
+
+# The `push` section: one model per mode, chosen by `mode` (a pydantic discriminated union);
+# trainer/transports/__init__.py (make_transport) builds the matching WeightTransport.
+PushConfig = Annotated[
+    Annotated[DiskPush, Tag("disk")] | Annotated[NcclPush, Tag("nccl")],
+    Discriminator(_push_mode),
+]
 
 
 class CheckpointConfig(_Section):
@@ -164,12 +221,15 @@ class WandbConfig(_Section):
     `project` is set. The run's id is kept in <output_dir>/wandb-run-id, so a resumed run
     continues the same W&B run."""
 
-    project: str | None = Field(None, description="W&B project; None = no W&B logging")
-    mode: Literal["online", "offline", "disabled"] = Field(
-        "online", description="online: stream to the server (WANDB_API_KEY or `wandb login`); "
-        "offline: write <output_dir>/wandb only (upload later with `wandb sync`); disabled: no-op",
+    project: str | None = Field(
+        None, description="W&B project; None = $WANDB_PROJECT, and without it no W&B logging")
+    mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="online: stream to the server (WANDB_API_KEY or `wandb login`); "
+        "offline: write <output_dir>/wandb only, no key needed (upload later with `wandb "
+        "sync`); disabled: no-op. None = $WANDB_MODE, else online",
     )
-    entity: str | None = Field(None, description="W&B team or user; None = your default entity")
+    entity: str | None = Field(
+        None, description="W&B team or user; None = $WANDB_ENTITY, else your default entity")
     name: str | None = Field(None, description="run name; None = the trainer's run_id")
     group: str | None = Field(None, description="W&B group (e.g. one per study)")
     tags: list[str] = Field(default_factory=list, description="W&B tags")
@@ -202,7 +262,7 @@ class TrainerConfig(RLRTSettings):
     )
     data: DataConfig = Field(
         default_factory=DataConfig,
-        description="the run's top-level `data` section (put there by rlrt/sections.py); set "
+        description="the run's top-level `data` section (put here by protocol/config.py resolve); set "
         "here only to train on other data than the run evaluates and serves",
     )
 
@@ -313,6 +373,13 @@ class TrainerConfig(RLRTSettings):
         "tolerated while collecting one step before the run stops with an error naming the "
         "versions seen; None = 8 * (max_staleness + 1) * prompts_per_step",
     )
+    dead_letter_tolerance: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="share of the admitted groups a service may dead-letter (e.g. a reward "
+        "function that raises on some responses) before the run stops; 0 = the first one stops "
+        "it within seconds, with its error and where its traceback is (trainer/driver.py). "
+        "Groups lost within the tolerance are replaced",
+    )
     max_groups_without_context: int = Field(
         32,
         ge=1,
@@ -332,9 +399,15 @@ class TrainerConfig(RLRTSettings):
     # ---- run ---------------------------------------------------------------------------------
     total_steps: int = Field(100, ge=1, description="optimizer steps of the run")
     seed: int = Field(0, description="seeds data order, sampling seeds and torch")
-    output_dir: str = Field("runs/default/trainer", description="metrics, weights, checkpoints, final model")
+    output_dir: str = Field(
+        trainer_output_dir(DEFAULT_RUN_DIR),
+        description="metrics, weights, checkpoints, final model; a resolved config defaults it "
+        "to <run.dir>/trainer (protocol/config.py), so a run's outputs share its one folder",
+    )
     export_final: bool = Field(True, description="save_pretrained the final model to <output_dir>/final")
-    push: PushConfig = Field(default_factory=PushConfig)
+    push: PushConfig = Field(
+        default_factory=DiskPush, description="how new weights reach the services: push.mode "
+        "disk (default) or nccl, each with its own knobs (DiskPush, NcclPush)")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
@@ -354,10 +427,6 @@ class TrainerConfig(RLRTSettings):
                 f"push.every: 1 -- with push.every={self.push.every} the teacher never serves "
                 "the version of s_t; set algorithm.teacher_version: any to accept a lagging "
                 "teacher (reported as teacher_version_lag)")
-        if self.push.mode == "nccl":
-            for s in self.push.services:
-                if s.engine is None:
-                    raise ValueError(f"push.mode=nccl needs engine (sglang|vllm) for service {s.name!r}")
         return self
 
     # ---- derived paths -------------------------------------------------------------------------

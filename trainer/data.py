@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.base import Row, render_prompt
-from tasks.data import DataConfig, DataError, describe, load_table, to_row
+from tasks.base import Row, render_row
+from tasks.data import DataConfig, DataError, describe, load_table, missing_fields, to_row
 
 log = logging.getLogger("rlrt.trainer.data")
 
@@ -51,6 +51,11 @@ class PromptSource:
         self.seed = seed
         self.report_path = Path(report_path) if report_path else None
         self.rows: Any = load_table(cfg, seed=seed)
+        # A misnamed column makes every row unusable: one error naming the columns there are,
+        # not a skipped-row warning per row before it.
+        missing = missing_fields(self.rows, cfg)
+        if missing:
+            raise DataError(f"data {describe(cfg)}{missing}")
         self.task = cfg.task
         self.skipped: Counter[str] = Counter()
         self._reported: set[int] = set()
@@ -79,16 +84,17 @@ class PromptSource:
     def _row(self, index: int) -> dict[str, Any]:
         return dict(self.rows[index])
 
-    def render(self, prompt: str) -> list[int]:
-        return render_prompt(self.tokenizer, prompt, system_prompt=self.cfg.system_prompt,
-                             chat_template_kwargs=self.cfg.chat_template_kwargs)
+    def render(self, row: Row) -> list[int]:
+        return render_row(self.tokenizer, row, system_prompt=self.cfg.system_prompt,
+                          chat_template_kwargs=self.cfg.chat_template_kwargs,
+                          chat_template=self.cfg.chat_template)
 
     def parse(self, index: int) -> tuple[Row | None, list[int], str | None]:
         """The row at `index` as (row, prompt_ids, None), or (None, [], why it is unusable)."""
         row = to_row(self._row(index), index, self.cfg)
         if isinstance(row, str):
             return None, [], row
-        ids = self.render(row.prompt)
+        ids = self.render(row)
         if len(ids) > self.max_prompt_tokens:
             return None, ids, "overflow"
         return row, ids, None

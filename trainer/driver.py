@@ -32,6 +32,14 @@ Teacher context from the data. When the preset's context comes from a dataset fi
 without that field stop the run with the reason at admission, before anything is sampled:
 such a run would otherwise train on all-zero advantages (opsd) or never re-weight.
 
+Dead letters. A service that cannot process a message (a user's reward function raised, a
+prompt the engine refuses) dead-letters it to `<stream>:dead` and keeps going; the group never
+arrives. While it waits, the driver reads the dead-letter streams every `dead_check_s` for
+groups of this run (its run id and nonce, a task still in flight) and stops the run at once with
+the first failure's message and where its traceback is, unless `dead_tolerance` allows that
+share of the admitted groups: then the group is counted (`dead_lettered`) and replaced.
+Without this the trainer waited `wait_timeout_s` (15 minutes) on a bug that repeats.
+
 Ids. Task k's msg_id derives from (run_id, nonce, k): a resumed run that re-admits task k
 publishes the same msg_id, which the bus drops as a duplicate, so no prompt goes out twice.
 The nonce is new for each fresh run (kept in checkpoints), so a fresh run on the same Redis
@@ -45,8 +53,11 @@ import logging
 import time
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import msgpack
 
 from protocol.bus import Bus
 from protocol.estimators import get_adv_est
@@ -58,6 +69,7 @@ from protocol.messages import (
     VerifiedGroup,
     derive_id,
 )
+from protocol.topology import STAGES, STREAMS
 from trainer.data import PromptSource
 from trainer.inbox import Inbox, InboxTimeout
 
@@ -129,7 +141,8 @@ class Driver:
                  teacher: TeacherRequest, wait_timeout_s: float, publish_timeout_s: float,
                  max_dropped: int | None = None, state: DriverState | None = None,
                  teacher_version: str = "any", rescore_stream: str | None = None,
-                 max_without_context: int = 32) -> None:
+                 max_without_context: int = 32, dead_tolerance: float = 0.0,
+                 dead_streams: Sequence[str] | None = None, dead_check_s: float = 2.0) -> None:
         self.bus = bus
         self.stream = prompts_stream
         self.inbox = inbox
@@ -141,7 +154,10 @@ class Driver:
         self.zero_variance = zero_variance
         self.backfill_max = backfill_max
         self.sampling = sampling
-        self.teacher = teacher
+        # The teacher renders its context the way the student's prompt was rendered.
+        chat_template = getattr(source.cfg, "chat_template", None)
+        self.teacher = (teacher if teacher.chat_template or chat_template is None
+                        else teacher.model_copy(update={"chat_template": chat_template}))
         self.wait_timeout_s = wait_timeout_s
         self.publish_timeout_s = publish_timeout_s
         self.state = state or DriverState()
@@ -157,6 +173,14 @@ class Driver:
         self.rescore_stream = rescore_stream
         self.max_without_context = max_without_context
         self._without_context = 0  # consecutive admitted rows lacking the context field
+        self.dead_tolerance = dead_tolerance
+        # logical name -> Redis key of each dead-letter stream watched (the pipeline's streams)
+        self.dead_streams = ({k: k for k in dead_streams} if dead_streams is not None
+                             else {n: bus.cfg.stream(n) + ":dead" for n in STREAMS})
+        self.dead_check_s = dead_check_s
+        self._dead_seen: dict[str, str] = {}  # dead stream -> last entry id read
+        self._dead_tasks: set[int] = set()  # task indices lost to a dead letter
+        self._dead_checked = float("-inf")
 
     # ------------------------------------------------------------------ admission
     def allowance(self, version: int) -> int:
@@ -176,6 +200,8 @@ class Driver:
             # of sibling), so a rerun of the same run id and seed reproduces the same groups.
             prompt_id=drawn.row.prompt_id, group_id=derive_id(self.run_id, f"group/{k}"),
             prompt_text=drawn.row.prompt, prompt_ids=drawn.prompt_ids, answer=drawn.row.answer,
+            prompt_history=[dict(m) for m in drawn.row.messages[:-1]] if drawn.row.messages
+            else None,
             solution=drawn.row.solution, task=drawn.row.task, group_size=self.G,
             sampling=sampling, policy_version=version, teacher=self.teacher,
             meta={"task_index": k, "nonce": self.state.nonce, "row": drawn.index,
@@ -224,9 +250,18 @@ class Driver:
             if newest_version(g) <= version:
                 del self.deferred[i]
                 return g
-        try:
-            return await self.inbox.get(self.wait_timeout_s, stop)
-        except InboxTimeout:
+        deadline = time.monotonic() + self.wait_timeout_s
+        while True:
+            if await self.check_dead_letters():
+                await self.top_up(version)  # the replacements of groups lost within tolerance
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0:
+                    raise InboxTimeout
+                return await self.inbox.get(min(left, self.dead_check_s), stop)
+            except InboxTimeout:
+                if time.monotonic() < deadline:
+                    continue
             raise DriverError(
                 f"waited {self.wait_timeout_s:.0f} s for a ScoredGroup for step {version} "
                 f"({used}/{self.P} received; {len(self.state.inflight)} tasks in flight on "
@@ -234,6 +269,73 @@ class Driver:
                 f"is every service (rollout, verifier, teacher) running? Check the "
                 f"dead-letter streams '<stream>:dead'."
             ) from None
+
+    # ------------------------------------------------------------------ dead letters
+    async def check_dead_letters(self, *, force: bool = False) -> int:
+        """Read the dead-letter streams (at most every dead_check_s); for each new entry that
+        is one of this run's tasks in flight: stop (DriverError) beyond the tolerance, else
+        count it and admit a replacement. Returns how many were found."""
+        now = time.monotonic()
+        if not force and now - self._dead_checked < self.dead_check_s:
+            return 0
+        self._dead_checked = now
+        found = 0
+        for logical, key in self.dead_streams.items():
+            start = f"({self._dead_seen[key]}" if key in self._dead_seen else "-"
+            for entry_id, fields in await self.bus.r.xrange(key, min=start, max="+", count=1000):
+                self._dead_seen[key] = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                k = self._our_task(fields)
+                if k is None:
+                    continue
+                found += 1
+                self._lost(k, logical, key, fields)
+        return found
+
+    def _our_task(self, fields: dict) -> int | None:
+        """The task index of a dead-lettered message of this run still in flight, else None
+        (another run's, an evaluation's, a claim-checked payload already expired)."""
+        raw = fields.get(b"d")
+        if raw is None:
+            return None
+        try:
+            obj = msgpack.unpackb(raw, raw=False)
+        except Exception:  # noqa: BLE001 - not ours to judge: the bus names undecodable ones
+            return None
+        if not isinstance(obj, dict):
+            return None
+        # A group carries its PromptTask under "task"; a PromptTask's own "task" is its name.
+        task = obj["task"] if isinstance(obj.get("task"), dict) else obj
+        meta = task.get("meta")
+        if not isinstance(meta, dict) or task.get("run_id") != self.run_id \
+                or meta.get("nonce") != self.state.nonce:
+            return None
+        k = meta.get("task_index")
+        if not isinstance(k, int) or k not in self.state.inflight or k in self._dead_tasks:
+            return None
+        return k
+
+    def _lost(self, k: int, logical: str, key: str, fields: dict) -> None:
+        self._dead_tasks.add(k)
+        del self.state.inflight[k]
+        self.state.totals["dead_lettered"] = self.state.totals.get("dead_lettered", 0) + 1
+        error = fields.get(b"error", b"").decode(errors="replace").strip()
+        lines = [ln for ln in error.splitlines() if ln.strip()]
+        summary = lines[0] if lines else "(no error text)"
+        if len(lines) > 1 and lines[-1] not in summary:
+            summary += f" ... {lines[-1].strip()}"
+        reader = next((st.name for st in STAGES.values() if st.in_stream == logical), logical)
+        lost = len(self._dead_tasks)
+        if lost > self.dead_tolerance * max(self.state.admitted, 1):
+            raise DriverError(
+                f"the {reader} dead-lettered a group of this run (task {k}): {summary} -- "
+                f"traceback: the {reader}'s log (logs/{reader}.log in the run directory) and "
+                f"the 'error' field of `redis-cli XRANGE {key} - +`. {lost} of "
+                f"{self.state.admitted} groups lost; trainer.dead_letter_tolerance "
+                f"({self.dead_tolerance:g}) is the share allowed")
+        log.warning("the %s dead-lettered task %d (%d of %d groups lost, within the tolerance "
+                    "%g); a replacement is admitted: %s", reader, k, lost, self.state.admitted,
+                    self.dead_tolerance, summary)
+        self.state.replacements += 1
 
     def _defer(self, g: ScoredGroup) -> None:
         """Hold a group sampled by weights newer than the trainer's (a run resumed from an

@@ -1,6 +1,8 @@
 """The trainer process. Entry point: `run_trainer(cfg, bus, resume=...)`, called on every rank
 (one process per device; a plain single process needs no launcher).
 
+Rank 0 runs the loop (`_RankZeroLoop`); what every rank does together (the update, gathers,
+checkpoints) is in trainer/collectives.py, and how weights travel in trainer/transports/.
 One step t (the policy is at version t), orchestrated by rank 0:
 
     driver.collect(t)          admit PromptTasks (bounded by max_staleness), take ScoredGroups
@@ -34,81 +36,29 @@ from protocol.bus import Bus
 from protocol.canary import Canary
 from protocol.config import BusSettings
 from protocol.messages import ScoredGroup
+from protocol.topology import STAGES
 from trainer import dist
 from trainer.batch import build_batch
-from trainer.canary import canary_dtype, canary_logprobs, fixed_sequences
+from trainer.bus_sync import inbox_key, mark, resync
+from trainer.canary import canary_dtype, fixed_sequences
 from trainer.checkpoint import Checkpointer
+from trainer.collectives import CollectiveOps, RankZero, push_dtype
 from trainer.config import TrainerConfig
 from trainer.data import PromptSource
 from trainer.driver import Driver, DriverState
+from trainer.fingerprint import check_resume, fingerprint, record_config
 from trainer.inbox import Inbox
 from trainer.metrics import MetricsSink
-from trainer.model import DTYPES, Policy, build_policy, export_pretrained, full_state_dict
-from trainer.reference import Reference, build_reference
+from trainer.model import build_policy
+from trainer.output_lock import OutputLock
+from trainer.reference import build_reference
 from trainer.stats import batch_stats, collect_stats, trained_record
-from trainer.update import train_step
-from trainer.weight_push import PushResult, WeightPusher
+from trainer.transports import PushResult, make_transport
 
 log = logging.getLogger("rlrt.trainer")
 
-CONSUMER_GROUP = "trainer"
-
-
 class TrainerError(RuntimeError):
     pass
-
-
-def _push_dtype(cfg: TrainerConfig, policy: Policy) -> torch.dtype:
-    return policy.dtype if cfg.push.dtype == "auto" else DTYPES[cfg.push.dtype]
-
-
-class _Collective:
-    """The work every rank does together. Rank 0 announces each call by broadcast; the other
-    ranks loop in `follow()` and run the same call, so collectives always pair up."""
-
-    def __init__(self, cfg: TrainerConfig, policy: Policy, ckpt: Checkpointer,
-                 tokenizer: Any, reference: Reference | None = None) -> None:
-        self.cfg = cfg
-        self.policy = policy
-        self.ckpt = ckpt
-        self.tokenizer = tokenizer
-        self.reference = reference  # the frozen KL reference (kl_coef > 0), else None
-
-    def run(self, op: str, *args: Any) -> Any:
-        if op == "train":
-            batch, step = args
-            return train_step(self.cfg, self.policy, batch, step, self.reference)
-        if op == "gather":
-            # No copy: the push completes before the next optimizer step touches the weights.
-            return full_state_dict(self.policy, _push_dtype(self.cfg, self.policy),
-                                   bucket_bytes=int(self.cfg.push.bucket_mb * 1024**2),
-                                   copy=False)
-        if op == "nccl":
-            from trainer.weight_sync_nccl import nccl_push_all
-
-            return nccl_push_all(self.policy, self.cfg.push, version=args[0], canary=args[1],
-                                 dtype=_push_dtype(self.cfg, self.policy),
-                                 run_id=self.cfg.run_id)
-        if op == "canary":
-            return canary_logprobs(self.policy, args[0])
-        if op == "ckpt":
-            step, state = args
-            return self.ckpt.save(self.policy, step, state)
-        if op == "export":
-            return export_pretrained(self.policy, self.cfg.out / "final", self.tokenizer)
-        raise ValueError(f"unknown collective {op!r}")
-
-    def lead(self, op: str, *args: Any) -> Any:
-        """Rank 0: announce and run. Blocking; called through asyncio.to_thread."""
-        dist.broadcast_object((op, args))
-        return self.run(op, *args)
-
-    def follow(self) -> None:
-        while True:
-            op, args = dist.broadcast_object()
-            if op == "stop":
-                return
-            self.run(op, *args)
 
 
 def _seed_all(seed: int) -> None:
@@ -121,10 +71,27 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_trainer(cfg: TrainerConfig, bus: BusSettings, *, resume: bool = False) -> dict[str, Any]:
-    """Run (or, with `resume`, continue from the latest checkpoint) the training loop.
-    Returns a summary on rank 0 ({} on the other ranks). Raises on unrecoverable errors
-    (DriverError: the pipeline stopped delivering; TrainerError; config errors)."""
+def run_trainer(cfg: TrainerConfig, bus: BusSettings, *, resume: bool = False,
+                resume_from: int | None = None, allow_config_change: bool = False
+                ) -> dict[str, Any]:
+    """Run (or, with `resume`, continue from the newest checkpoint that verifies; with
+    `resume_from`, from that step's) the training loop. Returns a summary on rank 0 ({} on the
+    other ranks). Raises on unrecoverable errors (DriverError: the pipeline stopped
+    delivering; TrainerError; config errors; ConfigChanged: a resume that would change what
+    the run trains, unless `allow_config_change`; DirBusy: another trainer writes to the
+    output folder)."""
+    import contextlib
+    import os
+
+    # Rank 0 holds the output folder for the run (trainer/output_lock.py).
+    first = os.environ.get("RANK", "0") == "0"
+    with OutputLock(cfg.out) if first else contextlib.nullcontext():
+        return _run_trainer(cfg, bus, resume=resume or resume_from is not None,
+                            resume_from=resume_from, allow_config_change=allow_config_change)
+
+
+def _run_trainer(cfg: TrainerConfig, bus: BusSettings, *, resume: bool,
+                 resume_from: int | None, allow_config_change: bool) -> dict[str, Any]:
     from trainer.model import resolve_device
 
     device = resolve_device(cfg)
@@ -141,40 +108,53 @@ def run_trainer(cfg: TrainerConfig, bus: BusSettings, *, resume: bool = False) -
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path or cfg.model_path)
     policy = build_policy(cfg, rank=rank, world_size=world, device=device)
     ckpt = Checkpointer(cfg.checkpoint_root, cfg.checkpoint.keep)
-    state = ckpt.load(policy) if resume else None
+    state = ckpt.load(policy, step=resume_from) if resume else None
     if resume and state is None:
         log.warning("--resume: no checkpoint in %s; starting a fresh run", ckpt.root)
+    changed = check_resume(cfg, state, allow_change=allow_config_change)
     reference = build_reference(cfg, rank=rank, world_size=world, device=device)
-    coll = _Collective(cfg, policy, ckpt, tokenizer, reference)
+    ops = CollectiveOps(cfg, policy, ckpt, tokenizer, reference)
     if rank != 0:
-        coll.follow()
+        ops.follow()
         return {}
-    return asyncio.run(_Lead(cfg, bus, coll, tokenizer, state).run())
+    return asyncio.run(_RankZeroLoop(cfg, bus, RankZero(ops), tokenizer, state, changed).run())
 
 
-class _Lead:
-    """Rank 0's loop: bus, driver, pushes, metrics, checkpoints."""
+class _RankZeroLoop:
+    """The training loop, on rank 0: the bus, the driver, weight pushes, metrics and
+    checkpoints. The work of every rank it asks of `ranks` (trainer/collectives.py)."""
 
-    def __init__(self, cfg: TrainerConfig, bus: BusSettings, coll: _Collective, tokenizer: Any,
-                 state: dict[str, Any] | None) -> None:
+    def __init__(self, cfg: TrainerConfig, bus: BusSettings, ranks: RankZero, tokenizer: Any,
+                 state: dict[str, Any] | None, changed: list[str] | None = None) -> None:
         self.cfg = cfg
+        self.fingerprint = fingerprint(cfg)  # saved with every checkpoint
+        self.changed = changed or []  # fingerprint changes this resume accepted
         self.bus_cfg = bus
-        self.coll = coll
-        self.policy = coll.policy
+        self.ranks = ranks
+        self.policy = ranks.ops.policy
         self.tokenizer = tokenizer
         self.state = state
         self.start_step = int(state["step"]) if state else 0
         self.stop = asyncio.Event()
         self.stop_reason: str | None = None
         self.pushes = 0
-        self.notifying: asyncio.Task[PushResult] | None = None  # a push loading in the background
+        self.transport = make_transport(
+            cfg.push, cfg.weights_root, cfg.run_id,
+            extra_files={"config.json": self.policy.hf_model.config.to_json_string()})
         self.unreported: PushResult | None = None  # a finished push not yet in the metrics
         self.canary_seqs: list[list[int]] | None = None  # fixed for the run
+        self.bus = Bus.from_url(None, bus)
+        self.dstate = DriverState.from_dict(state["driver"]) if state else DriverState()
+        self.inbox = Inbox(self.bus.r, inbox_key(bus.prefix, self.dstate.nonce))
+        # The driver state at the last completed step, and the groups trained since the last
+        # checkpoint: what the next checkpoint saves and lets the inbox forget.
+        self.boundary = DriverState.from_dict(self.dstate.to_dict())
+        self.uncommitted: list[str] = []
+        # Built by run(), inside its clean-up: reading the data may fail, and the other ranks
+        # must then be released.
+        self.source: PromptSource | None = None
 
     # ------------------------------------------------------------------ helpers
-    async def _all(self, op: str, *args: Any) -> Any:
-        return await asyncio.to_thread(self.coll.lead, op, *args)
-
     def _on_signal(self, signum: int) -> None:
         self.stop_reason = signal.Signals(signum).name
         log.warning("%s: finishing the current step, then checkpoint and exit", self.stop_reason)
@@ -199,41 +179,18 @@ class _Lead:
         if self.canary_seqs is None:
             self.canary_seqs = fixed_sequences(self.policy.hf_model, self.tokenizer,
                                                cfg.canary_sequences, cfg.canary_tokens)
-        logprobs = await self._all("canary", self.canary_seqs)
-        dtype = canary_dtype(self.policy.dtype, _push_dtype(self.cfg, self.policy))
+        logprobs = await self.ranks.canary_logprobs(self.canary_seqs)
+        dtype = canary_dtype(self.policy.dtype, push_dtype(self.cfg, self.policy))
         return Canary(sequences=self.canary_seqs, logprobs=logprobs, dtype=dtype)
 
     async def push(self, version: int) -> PushResult:
-        """Push `version` to the services. With push.overlap (disk mode) this returns once the
-        directory is written -- the weights may change from here on -- and the services are
-        notified in the background; `settle()` collects that result."""
-        cfg = self.cfg.push
-        first = self.pushes == 0
-        by_disk = cfg.mode == "disk" or first or (cfg.disk_every and self.pushes % cfg.disk_every == 0)
-        self.pushes += 1
-        if by_disk:
-            sd = await self._all("gather")
-            canary = await self.canary()
-            # The first push of a process may go *back* in version (a resumed run whose
-            # services had loaded later weights from the killed one): say so explicitly.
-            meta = {"reason": "start", "allow_rollback": True} if first else {"reason": "step"}
-            if cfg.overlap and not first:
-                update, write_s = await self.pusher.write_update(sd, version, meta, canary)
-                self.notifying = asyncio.create_task(self.pusher.notify(update))
-                return PushResult(version=version, location=update.location,
-                                  sha256=update.sha256, write_s=write_s)
-            res = await self.pusher.push(sd, version, meta=meta, canary=canary)
-        else:
-            canary = await self.canary()
-            res = await self._all("nccl", version, canary)
-            if res.failed:  # fall back to the directory for those services
-                retry = [s for s in cfg.services if s.name in res.failed]
-                sd = await self._all("gather")
-                disk = await self.pusher.push(sd, version, services=retry, canary=canary)
-                res.ok += disk.ok
-                res.canary_refused.update(disk.canary_refused)
-                res.failed = {k: f"{v}; disk fallback: {disk.failed[k]}"
-                              for k, v in res.failed.items() if k in disk.failed}
+        """Push `version` to the services by the configured transport (trainer/transports/).
+        A disk push with push.overlap returns once the directory is written -- the weights may
+        change from here on -- and the services are notified in the background; `settle()`
+        collects that result."""
+        index, self.pushes = self.pushes, self.pushes + 1
+        canary = await self.canary()
+        res = await self.transport.push(version, self.ranks, index=index, canary=canary)
         self._check_push(res)
         return res
 
@@ -245,10 +202,10 @@ class _Lead:
         """Wait for a push still notifying in the background; the figures of the previous
         push (that one, or the last synchronous one not yet reported), for the metrics."""
         t0 = time.perf_counter()
-        if self.notifying is not None:
-            self.unreported = await self.notifying
-            self.notifying = None
-            self._check_push(self.unreported)
+        loaded = await self.transport.settle()
+        if loaded is not None:
+            self.unreported = loaded
+            self._check_push(loaded)
         res, self.unreported = self.unreported, None
         if res is None:
             return {}
@@ -258,26 +215,26 @@ class _Lead:
 
     async def save(self, version: int) -> float:
         t0 = time.perf_counter()
+        assert self.source is not None, "run() builds the prompt source before any step"
         state = {"version": version, "driver": self.boundary.to_dict(),
-                 "data_skipped": dict(self.source.skipped)}
-        await self._all("ckpt", version, state)
+                 "data_skipped": dict(self.source.skipped), "fingerprint": self.fingerprint,
+                 "bus_marked": True}
+        await self.ranks.save_checkpoint(version, state)
         await self.inbox.commit(self.uncommitted)  # only now are those groups safe to forget
         self.uncommitted = []
+        # The bus now reflects this checkpoint (trainer/bus_sync.py checks it on resume).
+        await mark(self.inbox.r, self.bus_cfg.prefix, self.boundary.nonce, version)
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ the loop
     async def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        (cfg.out / "trainer_config.json").write_text(cfg.model_dump_json(indent=1))
-        bus = Bus.from_url(None, self.bus_cfg)
+        record_config(cfg, self.start_step, self.fingerprint, self.changed)
+        bus, dstate = self.bus, self.dstate
         consume_stop = asyncio.Event()
         consumer: asyncio.Task | None = None
         sink: MetricsSink | None = None
         try:
-            dstate = (DriverState.from_dict(self.state["driver"]) if self.state
-                      else DriverState())
-            self.inbox = Inbox(bus.r, f"{self.bus_cfg.prefix}:trainer:{dstate.nonce}")
             restored = await self.inbox.restore() if self.state else 0
             max_len = self._max_seq_len()
             self.source = PromptSource(
@@ -288,7 +245,7 @@ class _Lead:
             if self.state:
                 self.source.skipped.update(self.state.get("data_skipped", {}))
             driver = Driver(
-                bus=bus, prompts_stream=self.bus_cfg.stream("prompts"), inbox=self.inbox,
+                bus=bus, prompts_stream=self.bus_cfg.stream(STAGES["trainer"].out_stream), inbox=self.inbox,
                 source=self.source, run_id=cfg.run_id, prompts_per_step=cfg.prompts_per_step,
                 group_size=cfg.group_size, max_staleness=cfg.max_staleness,
                 zero_variance=cfg.zero_variance, backfill_max=cfg.backfill_max,
@@ -299,17 +256,18 @@ class _Lead:
                 wait_timeout_s=cfg.wait_timeout_s, publish_timeout_s=cfg.publish_timeout_s,
                 max_dropped=cfg.max_dropped_per_step, state=dstate,
                 teacher_version=cfg.algorithm.teacher_version_rule,
-                rescore_stream=self.bus_cfg.stream("verified"),
-                max_without_context=cfg.max_groups_without_context)
-            self.pusher = WeightPusher(
-                cfg.push, cfg.weights_root, cfg.run_id,
-                extra_files={"config.json": self.policy.hf_model.config.to_json_string()})
-            self.boundary = DriverState.from_dict(dstate.to_dict())
-            self.uncommitted: list[str] = []
+                rescore_stream=self.bus_cfg.stream(STAGES["teacher"].in_stream),
+                max_without_context=cfg.max_groups_without_context,
+                dead_tolerance=cfg.dead_letter_tolerance)
+            # A bus that lost or outran the checkpoint's history: its tasks are re-admitted.
+            self.resync = self.state and await resync(bus.r, self.bus_cfg.prefix, driver,
+                                                      self.start_step, self.state)
+            self.inbox = self.resync.inbox if self.resync else self.inbox
             sink = MetricsSink(cfg.out, cfg.metrics, total_steps=cfg.total_steps,
                                start_step=self.start_step)
             consumer = asyncio.create_task(bus.consume(
-                self.bus_cfg.stream("scored"), CONSUMER_GROUP, "trainer-0", self.inbox.receive,
+                self.bus_cfg.stream(STAGES["trainer"].in_stream), STAGES["trainer"].group,
+                "trainer-0", self.inbox.receive,
                 ScoredGroup, consume_stop, concurrency=16))
             self._install_signals()
             log.info("trainer: start at step %d of %d (restored %d uncommitted groups)",
@@ -323,7 +281,7 @@ class _Lead:
                 except (asyncio.TimeoutError, Exception) as e:  # noqa: BLE001 - shutting down
                     log.debug("consumer shutdown: %r", e)
             try:
-                await asyncio.to_thread(dist.broadcast_object, ("stop", ()))
+                await self.ranks.stop()
             except Exception as e:  # noqa: BLE001 - best effort: peers time out otherwise
                 log.error("could not stop the other ranks: %r", e)
             if sink is not None:
@@ -345,6 +303,8 @@ class _Lead:
                     log.error("%s refused version %d (%s): if it serves a newer version (a "
                               "resumed run), its samples are held back until the trainer "
                               "catches up, and the run stops if it cannot", name, version, why)
+        if self.resync:
+            await self.resync.readmit(version)
         for step in range(self.start_step, cfg.total_steps):
             if self.stop.is_set():
                 break
@@ -357,27 +317,28 @@ class _Lead:
             # earlier would start on the old weights and then stall the swap half-batched.
             # The wait costs nothing extra: the rows it waits for are this step's groups.
             settled = await self.settle()
-            coll = await driver.collect(step, self.stop)
-            if coll is None:
+            collected = await driver.collect(step, self.stop)
+            if collected is None:
                 break
             t0 = time.perf_counter()
-            batch = build_batch(coll.groups, step, self.tokenizer.pad_token_id or 0,
+            batch = build_batch(collected.groups, step, self.tokenizer.pad_token_id or 0,
                                 self._max_seq_len())
             t_batch = time.perf_counter() - t0
-            m = await self._all("train", batch, step)
+            m = await self.ranks.train(batch, step)
             version = step + 1
-            record = {"step": step, "version": version, **batch_stats(batch, coll.groups, step),
-                      **collect_stats(coll), **m, "time_batch_s": t_batch}
+            record = {"step": step, "version": version,
+                      **batch_stats(batch, collected.groups, step),
+                      **collect_stats(collected), **m, "time_batch_s": t_batch}
             if version % cfg.push.every == 0 or version == cfg.total_steps:
                 t0 = time.perf_counter()
                 res = await self.push(version)
                 record.update(time_push_s=time.perf_counter() - t0, push_write_s=res.write_s)
-                if self.notifying is None:  # completed within this step: report it
+                if not self.transport.in_flight:  # completed within this step: report it
                     settled = {"push_notify_s": res.notify_s, "push_ok": len(res.ok),
                                "push_failed": sorted(res.failed),
                                "push_canary_refused": sorted(res.canary_refused)}
             record.update(settled)
-            self.uncommitted += coll.consumed
+            self.uncommitted += collected.consumed
             self.boundary = DriverState.from_dict(driver.state.to_dict())
             if cfg.checkpoint.every and version % cfg.checkpoint.every == 0:
                 record["time_ckpt_s"] = await self.save(version)
@@ -388,7 +349,7 @@ class _Lead:
                           **{f"total_{k}": v for k, v in driver.state.totals.items()},
                           time_step_s=time.perf_counter() - t_step)
             sink.log(record, staleness=batch.staleness.tolist(),
-                     trained=trained_record(coll.groups, step))
+                     trained=trained_record(collected.groups, step))
         settled = await self.settle()  # the services serve the last pushed version from here
         if settled.get("push_failed"):
             log.error("final weight push v%d failed for %s", version, settled["push_failed"])
@@ -398,10 +359,10 @@ class _Lead:
             await self.save(version)
             last_ckpt = version
         if last_ckpt == version:
-            ckpt_path = str(self.coll.ckpt.root / f"step-{version:08d}")
+            ckpt_path = str(self.ranks.ops.ckpt.root / f"step-{version:08d}")
         final = None
         if completed and cfg.export_final:
-            final = await self._all("export")
+            final = await self.ranks.export_final()
         return {"start_step": self.start_step, "version": version, "completed": completed,
                 "stopped": self.stop_reason, "checkpoint": ckpt_path,
                 "final_model": str(final) if final else None, "output_dir": str(cfg.out),
@@ -409,17 +370,43 @@ class _Lead:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m trainer.main --config FILE [--resume]` (torchrun-compatible)."""
+    """`python -m trainer.main -c FILE [--set KEY.PATH=VALUE ...] [--resume] [--print-config]`,
+    torchrun-compatible: every rank resolves the same config (protocol/config.py)."""
     import argparse
     import json
+    import sys
+
+    import yaml
+
+    from protocol.config import ConfigError, dump_config, resolve
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", "-c", required=True,
+                   help="run config (YAML): the trainer and bus sections, top-level model/data")
+    p.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY.PATH=VALUE",
+                   help="override a config value (YAML value), e.g. --set trainer.lr=1e-5; "
+                   "beats the YAML and its environment form RLRT_<SECTION>__<FIELD>; repeatable")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved trainer and bus sections (YAML) and exit")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume-from", type=int, default=None, metavar="STEP",
+                   help="resume from this (older) checkpoint step")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though the algorithm, group size, model, data or task changed")
     a = p.parse_args(argv)
+    try:
+        raw = resolve(a.config, a.sets, models={"trainer": TrainerConfig, "bus": BusSettings})
+        cfg, bus = TrainerConfig.from_resolved(raw), BusSettings.from_resolved(raw)
+    except ConfigError as e:  # one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if a.print_config:
+        print(yaml.safe_dump({"trainer": dump_config(cfg), "bus": dump_config(bus)},
+                             sort_keys=False), end="")
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = TrainerConfig.load(a.config)
-    summary = run_trainer(cfg, BusSettings.load(a.config), resume=a.resume)
+    summary = run_trainer(cfg, bus, resume=a.resume,
+                          resume_from=a.resume_from, allow_config_change=a.allow_config_change)
     if summary:
         print(json.dumps({k: v for k, v in summary.items() if k != "last_metrics"}))
 

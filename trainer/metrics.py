@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import uuid
 from pathlib import Path
@@ -56,28 +57,44 @@ def _scalar(v: Any) -> float | None:
     return None
 
 
-def start_wandb(out: Path, cfg: WandbConfig) -> Any:
-    """A W&B run for this output directory: the same run again on resume (its id is kept in
-    <out>/wandb-run-id), the trainer's saved config (secrets already redacted) as its config,
-    files under <out>/wandb. W&B's steps only increase: after an online resume it ignores the
-    steps the resumed run redoes (metrics.jsonl has the redone values)."""
+def wandb_target(cfg: WandbConfig) -> tuple[str | None, str | None, str]:
+    """(project, entity, mode) of a W&B run: the config's values, else W&B's own environment
+    variables (WANDB_PROJECT, WANDB_ENTITY, WANDB_MODE), as a W&B user expects; mode online
+    when neither says. No project anywhere = no W&B logging."""
+    return (cfg.project or os.environ.get("WANDB_PROJECT") or None,
+            cfg.entity or os.environ.get("WANDB_ENTITY") or None,
+            cfg.mode or os.environ.get("WANDB_MODE") or "online")
+
+
+def start_wandb(out: Path, cfg: WandbConfig, *, config: dict[str, Any] | None = None) -> Any:
+    """A W&B run for this output directory: the same run again on resume, or from another
+    process of the run (its id is kept in <out>/wandb-run-id), the trainer's saved config
+    (secrets already redacted) as its config unless `config` is given, files under
+    <out>/wandb. W&B's steps only increase: after an online resume it ignores the steps the
+    resumed run redoes (metrics.jsonl has the redone values)."""
     try:
         import wandb
     except ImportError:
-        raise RuntimeError("trainer.metrics.wandb.project is set but wandb is not installed: "
-                           "pip install 'rlrt[wandb]'") from None
+        raise RuntimeError("W&B logging is on (trainer.metrics.wandb.project or WANDB_PROJECT) "
+                           "but wandb is not installed: pip install 'rlrt[wandb]'") from None
+    project, entity, mode = wandb_target(cfg)
     id_file = out / "wandb-run-id"
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id + "\n")
-    saved = out / "trainer_config.json"
-    config = json.loads(saved.read_text()) if saved.is_file() else {}
-    return wandb.init(
-        project=cfg.project, entity=cfg.entity, name=cfg.name or config.get("run_id"),
-        group=cfg.group, tags=cfg.tags or None, mode=cfg.mode, dir=str(out), id=run_id,
-        resume="allow", config=config,
-        # W&B's console capture would wrap the progress bar's stderr: the log files hold it.
-        settings=wandb.Settings(console="off"),
-    )
+    if config is None:
+        saved = out / "trainer_config.json"
+        config = json.loads(saved.read_text()) if saved.is_file() else {}
+    try:
+        return wandb.init(
+            project=project, entity=entity, name=cfg.name or config.get("run_id"),
+            group=cfg.group, tags=cfg.tags or None, mode=mode, dir=str(out), id=run_id,
+            resume="allow", config=config,
+            # W&B's console capture would wrap the progress bar's stderr: the log files hold it.
+            settings=wandb.Settings(console="off"),
+        )
+    except wandb.errors.UsageError as e:  # e.g. online without an API key
+        raise RuntimeError(f"W&B ({mode}): {e}. Log in (`wandb login`, WANDB_API_KEY) or set "
+                           "WANDB_MODE=offline (no key needed; `wandb sync` later)") from None
 
 
 class MetricsSink:
@@ -97,7 +114,7 @@ class MetricsSink:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.out / "tb"), purge_step=start_step)
-        self.wandb = start_wandb(self.out, cfg.wandb) if cfg.wandb.project else None
+        self.wandb = start_wandb(self.out, cfg.wandb) if wandb_target(cfg.wandb)[0] else None
         self.prometheus_port: int | None = None
         if cfg.prometheus_port is not None:
             from prometheus_client import start_http_server

@@ -1,10 +1,14 @@
-# syntax=docker/dockerfile:1.7
 # rlrt on the CPU: the whole embedded stack (`rlrt train`: Redis, verifier, rollout, teacher,
 # DeepSpeed trainer) with the built-in CPU engine. Also serves each part alone, as the
 # docker-compose `cpu` profile does.
 #   docker build -f deploy/docker/cpu.Dockerfile -t rlrt-cpu:0.1.0 .
 #   docker run --rm -v rlrt-runs:/home/rlrt/runs rlrt-cpu:0.1.0
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+# torch's source, two build arguments: TORCH_INDEX_URL, an extra index holding the build (CPU or
+# CUDA), and TORCH_WHEELS, an image whose root holds torch wheels (scripts/docker-bases.sh makes
+# one from pip's find-links folder on machines that cannot reach the index); `scratch`: none.
+ARG TORCH_WHEELS=scratch
+FROM ${TORCH_WHEELS} AS torch-wheels
 FROM ${PYTHON_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
@@ -23,18 +27,21 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # g++: DeepSpeed JIT-compiles its CPU ops (shm comm) on first use. Pinned to bookworm's.
+# /shared: a fresh named volume mounted there (the compose cpu profile) takes this owner.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++=4:12.2.0-3 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 rlrt \
     && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin rlrt \
-    && install -d -o 10001 -g 10001 /home/rlrt/runs
+    && install -d -o 10001 -g 10001 /home/rlrt/runs /shared
 
 # Install order (scripts/setup.sh): torch, then DeepSpeed without build isolation (so it builds
 # against this torch instead of pulling a CUDA one), then the project.
 COPY deploy/docker/constraints.txt /tmp/rlrt/
-RUN python -m venv /opt/rlrt \
-    && pip install -c /tmp/rlrt/constraints.txt "torch==${TORCH_VERSION}" --extra-index-url "${TORCH_INDEX_URL}" \
+RUN --mount=type=bind,from=torch-wheels,target=/tmp/torch-wheels \
+    python -m venv /opt/rlrt \
+    && pip install -c /tmp/rlrt/constraints.txt --find-links /tmp/torch-wheels "torch==${TORCH_VERSION}" \
+        --extra-index-url "${TORCH_INDEX_URL}" \
     && pip install -c /tmp/rlrt/constraints.txt setuptools wheel py-cpuinfo ninja packaging psutil pydantic hjson msgpack numpy \
     && pip install -c /tmp/rlrt/constraints.txt --no-build-isolation deepspeed
 

@@ -1,10 +1,14 @@
-# syntax=docker/dockerfile:1.7
 # rlrt rollout: the rlrt rollout worker beside an SGLang server, on the official SGLang image.
 # One container runs both (rlrt-with-engine): the server on 127.0.0.1:30000, the worker's
 # API on 0.0.0.0:8310. Our worker lives in its own venv, so SGLang's packages stay as shipped.
 #   docker build -f deploy/docker/rollout.Dockerfile -t rlrt-rollout:0.1.0 .
 # Upgrading SGLang: change SGLANG_IMAGE (docs/deploy.md, "Upgrading SGLang and vLLM").
 ARG SGLANG_IMAGE=lmsysorg/sglang:v0.5.23
+# torch's source, two build arguments: TORCH_INDEX_URL, an extra index holding the build (CPU or
+# CUDA), and TORCH_WHEELS, an image whose root holds torch wheels (scripts/docker-bases.sh makes
+# one from pip's find-links folder on machines that cannot reach the index); `scratch`: none.
+ARG TORCH_WHEELS=scratch
+FROM ${TORCH_WHEELS} AS torch-wheels
 FROM ${SGLANG_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
@@ -25,9 +29,11 @@ RUN groupadd --gid 10001 rlrt \
 # The worker's venv: made without pip (the image's python may lack ensurepip), filled by the
 # image's pip through --python. Its torch is the CPU build: the worker never touches a GPU.
 COPY deploy/docker/constraints.txt deploy/docker/requirements-worker.txt /tmp/rlrt/
-RUN python3 -m venv --without-pip /opt/rlrt \
+RUN --mount=type=bind,from=torch-wheels,target=/tmp/torch-wheels \
+    python3 -m venv --without-pip /opt/rlrt \
     && python3 -m pip --python /opt/rlrt/bin/python install \
-        -c /tmp/rlrt/constraints.txt "torch==${TORCH_VERSION}" --extra-index-url "${TORCH_INDEX_URL}" \
+        -c /tmp/rlrt/constraints.txt --find-links /tmp/torch-wheels "torch==${TORCH_VERSION}" \
+        --extra-index-url "${TORCH_INDEX_URL}" \
     && python3 -m pip --python /opt/rlrt/bin/python install \
         -c /tmp/rlrt/constraints.txt -r /tmp/rlrt/requirements-worker.txt
 

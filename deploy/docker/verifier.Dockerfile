@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1.7
 # rlrt verifier: the REST API + the RolloutGroup -> VerifiedGroup worker. Slim: no torch.
 #   docker build -f deploy/docker/verifier.Dockerfile -t rlrt-verifier:0.1.0 .
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm

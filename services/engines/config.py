@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from protocol.canary import DEFAULT_TOLERANCE
 from protocol.config import TINY_MODEL, RLRTSettings, Secret
+from protocol.topology import StageStreams
 
 # What a CPU host needs to start vLLM's CPU build (docs/engines.md, "A real vLLM on the CPU"):
 # float32 (the CPU kernels' reference dtype), a short window so the KV cache stays small, and no
@@ -140,13 +141,15 @@ class EngineConfig(BaseModel):
         return self
 
 
-class EngineServiceConfig(RLRTSettings):
+class EngineServiceConfig(StageStreams, RLRTSettings):
     """What the rollout and teacher services share: HTTP, the engine, the bus worker.
-    Subclasses set the section, the port, the streams and the consumer group."""
+    Subclasses set the section; their port, streams and consumer group are their row of the
+    pipeline table (protocol/topology.py)."""
 
     # --- HTTP (health, metrics, control API) ------------------------------------------------
     host: str = Field("127.0.0.1", description="bind address (loopback by default)")
-    port: int = Field(8310, ge=0, le=65535, description="HTTP port")
+    port: int = Field(ge=0, le=65535, description="HTTP port; default: the stage's "
+                      "(protocol/topology.py)")
     token: Secret | None = Field(
         None, description="bearer token required on /v1/* (control). Unset: the service starts "
         "only when `host` is a loopback address (anyone who reaches it could swap its weights)")
@@ -166,8 +169,6 @@ class EngineServiceConfig(RLRTSettings):
 
     # --- bus worker ---------------------------------------------------------------------------
     redis_url: str | None = Field(None, description="None = the bus section's redis_url")
-    in_stream: str = Field(description="input stream (under the bus prefix)")
-    out_stream: str = Field(description="output stream (under the bus prefix)")
     group: str = Field(description="consumer group shared by all replicas of the service")
     consumer: str = Field(description="this replica's consumer name: stable across restarts, unique per replica")
     concurrency: int = Field(8, ge=1, description="messages handled at once; the engine batches them together")

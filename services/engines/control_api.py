@@ -1,6 +1,7 @@
 """The control API both engine services mount (rollout and teacher), bearer token required:
 
-    POST /v1/weights  {version, format: safetensors_dir|nccl, location, sha256, meta}
+    POST /v1/weights  {version, format: safetensors_dir|nccl, location, sha256, meta, canary}
+                      (protocol.messages.WeightUpdate, checked as WeightUpdateRequest)
     POST /v1/pause    POST /v1/resume    GET /v1/version
 
 Status codes of /v1/weights (the trainer acts on them):
@@ -17,14 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from protocol.canary import Canary
-from protocol.messages import WeightUpdate
+from protocol.messages import WeightUpdateRequest
 from services.common import ControlAuth
 from services.common.app import clip
 from services.engines.base import (
@@ -37,37 +35,6 @@ from services.engines.base import (
 from services.engines.canary_check import canary_fields
 
 log = logging.getLogger("rlrt.control")
-
-
-class WeightsRequest(BaseModel):
-    """Body of POST /v1/weights (the wire form of protocol.messages.WeightUpdate)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    version: int = Field(ge=0, description="policy version of these weights")
-    format: Literal["safetensors_dir", "nccl"] = "safetensors_dir"
-    location: str = Field(min_length=1, max_length=4096,
-                          description="weight directory, or HOST:PORT of the trainer's NCCL rendezvous")
-    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$",
-                               description="digest of the directory's manifest.json (protocol.weights); "
-                               "required for safetensors_dir")
-    meta: dict[str, Any] = Field(default_factory=dict, description='e.g. {"nccl": {...}} (docs/engines.md)')
-    canary: Canary | None = Field(None, description="trainer's log-probs of fixed sequences under "
-                                  "these weights; a mismatch after loading refuses the update")
-    run_id: str = Field("control", max_length=200)
-    # The rest of protocol.messages.WeightUpdate's envelope, so `update.model_dump(mode="json")`
-    # can be posted as is.
-    msg_id: str | None = Field(None, max_length=200)
-    created_at: float | None = None
-    schema_version: int | None = None
-
-    @model_validator(mode="after")
-    def _digest_required(self) -> WeightsRequest:
-        # Without the digest the manifest itself is unchecked: whoever can write the shared
-        # volume could swap the weights between the trainer's write and this load.
-        if self.format == "safetensors_dir" and self.sha256 is None:
-            raise ValueError("sha256 (of the directory's manifest.json) is required for safetensors_dir")
-        return self
 
 
 class EngineSlot:
@@ -103,7 +70,7 @@ def control_router(slot: EngineSlot) -> APIRouter:
     lock = asyncio.Lock()  # one weight update at a time; later ones queue behind it
 
     @router.post("/weights")
-    async def weights(req: WeightsRequest) -> JSONResponse:
+    async def weights(req: WeightUpdateRequest) -> JSONResponse:
         """Load new weights atomically, or keep the old ones and say why."""
         engine = slot.engine
         if engine is None:
@@ -114,10 +81,9 @@ def control_router(slot: EngineSlot) -> APIRouter:
             if req.version < previous and not req.meta.get("allow_rollback"):
                 return JSONResponse({"detail": f"stale update: version {req.version} < serving "
                                      f"{previous}", "version": previous}, 409)
-            update = WeightUpdate.model_validate(req.model_dump(exclude_none=True))
             start = time.perf_counter()
             try:
-                version = await engine.update_weights(update)
+                version = await engine.update_weights(req)
             except EngineClosed as e:
                 return JSONResponse({"detail": clip(e, 1000)}, 503)
             except (WeightUpdateError, InvalidRequest) as e:

@@ -9,6 +9,7 @@ from typing import ClassVar
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from protocol.topology import default_port, stage
 from services.engines.config import EngineServiceConfig
 
 
@@ -18,10 +19,8 @@ class RolloutConfig(EngineServiceConfig):
     section: ClassVar[str] = "rollout"
     model_config = SettingsConfigDict(env_prefix="RLRT_ROLLOUT__")
 
-    port: int = Field(8310, ge=0, le=65535, description="HTTP port")
-    in_stream: str = Field("prompts", description="PromptTask stream (under the bus prefix)")
-    out_stream: str = Field("rollouts", description="RolloutGroup stream (under the bus prefix)")
-    group: str = Field("rollout", description="consumer group shared by all rollout replicas")
+    port: int = Field(default_port("rollout"), ge=0, le=65535, description="HTTP port")
+    group: str = Field(stage("rollout").group, description="consumer group shared by all rollout replicas")
     consumer: str = Field(
         default_factory=lambda: f"rollout-{socket.gethostname()}",
         description="this replica's consumer name: stable across restarts, unique per replica")

@@ -9,6 +9,7 @@ from typing import ClassVar
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from protocol.topology import default_port, stage
 from services.engines.config import EngineServiceConfig
 
 
@@ -18,13 +19,11 @@ class TeacherConfig(EngineServiceConfig):
     section: ClassVar[str] = "teacher"
     model_config = SettingsConfigDict(env_prefix="RLRT_TEACHER__")
 
-    port: int = Field(8320, ge=0, le=65535, description="HTTP port")
+    port: int = Field(default_port("teacher"), ge=0, le=65535, description="HTTP port")
     tokenizer_path: str | None = Field(
         None, description="tokenizer (with chat template) that renders teacher contexts; None = "
         "engine.model_path. Must be the policy's tokenizer: contexts are scored as token ids")
-    in_stream: str = Field("verified", description="VerifiedGroup stream (under the bus prefix)")
-    out_stream: str = Field("scored", description="ScoredGroup stream (under the bus prefix)")
-    group: str = Field("teacher", description="consumer group shared by all teacher replicas")
+    group: str = Field(stage("teacher").group, description="consumer group shared by all teacher replicas")
     consumer: str = Field(
         default_factory=lambda: f"teacher-{socket.gethostname()}",
         description="this replica's consumer name: stable across restarts, unique per replica")

@@ -60,8 +60,8 @@ def _invalid(loc: tuple, msg: str, kind: str = "value_error") -> RequestValidati
 
 def to_items(cfg: VerifierConfig, reqs: Sequence[VerifyRequest], loc: tuple = (),
              reward: rewards.Spec | None = None) -> list[Item]:
-    """Apply the size and deadline limits (413/422), resolve default deadlines, and attach the
-    reward plug-ins (`reward`) to the items that ask for them."""
+    """Apply the size and deadline limits (413/422), resolve default deadlines and math
+    extraction policies, and attach the reward plug-ins (`reward`) to the items that ask for them."""
     items = []
     for i, r in enumerate(reqs):
         where = (*loc, i) if loc else ()
@@ -80,7 +80,8 @@ def to_items(cfg: VerifierConfig, reqs: Sequence[VerifyRequest], loc: tuple = ()
                            "section in its config)")
         items.append(Item(task=r.task, response=r.response, reference=r.reference,
                           timeout_s=r.timeout_s or cfg.default_timeout_s,
-                          reward=reward if r.reward else None, row=(r.row or {}) if r.reward else None))
+                          reward=reward if r.reward else None, row=(r.row or {}) if r.reward else None,
+                          policy=cfg.math_policy_for(r.task, r.row, r.policy)))
     return items
 
 

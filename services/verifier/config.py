@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from protocol.config import RLRTSettings, Secret
+from protocol.topology import StageStreams, default_port, stage
+from tasks.math import POLICY_HELP, MathPolicy
+
+# The column of a dataset row that names where the row comes from (verl's convention: its
+# parquet files carry it, e.g. "math_dapo", "numina_olympiads"); math_policy_by_source keys on it.
+SOURCE_FIELD = "data_source"
 
 
-class VerifierConfig(RLRTSettings):
+class VerifierConfig(StageStreams, RLRTSettings):
     """Everything `rlrt serve verifier` needs besides the bus section."""
 
     section: ClassVar[str] = "verifier"
@@ -20,7 +27,8 @@ class VerifierConfig(RLRTSettings):
 
     # --- HTTP -------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="bind address of the REST API (loopback by default)")
-    port: int = Field(8300, ge=0, le=65535, description="REST API port (0 = any free port)")
+    port: int = Field(default_port("verifier"), ge=0, le=65535,
+                      description="REST API port (0 = any free port)")
     token: Secret | None = Field(
         None, description="bearer token required on /v1/* when set (health and metrics stay open)"
     )
@@ -62,6 +70,18 @@ class VerifierConfig(RLRTSettings):
         "checked by then answer 'timeout' (per-item deadlines alone let 38 slow items take 50 s)",
     )
 
+    # --- math answers ---------------------------------------------------------------------------
+    math_policy: MathPolicy = Field(
+        "boxed", description="where a 'math' answer is taken from (the extraction policy), "
+        "unless the prompt's data source or the request names another: " + POLICY_HELP,
+    )
+    math_policy_by_source: dict[str, MathPolicy] = Field(
+        default_factory=dict,
+        description=f"per data source: the value of a prompt's `{SOURCE_FIELD}` column -> its "
+        "extraction policy (e.g. {math_dapo: dapo, numina_olympiads: math_verify}); a prompt "
+        "whose source is not listed, or that has none, gets math_policy",
+    )
+
     # --- admission limits ---------------------------------------------------------------------
     max_item_bytes: int = Field(64 * 1024, ge=1, description="413 above this size of one response or reference (UTF-8)")
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1, description="413 above this request body size")
@@ -85,12 +105,22 @@ class VerifierConfig(RLRTSettings):
         None, description="Redis for jobs and the worker; None = the bus section's redis_url"
     )
     worker: bool = Field(True, description="consume RolloutGroups from the bus")
-    in_stream: str = Field("rollouts", description="RolloutGroup stream (under the bus prefix)")
-    out_stream: str = Field("verified", description="VerifiedGroup stream (under the bus prefix)")
-    group: str = Field("verifier", description="consumer group shared by all verifier replicas")
+    group: str = Field(stage("verifier").group, description="consumer group shared by all verifier replicas")
     consumer: str = Field(
         default_factory=lambda: f"verifier-{socket.gethostname()}",
         description="this replica's consumer name; keep it stable across restarts (pending work "
         "is then resumed at once instead of after the bus's claim_idle_ms) and unique per replica",
     )
     concurrency: int = Field(8, ge=1, description="RolloutGroups verified at once by the worker")
+
+    def math_policy_for(self, task: str, row: Mapping[str, Any] | None = None,
+                        requested: str | None = None) -> str | None:
+        """The extraction policy of one item: the request's own, else its row's data source's,
+        else math_policy; None for a task that is not "math" (its checker has no policy)."""
+        if task != "math":
+            return None
+        if requested is not None:
+            return requested
+        source = (row or {}).get(SOURCE_FIELD)
+        return self.math_policy_by_source.get(source, self.math_policy) if isinstance(source, str) \
+            else self.math_policy

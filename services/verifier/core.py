@@ -6,6 +6,7 @@ from __future__ import annotations
 from services.verifier.mathcheck import check_math
 from tasks import TASKS, get_task, task_class
 from tasks.base import CheckResult
+from tasks.math import DEFAULT_POLICY
 
 MATH = "math"
 
@@ -32,10 +33,11 @@ def is_known(task: str) -> bool:
     return task in TASKS or task in _RUN_TASKS
 
 
-def check(task: str, response: str, reference: str) -> CheckResult:
-    """Grade one response. May be slow or raise on hostile input: run it in a pool worker."""
+def check(task: str, response: str, reference: str, policy: str | None = None) -> CheckResult:
+    """Grade one response; a "math" answer is taken under extraction `policy` (None = the
+    default). May be slow or raise on hostile input: run it in a pool worker."""
     if task == MATH:
-        return check_math(response, reference)
+        return check_math(response, reference, policy or DEFAULT_POLICY)
     result = get_task(task).verify(response, reference)
     # A task module is third-party to this service: coerce whatever it returns into a fresh
     # CheckResult so a sloppy checker cannot hand back reward 1 with correct=False.

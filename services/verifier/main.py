@@ -68,7 +68,7 @@ async def serve_verifier(cfg: VerifierConfig, bus_cfg: BusSettings | None = None
             workers.append(lambda s: worker.consume(
                 bus, pool, s, in_stream=bus_cfg.stream(cfg.in_stream), out_stream=bus_cfg.stream(cfg.out_stream),
                 group=cfg.group, consumer=cfg.consumer, timeout_s=cfg.default_timeout_s,
-                concurrency=cfg.concurrency, reward=spec))
+                concurrency=cfg.concurrency, reward=spec, policy_for=cfg.math_policy_for))
 
     async def ready() -> dict:
         # /v1/verify needs only the pool, so a Redis outage does not make the verifier unready

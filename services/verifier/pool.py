@@ -98,6 +98,9 @@ class Item:
     # None = grade with the task's checker alone.
     reward: rewards.Spec | None = None
     row: dict | None = None
+    # Where a "math" answer is taken from (tasks.math.POLICIES), resolved by the API or the bus
+    # worker from the request and the config; None = the default (tasks.math.DEFAULT_POLICY).
+    policy: str | None = None
 
 
 class Request:
@@ -327,7 +330,8 @@ class _Slot(threading.Thread):
             if self.proc is None:  # stopping
                 pool._requeue(jobs)
                 return
-        batch = [(k, j.item.task, j.item.response, j.item.reference, j.item.timeout_s, j.item.reward, j.item.row)
+        batch = [(k, j.item.task, j.item.response, j.item.reference, j.item.timeout_s, j.item.reward, j.item.row,
+                  j.item.policy)
                  for k, j in enumerate(jobs)]
         try:
             self.conn.send(batch)

@@ -2,9 +2,10 @@
 
 Protocol over one multiprocessing Connection:
   child -> parent  ("ready", pid)                        once, after limits are set
-  parent -> child  [(seq, task, response, reference, timeout_s, reward, row), ...]
+  parent -> child  [(seq, task, response, reference, timeout_s, reward, row, policy), ...]
                    a batch, or None = exit. `reward` is None (grade with the task's checker)
-                   or a tasks.rewards.Spec (the run's reward plug-ins; `row` is their row)
+                   or a tasks.rewards.Spec (the run's reward plug-ins; `row` is their row);
+                   `policy` is the math extraction policy (None = the default)
   child -> parent  (seq, correct, reward, status, parsed_response, parsed_reference, detail,
                    reward_error)  one per item, in batch order, as soon as each item is done;
                    reward_error is the traceback of a user reward function that failed, else None
@@ -78,18 +79,20 @@ def _failed(seq: int, status: str, detail: str, reward_error: str | None = None)
 
 
 def run_one(seq: int, task: str, response: str, reference: str, timeout_s: float,
-            reward: rewards.Spec | None = None, row: dict[str, Any] | None = None) -> tuple[Result, bool]:
-    """Check one item under the soft deadline: with the task's checker, or with the reward
-    plug-ins of `reward` (which may include that checker). Returns (result, worker_must_exit)."""
+            reward: rewards.Spec | None = None, row: dict[str, Any] | None = None,
+            policy: str | None = None) -> tuple[Result, bool]:
+    """Check one item under the soft deadline: with the task's checker (math answers taken
+    under extraction `policy`), or with the reward plug-ins of `reward` (which may include that
+    checker). Returns (result, worker_must_exit)."""
     global _armed
     _armed = True
     signal.setitimer(signal.ITIMER_REAL, max(timeout_s, 0.001))
     try:
         if reward is None:
-            r = core.check(task, response, reference)
+            r = core.check(task, response, reference, policy)
         else:
             r = rewards.score(reward, response, reference, row or {},
-                              lambda: core.check(task, response, reference))
+                              lambda: core.check(task, response, reference, policy))
         _armed = False
         return (seq, r.correct, r.reward, r.status, r.parsed_response, r.parsed_reference, r.detail, None), False
     except SoftDeadline:
@@ -143,7 +146,7 @@ def main(conn: Connection, memory_mb: int, max_items: int) -> None:
         if batch == "yield":  # asked for a batch that had already finished: nothing to give
             conn.send(("yielded", 0))
             continue
-        for k, (seq, task, response, reference, timeout_s, reward, row) in enumerate(batch):
+        for k, (seq, task, response, reference, timeout_s, reward, row, policy) in enumerate(batch):
             # Between items: the parent may want the rest back (another request is waiting;
             # it re-queues what we have not started). Only "yield" arrives mid-batch.
             if k and conn.poll():
@@ -151,7 +154,7 @@ def main(conn: Connection, memory_mb: int, max_items: int) -> None:
                 conn.send(("yielded", k))
                 break
             try:
-                result, must_exit = run_one(seq, task, response, reference, timeout_s, reward, row)
+                result, must_exit = run_one(seq, task, response, reference, timeout_s, reward, row, policy)
             except SoftDeadline:
                 # The alarm fired in the few instructions between finishing and disarming.
                 result, must_exit = _failed(seq, "timeout", "deadline exceeded"), False

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from services.verifier.core import is_known, known_tasks
+from services.verifier.core import MATH, is_known, known_tasks
+from tasks.math import POLICY_HELP, MathPolicy
 
 JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"done", "failed", "cancelled"})
@@ -43,7 +44,13 @@ class VerifyRequest(BaseModel):
         "docs/byo.md) instead of the task's checker alone; 422 when it has none"
     )
     row: dict[str, Any] | None = Field(
-        None, description="with reward: the prompt's row given to the reward functions"
+        None, description="the prompt's dataset row: given to the reward functions (with "
+        "reward); its `data_source` picks the extraction policy (the config's "
+        "math_policy_by_source) when `policy` is not set"
+    )
+    policy: MathPolicy | None = Field(
+        None, description="task 'math' only: where the answer is taken from; default: the "
+        "verifier's math_policy (or math_policy_by_source for the row's data_source). " + POLICY_HELP,
     )
 
     _text = field_validator("response", "reference")(_valid_text)
@@ -54,6 +61,13 @@ class VerifyRequest(BaseModel):
         if not is_known(v):
             raise ValueError(f"unknown task {v!r}; known: {', '.join(known_tasks())}")
         return v
+
+    @model_validator(mode="after")
+    def _policy_is_for_math(self) -> VerifyRequest:
+        # Another task's checker has no extraction policy: asking for one is a client's mistake.
+        if self.policy is not None and self.task != MATH:
+            raise ValueError(f"policy applies to task {MATH!r} only, not {self.task!r}")
+        return self
 
 
 class VerifyResult(BaseModel):

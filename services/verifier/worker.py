@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from protocol.bus import Bus, PermanentError
 from protocol.messages import RolloutGroup, Verification, VerifiedGroup, derive_id
@@ -11,6 +13,10 @@ from services.verifier import metrics
 from services.verifier.core import is_known, known_tasks
 from services.verifier.pool import Item, VerifyPool
 from tasks.rewards import Spec, prompt_row
+
+# (task, the prompt's row) -> the math extraction policy of its responses
+# (VerifierConfig.math_policy_for); None for the default.
+PolicyFor = Callable[[str, Mapping[str, Any] | None], "str | None"]
 
 
 class UnknownTask(ValueError):
@@ -23,15 +29,17 @@ class RewardFunctionFailed(PermanentError):
 
 
 async def verify_group(pool: VerifyPool, group: RolloutGroup, timeout_s: float,
-                       reward: Spec | None = None) -> VerifiedGroup:
+                       reward: Spec | None = None, policy_for: PolicyFor | None = None) -> VerifiedGroup:
     """Grade every response of the group against the prompt's reference answer, with the
-    task's checker or, when `reward` is set, the run's reward plug-ins (tasks/rewards.py)."""
+    task's checker or, when `reward` is set, the run's reward plug-ins (tasks/rewards.py);
+    maths under the extraction policy `policy_for` picks for the prompt's row."""
     task = group.task.task
     if not is_known(task):
         raise UnknownTask(f"unknown task {task!r}; known: {', '.join(known_tasks())}")
-    row = prompt_row(group.task) if reward is not None else None
+    row = prompt_row(group.task)
+    policy = policy_for(task, row) if policy_for is not None else None
     items = [Item(task=task, response=r.text, reference=group.task.answer, timeout_s=timeout_s,
-                  reward=reward, row=row)
+                  reward=reward, row=row if reward is not None else None, policy=policy)
              for r in group.responses]
     # The worker's own concurrency bounds what it queues, so it skips the HTTP admission bound.
     verdicts = await pool.run(items, enforce_limit=False) if items else []
@@ -53,12 +61,12 @@ async def verify_group(pool: VerifyPool, group: RolloutGroup, timeout_s: float,
 
 async def consume(bus: Bus, pool: VerifyPool, stop: asyncio.Event, *, in_stream: str, out_stream: str,
                   group: str, consumer: str, timeout_s: float, concurrency: int = 8,
-                  reward: Spec | None = None) -> int:
+                  reward: Spec | None = None, policy_for: PolicyFor | None = None) -> int:
     """Run until `stop`; returns the number of groups finished (published or dead-lettered).
     Undecodable groups, unknown tasks and groups on which a reward function failed go to
     `<in_stream>:dead` and the worker keeps going."""
 
     async def handle(msg: RolloutGroup) -> None:
-        await bus.publish(out_stream, await verify_group(pool, msg, timeout_s, reward))
+        await bus.publish(out_stream, await verify_group(pool, msg, timeout_s, reward, policy_for))
 
     return await bus.consume(in_stream, group, consumer, handle, RolloutGroup, stop, concurrency=concurrency)

@@ -178,22 +178,22 @@ def engine_service(kind: str, url: str, tmp_path: Path) -> Iterator[str]:
 async def test_nccl_push_through_our_service_and_canary(kind: str, url: str | None, reference,
                                                         tmp_path: Path) -> None:  # noqa: ANN001
     """The production path end to end: the trainer's `push_buckets` (trainer/
-    weight_sync_nccl.py: Peer, group join, broadcasts) -> our service's /v1/weights -> the
+    transports/nccl.py: Peer, group join, broadcasts) -> our service's /v1/weights -> the
     engine's NCCL endpoints; twice (a new group, then the group reused). Then the canary
     comparison: the server's log-probs equal the trainer's (the reference with the pushed
     weights) within the bf16 canary tolerance, and differ from the old weights'."""
     from protocol.canary import DEFAULT_TOLERANCE, Canary, compare, tolerance_for
-    from trainer.config import PushConfig, ServiceEndpoint
-    from trainer.weight_push import PushResult
-    from trainer.weight_sync_nccl import Peer, push_buckets
+    from trainer.config import NcclPush, ServiceEndpoint
+    from trainer.transports.base import PushResult
+    from trainer.transports.nccl import Peer, push_buckets
 
     tok, model = reference
     seq, _ = sequence(tok)
     client = await make_engine(EngineConfig(kind=kind, url=need(url), model_path=MODEL))
     with engine_service(kind, url, tmp_path) as svc_url:
-        push = PushConfig(mode="nccl", master_address="127.0.0.1", master_port=free_port(),
-                          nccl_timeout_s=600, control_token=TOKEN,
-                          services=[ServiceEndpoint(name=kind, url=svc_url, engine=kind)])
+        push = NcclPush(master_address="127.0.0.1", master_port=free_port(),
+                        nccl_timeout_s=600, control_token=TOKEN,
+                        services=[ServiceEndpoint(name=kind, url=svc_url, engine=kind)])
         peer = Peer(push.services[0], push, push.master_port)
         version = int(httpx.get(f"{svc_url}/v1/version", headers=AUTH).json()["version"])
         try:

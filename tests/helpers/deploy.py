@@ -189,10 +189,16 @@ def compose_units(resolved: dict[str, Any], project: Path) -> list[Unit]:
     files = dockerfiles()
     units = []
     for name, svc in resolved["services"].items():
-        kind = None
+        kind = image = None
         if "build" in svc:
             kind = Path(svc["build"]["dockerfile"]).name.removesuffix(".Dockerfile")
-        image = files.get(kind) if kind else None
+            image = files.get(kind)
+            # What the container is, when its image serves several parts (the cpu profile's
+            # rlrt-cpu): the gpu service name it answers to (its network alias), or its own
+            # name without the profile's prefix and a rank suffix (cpu-trainer-1: trainer).
+            aliases = ((svc.get("networks") or {}).get("rlrt") or {}).get("aliases") or []
+            stem = re.sub(r"-\d+$", "", name.removeprefix("cpu-"))
+            kind = aliases[0] if aliases else stem if stem in files else kind
         argv = combine(image, svc.get("entrypoint"), svc.get("command"))
         env = {**(image.env if image else {}),
                **{k: v for k, v in (svc.get("environment") or {}).items() if v is not None}}

@@ -5,7 +5,7 @@
         SGLang's released `init_custom_process_group` (tests/helpers/upstream.py) as the
         engine's GPU rank RANK (rank_offset + tp_rank), then receives 2 broadcasts from 0.
     python -m helpers.rendezvous_roles trainer TIMEOUT SPEC [SPEC...]
-        our `trainer.weight_sync_nccl.init_custom_process_group` as rank 0 of one group per
+        our `trainer.transports.nccl.init_custom_process_group` as rank 0 of one group per
         SPEC = PORT:GROUP:WORLD:VALUE, in this order, then broadcasts full(VALUE) twice.
     python -m helpers.rendezvous_roles trainer-rank TRAIN_PORT RANK BOUND TIMEOUT SPEC...
         the same inside a 2-rank training job (the default gloo group, as DeepSpeed makes it)
@@ -28,7 +28,7 @@ N = 16
 
 
 def _trainer_groups(timeout: float, specs: list[str]) -> dict:
-    from trainer.weight_sync_nccl import init_custom_process_group
+    from trainer.transports.nccl import init_custom_process_group
 
     out = {}
     for spec in specs:
@@ -73,7 +73,7 @@ def main(argv: list[str]) -> None:
         if argv[3] == "2":
             import contextlib
 
-            import trainer.weight_sync_nccl as sync
+            import trainer.transports.nccl as sync
 
             sync._unbound_default_group = contextlib.nullcontext
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{train_port}", rank=rank,

@@ -1,5 +1,5 @@
 """Hand-made ScoredGroups for trainer tests: chosen rewards, versions and teacher scores,
-random token ids. (The driver tests that need *sampled* groups use tests/helpers/standin.py.)"""
+random token ids. (The driver tests that need *sampled* groups use tests/helpers/trainer_standin.py.)"""
 
 from __future__ import annotations
 

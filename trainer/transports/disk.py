@@ -1,16 +1,20 @@
-"""Weight push, disk path (CPU and GPU): write the weights once as an atomic safetensors
-directory with a sha256 manifest (protocol.weights), then tell every service where it is:
+"""Disk transport (CPU and GPU): write the weights once as an atomic safetensors directory
+with a sha256 manifest (protocol.weights), then tell every service where it is:
 
     POST {service}/v1/weights   Authorization: Bearer <token>
     body: WeightUpdate{version, format: "safetensors_dir", location: <dir>, sha256: <digest>}
 
-All services are called concurrently. A call that fails for a reason that may pass
-(connection error, timeout, 5xx -- 502 engine failed, 503 engine not up yet -- 408, 429) is
-retried with exponential backoff up to `retries` times. A refusal is not retried: 409 (hash
-mismatch, stale version: the old version keeps serving, docs/engines.md), 401, 413, 422. A service still failing is *reported* -- returned in the
-result, logged, counted in the metrics -- and the trainer goes on (or stops, with
-on_failure=raise); its samples then come back stale and the driver drops them. Every call
-has a timeout and the whole push a deadline: a service can slow the trainer down, never hang it.
+All services are called concurrently (protocol/weights_client.py). A call that fails for a
+reason that may pass (connection error, timeout, 5xx -- 502 engine failed, 503 engine not up
+yet -- 408, 429) is retried with exponential backoff up to `retries` times. A refusal is not
+retried: 409 (hash mismatch, stale version: the old version keeps serving, docs/engines.md),
+401, 413, 422. A service still failing is *reported* -- returned in the result, logged,
+counted in the metrics -- and the trainer goes on (or stops, with on_failure=raise); its
+samples then come back stale and the driver drops them. Every call has a timeout and the whole
+push a deadline: a service can slow the trainer down, never hang it.
+
+With push.overlap a push returns once the directory is written -- the weights may change from
+there on -- and the services are notified in the background (`in_flight`, `settle`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import asyncio
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -35,76 +38,23 @@ from protocol.canary import Canary
 from protocol.config import secret_value
 from protocol.messages import WeightUpdate
 from protocol.weights import save_weights_dir
-from trainer.config import PushConfig, ServiceEndpoint
+from protocol.weights_client import UpdateRefused, WeightsClient, check_reply
+from trainer.config import DiskPush, ServiceEndpoint
+from trainer.transports.base import Collectives, PushResult, WeightTransport
 
 log = logging.getLogger("rlrt.trainer.push")
 
-_RETRY_STATUS = {408, 425, 429}
-
-
-class PushError(RuntimeError):
-    """One service refused or failed an update; `retryable` says whether to try again.
-    `canary`: the service's weight-canary verdict when that is why it refused."""
-
-    def __init__(self, msg: str, retryable: bool, canary: dict | None = None) -> None:
-        super().__init__(msg)
-        self.retryable = retryable
-        self.canary = canary
-
 
 def _retryable(e: BaseException) -> bool:
-    if isinstance(e, PushError):
+    if isinstance(e, UpdateRefused):
         return e.retryable
     return isinstance(e, httpx.TransportError)  # connect / read timeouts, refused, reset
-
-
-@dataclass
-class PushResult:
-    version: int
-    location: str | None = None
-    sha256: str | None = None
-    ok: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    attempts: dict[str, int] = field(default_factory=dict)
-    # services that loaded the weights but refused them because the weight canary did not
-    # match (max_diff, tolerance, ...): they serve another version, or nothing (consistent)
-    canary_refused: dict[str, dict] = field(default_factory=dict)
-    write_s: float = 0.0
-    notify_s: float = 0.0
-
-
-def canary_verdict(r: httpx.Response) -> dict | None:
-    """The weight-canary verdict of a 409 (`{max_diff, tolerance, sequence, position,
-    consistent, version}`), or None when the refusal had another reason."""
-    if r.status_code != 409:
-        return None
-    try:
-        body = r.json()
-    except ValueError:
-        return None
-    if not isinstance(body, dict) or not isinstance(body.get("canary"), dict):
-        return None
-    return {**body["canary"], "consistent": body.get("consistent", True),
-            "version": body.get("version")}
-
-
-def _check_reply(svc: ServiceEndpoint, r: httpx.Response) -> None:
-    if r.status_code >= 300:
-        detail = r.text[:500]
-        retry = r.status_code >= 500 or r.status_code in _RETRY_STATUS
-        raise PushError(f"{svc.name}: HTTP {r.status_code}: {detail}", retry, canary_verdict(r))
-    try:
-        body = r.json()
-    except ValueError:
-        return
-    if isinstance(body, dict) and (body.get("ok") is False or body.get("success") is False):
-        raise PushError(f"{svc.name}: refused: {body}", False)
 
 
 class WeightPusher:
     """Writes weight directories under `root` and notifies the services."""
 
-    def __init__(self, cfg: PushConfig, root: str | Path, run_id: str,
+    def __init__(self, cfg: DiskPush, root: str | Path, run_id: str,
                  extra_files: dict[str, bytes | str] | None = None) -> None:
         self.cfg = cfg
         self.root = Path(root)
@@ -143,15 +93,12 @@ class WeightPusher:
                 shutil.rmtree(old, ignore_errors=True)
 
     # ------------------------------------------------------------------ HTTP
-    def _headers(self) -> dict[str, str]:
-        h = {"content-type": "application/json"}
-        if self.cfg.control_token:
-            h["authorization"] = f"Bearer {secret_value(self.cfg.control_token)}"
-        return h
+    def client(self, svc: ServiceEndpoint) -> WeightsClient:
+        return WeightsClient(svc.name, svc.url, secret_value(self.cfg.control_token))
 
     async def _post_one(self, client: httpx.AsyncClient, svc: ServiceEndpoint,
                         update: WeightUpdate, attempts: dict[str, int]) -> None:
-        body = update.model_dump_json()
+        service = self.client(svc)
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.cfg.retries),
             wait=wait_exponential(multiplier=self.cfg.retry_backoff_s, max=30),
@@ -161,9 +108,7 @@ class WeightPusher:
         async for attempt in retrying:
             with attempt:
                 attempts[svc.name] = attempt.retry_state.attempt_number
-                r = await client.post(f"{svc.url.rstrip('/')}/v1/weights", content=body,
-                                      headers=self._headers())
-                _check_reply(svc, r)
+                check_reply(svc.name, await service.apost(client, update))
 
     async def notify(self, update: WeightUpdate, services: list[ServiceEndpoint] | None = None
                      ) -> PushResult:
@@ -186,7 +131,7 @@ class WeightPusher:
                 elif f.exception() is not None:
                     e = f.exception()
                     res.failed[name] = f"{type(e).__name__}: {e}"
-                    if isinstance(e, PushError) and e.canary is not None:
+                    if isinstance(e, UpdateRefused) and e.canary is not None:
                         res.canary_refused[name] = e.canary
                 else:
                     res.ok.append(name)
@@ -223,4 +168,44 @@ class WeightPusher:
         update, write_s = await self.write_update(state_dict, version, meta, canary)
         res = await self.notify(update, services)
         res.write_s = write_s
+        return res
+
+
+class DiskTransport(WeightTransport):
+    """push.mode disk: every push by a weight directory."""
+
+    def __init__(self, cfg: DiskPush, pusher: WeightPusher) -> None:
+        self.cfg = cfg
+        self.pusher = pusher
+        self.notifying: asyncio.Task[PushResult] | None = None  # a push loading in the background
+
+    @property
+    def in_flight(self) -> bool:
+        return self.notifying is not None
+
+    async def push(self, version: int, ranks: Collectives, *, index: int,
+                   canary: Canary | None) -> PushResult:
+        first = index == 0
+        sd = await ranks.gather_weights()
+        # The first push of a process may go *back* in version (a resumed run whose services
+        # had loaded later weights from the killed one): say so explicitly.
+        meta = {"reason": "start", "allow_rollback": True} if first else {"reason": "step"}
+        if self.cfg.overlap and not first:
+            update, write_s = await self.pusher.write_update(sd, version, meta, canary)
+            self.notifying = asyncio.create_task(self.pusher.notify(update))
+            return PushResult(version=version, location=update.location,
+                              sha256=update.sha256, write_s=write_s)
+        return await self.pusher.push(sd, version, meta=meta, canary=canary)
+
+    async def push_to(self, services: list[ServiceEndpoint], version: int, ranks: Collectives,
+                      canary: Canary | None) -> PushResult:
+        """A synchronous push of `version` to `services` only (another transport's fallback)."""
+        sd = await ranks.gather_weights()
+        return await self.pusher.push(sd, version, services=services, canary=canary)
+
+    async def settle(self) -> PushResult | None:
+        if self.notifying is None:
+            return None
+        res = await self.notifying
+        self.notifying = None
         return res

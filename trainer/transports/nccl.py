@@ -1,8 +1,8 @@
-"""Weight push, NCCL path: the trainer's half of the services' NCCL update (docs/engines.md,
-"The trainer's half of an NCCL update"). GPU ONLY in production -- selected by
-`push.mode: nccl`. On CPU the same code runs with `push.nccl_backend: gloo` against a test
-receiver (tests/test_trainer_nccl.py); NCCL itself and vLLM's PyNccl path are GPU-only and
-untested here.
+"""NCCL transport: the trainer's half of the services' NCCL update (docs/engines.md,
+"The trainer's half of an NCCL update"). GPU ONLY in production -- used by `push.mode: nccl`
+(with its disk fallback, trainer/transports/fallback.py). On CPU the same code runs with
+`push.nccl_backend: gloo` against a test receiver (tests/test_trainer_nccl.py); NCCL itself
+and vLLM's PyNccl path are GPU-only and untested here.
 
 The service drives its engine's HTTP endpoints (SGLang: pause, flush, init group,
 update_weights_from_distributed per bucket, continue; vLLM: pause, init transfer engine,
@@ -54,9 +54,10 @@ from protocol.canary import Canary
 from protocol.config import secret_value
 from protocol.messages import WeightUpdate
 from protocol.weights import DEFAULT_NCCL_GROUP, Bucket, NcclSpec
-from trainer.config import PushConfig, ServiceEndpoint
+from protocol.weights_client import UpdateRefused, WeightsClient, canary_verdict, check_reply
+from trainer.config import NcclPush, ServiceEndpoint
 from trainer.model import Policy, iter_gathered, named_weights, plan_buckets, shape_of
-from trainer.weight_push import PushResult, canary_verdict
+from trainer.transports.base import Collectives, PushResult, WeightTransport
 
 log = logging.getLogger("rlrt.trainer.nccl")
 
@@ -135,36 +136,39 @@ def destroy_group(group: Any) -> None:
 class _Call(threading.Thread):
     """The blocking /v1/weights call, on a thread while the broadcasts run."""
 
-    def __init__(self, client: httpx.Client, url: str, body: str, headers: dict) -> None:
+    def __init__(self, service: WeightsClient, http: httpx.Client, update: WeightUpdate) -> None:
         super().__init__(daemon=True)
-        self.args = (client, url, body, headers)
+        self.args = (service, http, update)
         self.response: httpx.Response | None = None
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        client, url, body, headers = self.args
+        service, http, update = self.args
         try:
-            self.response = client.post(url, content=body, headers=headers)
+            self.response = service.post(update, client=http)
         except BaseException as e:  # noqa: BLE001 - reported by outcome()
             self.error = e
 
     def outcome(self, timeout_s: float) -> str | None:
-        """None on 200, else what went wrong."""
+        """None when the service took the update, else what went wrong."""
         self.join(timeout_s)
         if self.is_alive():
             return f"no answer within {timeout_s:.0f} s"
         if self.error is not None:
             return f"{type(self.error).__name__}: {self.error}"
-        r = self.response
-        if r is None or r.status_code != 200:
-            return f"HTTP {r.status_code if r else '?'}: {r.text[:300] if r else ''}"
+        if self.response is None:
+            return "no answer"
+        try:
+            check_reply(self.args[0].name, self.response)
+        except UpdateRefused as e:
+            return str(e)
         return None
 
 
 class Peer:
     """One service's group and update protocol, trainer side."""
 
-    def __init__(self, svc: ServiceEndpoint, cfg: PushConfig, port: int) -> None:
+    def __init__(self, svc: ServiceEndpoint, cfg: NcclPush, port: int) -> None:
         self.svc = svc
         self.cfg = cfg
         self.port = port
@@ -174,10 +178,7 @@ class Peer:
         self.group: Any = None
         self.world_size: int | None = svc.engine_world_size and svc.engine_world_size + 1
         self.failed = False
-        headers = {"content-type": "application/json"}
-        if cfg.control_token:
-            headers["authorization"] = f"Bearer {secret_value(cfg.control_token)}"
-        self.headers = headers
+        self.service = WeightsClient(svc.name, svc.url, secret_value(cfg.control_token))
         self.http = httpx.Client(timeout=httpx.Timeout(cfg.nccl_timeout_s,
                                                        connect=cfg.connect_timeout_s))
 
@@ -193,10 +194,8 @@ class Peer:
         return f"{self.location}/{self.group_name}x{self.world_size}"
 
     def _engine_info(self) -> dict[str, Any]:
-        r = self.http.get(f"{self.svc.url.rstrip('/')}/v1/version", headers=self.headers,
-                          timeout=self.cfg.timeout_s)
-        r.raise_for_status()
-        return dict(r.json().get("engine") or {})
+        state = self.service.version(client=self.http, timeout=self.cfg.timeout_s)
+        return dict(state.get("engine") or {})
 
     def prepare(self) -> bool:
         """Decide init_group (step 1); learns the engine's world size if not configured."""
@@ -229,10 +228,10 @@ class Peer:
         spec = NcclSpec(world_size=int(self.world_size or 2), rank_offset=1,
                         group_name=self.group_name, backend=self.cfg.nccl_backend,
                         packed=False, init_group=init, buckets=buckets)
-        body = WeightUpdate(run_id=run_id, version=version, format="nccl",
-                            location=self.location,
-                            meta={"nccl": spec.model_dump()}, canary=canary).model_dump_json()
-        call = _Call(self.http, f"{self.svc.url.rstrip('/')}/v1/weights", body, self.headers)
+        update = WeightUpdate(run_id=run_id, version=version, format="nccl",
+                              location=self.location, meta={"nccl": spec.model_dump()},
+                              canary=canary)
+        call = _Call(self.service, self.http, update)
         call.start()
         return call
 
@@ -308,7 +307,7 @@ def _free_port() -> int:
 _PEERS: dict[str, Peer] = {}  # this process's groups, kept between updates (rank 0)
 
 
-def _peers(cfg: PushConfig) -> list[Peer]:
+def _peers(cfg: NcclPush) -> list[Peer]:
     out = []
     for i, svc in enumerate(cfg.services):
         if svc.name not in _PEERS:
@@ -366,7 +365,7 @@ def push_buckets(peers: list[Peer], version: int, meta: list[Bucket],
             peer.reset()  # a failed update leaves the group unusable: rebuild next time
 
 
-def nccl_push_all(policy: Policy, cfg: PushConfig, *, version: int, dtype: torch.dtype,
+def nccl_push_all(policy: Policy, cfg: NcclPush, *, version: int, dtype: torch.dtype,
                   run_id: str = "rlrt", canary: Canary | None = None) -> PushResult | None:
     """Collective: every rank iterates the gathered buckets; rank 0 drives the services and
     broadcasts. Returns the result on rank 0, None elsewhere."""
@@ -384,3 +383,12 @@ def nccl_push_all(policy: Policy, cfg: PushConfig, *, version: int, dtype: torch
     for name, why in res.failed.items():
         log.error("NCCL weight push v%d to %s failed: %s", version, name, why)
     return res
+
+
+class NcclTransport(WeightTransport):
+    """Every push by NCCL broadcast (the collective `nccl_push_all`, announced by rank 0).
+    Used as the fast path of NcclWithDiskFallback, which is what `push.mode: nccl` runs."""
+
+    async def push(self, version: int, ranks: Collectives, *, index: int,
+                   canary: Canary | None) -> PushResult:
+        return await ranks.broadcast_nccl(version, canary)
