@@ -90,7 +90,9 @@ def ours_config(tmp: Path, model_dir: Path, steps: int) -> Path:
     run = tmp / "ours"
     cfg["run"].update(name="bench-e2e", dir=str(run), bootstrap=False, eval_prompts=0)
     cfg["bus"]["prefix"] = f"bench-e2e-{os.getpid()}"
-    for svc in ("rollout", "teacher"):
+    from protocol.topology import ENGINE_STAGES
+
+    for svc in ENGINE_STAGES:
         cfg[svc]["engine"]["model_path"] = str(model_dir)
     t = cfg["trainer"]
     t.update(run_id="bench-e2e", model_path=str(model_dir), prompts_per_step=PROMPTS_PER_STEP,

@@ -4,7 +4,7 @@
       scoring excluded): the cost of the reversed-teacher re-weighting (goal: <= 1.05x);
   (b) our DeepSpeed update (old log-prob recompute, advantages, micro-batched loss and
       backward, clipping, AdamW step) vs the same update written in plain PyTorch +
-      transformers + torch AdamW (tests/helpers/reference_update.py) (goal: >= 0.9x the
+      transformers + torch AdamW (tests/support/reference_update.py) (goal: >= 0.9x the
       reference's tokens/s);
   (c) pushing the weights to two services (gather, atomic safetensors directory with sha256
       manifest written once, both services POSTed concurrently, each verifying the hashes and
@@ -12,7 +12,7 @@
       safetensors.save_file (goal: <= 1.5x).
 
 The services of (c) are two real HTTP servers on 127.0.0.1 implementing the documented
-POST /v1/weights (the tests' double, tests/helpers/trainer_standin.py), each with its own
+POST /v1/weights (the tests' double, tests/support/trainer_standin.py), each with its own
 copy of the model. Measurements alternate between the variants and report medians: the
 machine is shared.
 
@@ -59,7 +59,7 @@ def build_model(args: argparse.Namespace, out: Path) -> Path:
 def build_batch(args: argparse.Namespace):  # noqa: ANN201 - a TrainBatch
     """Groups of fixed prompt length, responses of the given mean length (+-25%), about
     half correct, teacher scores on the correct responses of mixed groups (what rlrt gets)."""
-    from helpers.scored_groups import make_group
+    from support.groups import scored_group
 
     from trainer.batch import build_batch as stack
 
@@ -70,8 +70,8 @@ def build_batch(args: argparse.Namespace):  # noqa: ANN201 - a TrainBatch
         rewards = [float(x) for x in rng.integers(0, 2, args.group_size)]
         rewards[0], rewards[1] = 1.0, 0.0  # mixed: the teacher has work to do
         correct = [k for k, r in enumerate(rewards) if r == 1.0]
-        groups.append(make_group(rewards, rng=rng, vocab=args.vocab, prompt_len=args.prompt,
-                                 resp_len=(lo, hi), teacher_rows=correct, task_index=i))
+        groups.append(scored_group(rewards, rng=rng, vocab=args.vocab, prompt_len=args.prompt,
+                                   resp_len=(lo, hi), teacher_rows=correct, task_index=i))
     return stack(groups, version=0, pad_id=0)
 
 
@@ -86,7 +86,7 @@ def _timed(fn) -> float:  # noqa: ANN001
 
 
 def bench_updates(args: argparse.Namespace, model_dir: Path) -> dict:
-    from helpers.reference_update import reference_optimizer, reference_update
+    from support.reference_update import reference_optimizer, reference_update
     from transformers import AutoModelForCausalLM
 
     from trainer import dist
@@ -137,7 +137,7 @@ def serve_weights(model_dir: str) -> None:
     POST /v1/weights verifies every sha256 and loads the weights into its model."""
     import threading
 
-    from helpers.trainer_standin import Controls, serve, weights_app
+    from support.trainer_standin import Controls, serve, weights_app
     from transformers import AutoModelForCausalLM
 
     from protocol.messages import WeightUpdate

@@ -14,7 +14,7 @@ Guarantees, and how:
   transaction), so a stream holds only unfinished work and XLEN is the backlog. `publish`
   refuses (atomically, in a Lua script) to add to a stream at `max_backlog` and waits, then
   fails with `BackpressureTimeout`. We never pass MAXLEN: exact or approximate trimming
-  can delete entries that are still pending (engine-apis.md §5).
+  can delete entries that are still pending (Redis' XADD MAXLEN / XTRIM trim by length alone).
 - **Big payloads by claim-check.** A payload above `blob_threshold_bytes` is stored under a
   TTL'd key; the entry carries the key.
 - **Redis outages.** Every command that loses its connection reconnects and retries with

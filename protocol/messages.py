@@ -100,6 +100,12 @@ class TeacherRequest(BaseModel):
         description="the advantage estimator (protocol/estimators.py): decides which responses "
         "have zero advantage, hence need no teacher score",
     )
+    score_student: bool = Field(
+        False,
+        description="also score each scored response's student context (prompt + response, "
+        "no demonstration) in the same engine batch, so D_t = q_t - s_t comes from one engine "
+        "(algorithm.student_logprobs: engine)",
+    )
 
 
 class PromptTask(Message):
@@ -189,6 +195,10 @@ class TeacherScores(BaseModel):
     logprobs: Float32Array
     context_mode: Literal["sibling", "reference_solution", "reference_answer"]
     demo_index: int | None = Field(None, description="which sibling was the demonstration")
+    student_logprobs: Float32Array | None = Field(
+        None, description="s_t of the same tokens under the student context (prompt + "
+        "response), scored by the same engine in the same batch; only when "
+        "TeacherRequest.score_student")
 
 
 class ScoredGroup(VerifiedGroup):
@@ -198,6 +208,20 @@ class ScoredGroup(VerifiedGroup):
     teacher_version: int | None = Field(None, description="policy version of the teacher weights")
     scored_tokens: int = 0
     skipped_tokens: int = 0
+    student_context_tokens: int = Field(
+        0, description="tokens of the extra student contexts (prompt + response) the teacher "
+        "prefilled for TeacherRequest.score_student")
+
+    @classmethod
+    def unscored(cls, group: VerifiedGroup) -> ScoredGroup:
+        """`group` as the trainer takes it from the verifier when no teacher service runs
+        (presets that never score): no teacher entry, every token skipped -- what the teacher
+        publishes for such a group (services/teacher/worker.py)."""
+        fields = dict(group)  # shallow: token/log-prob arrays pass through uncopied
+        fields.update(msg_id=derive_id(group.msg_id, "scored"), teacher=[None] * len(group.responses),
+                      teacher_version=None, scored_tokens=0,
+                      skipped_tokens=sum(len(r.token_ids) for r in group.responses))
+        return cls.model_validate(fields)
 
     @model_validator(mode="after")
     def _aligned_teacher(self) -> ScoredGroup:
@@ -206,6 +230,8 @@ class ScoredGroup(VerifiedGroup):
         for i, (t, r) in enumerate(zip(self.teacher, self.responses, strict=True)):
             if t is not None and len(t.logprobs) != len(r.token_ids):
                 raise ValueError(f"teacher[{i}] has {len(t.logprobs)} log-probs for {len(r.token_ids)} tokens")
+            if t is not None and t.student_logprobs is not None and len(t.student_logprobs) != len(r.token_ids):
+                raise ValueError(f"teacher[{i}] has {len(t.student_logprobs)} student log-probs for {len(r.token_ids)} tokens")
         return self
 
 

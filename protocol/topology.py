@@ -6,14 +6,17 @@
 Each stage consumes one message type from one stream, in one consumer group shared by all its
 replicas, and publishes the next message type to the next stage's stream. The service configs
 (services/*/config.py: port, consumer group), the services' workers, the trainer, the launcher
-(rlrt/launch.py, rlrt/engine_servers.py) and the deployment drift tests all read this table.
+(rlrt/plan.py, rlrt/supervisor.py, rlrt/engine_servers.py) and the deployment drift tests all
+read this table.
 
 Stream names here are *logical*: the Redis key of each is `bus.stream(name)`, and the run's
 `bus.streams` mapping (protocol/config.py) may rename any of them -- the one place a stream
 name is configured, read by every process of the run.
 
 The trainer also publishes VerifiedGroups to the teacher's input when a group must be scored
-again by a newer teacher (trainer/driver.py, `rescore_stream`).
+again by a newer teacher (trainer/driver.py, `rescore_stream`). A run whose preset never
+scores (grpo, dr_grpo) may run without a teacher (`trainer.teacher_service: false`, which
+`rlrt train` sets): the trainer then reads the verifier's output (`trainer_input`).
 """
 
 from __future__ import annotations
@@ -73,6 +76,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
 SERVICES: tuple[str, ...] = ("verifier", "rollout", "teacher")
 # The stages that run an inference engine: the trainer pushes its weights to these.
 ENGINE_STAGES: tuple[str, ...] = tuple(n for n in SERVICES if STAGES[n].runs_engine)
+
+
+def trainer_input(teacher_service: bool) -> tuple[str, type[Message]]:
+    """The logical stream the trainer consumes and the message type on it: the teacher's
+    ScoredGroups, or the verifier's VerifiedGroups when no teacher service runs."""
+    src = STAGES["trainer"] if teacher_service else STAGES["teacher"]
+    return src.in_stream, src.consumes
 
 
 def stage(name: str) -> Stage:

@@ -4,7 +4,7 @@
     GET  {url}/v1/version   the serving version and the engine's state
 
 used by the trainer's transports (trainer/transports/) and by the launcher when it brings a
-restarted service back to the newest pushed weights (rlrt/launch.py, rlrt/engine_servers.py).
+restarted service back to the newest pushed weights (rlrt/repush.py).
 No torch here: the launcher imports it.
 
 How a reply reads (`check_reply`): 2xx with no `{"ok": false}` is done; 5xx, 408, 425 and 429

@@ -169,17 +169,18 @@ def train(config: Path = typer.Option(..., "--config", "-c", help="run config (Y
           resume_from: Optional[int] = ResumeFromOpt,
           allow_config_change: bool = AllowChangeOpt) -> None:
     """Run a whole training run on this machine: embedded Redis, the verifier, rollout and
-    teacher services, and the DeepSpeed trainer as separate processes, with the config's
+    teacher services (no teacher for presets that never score: grpo, dr_grpo), and the
+    DeepSpeed trainer as separate processes, with the config's
     evaluation sets before, during and after training and a report with plots. The resolved
     config goes to <run.dir>/config.resolved.yaml, which every process reads."""
     from rlrt.launch import LaunchError, LocalRun
+    from rlrt.train import train as train_run
 
     if print_config:
         _print_config(_run_config(config, sets))
     try:
-        run = LocalRun(config, resume=resume or resume_from is not None, console=console,
-                       sets=sets, trainer_args=_trainer_flags(resume_from, allow_config_change))
-        run.train()
+        train_run(LocalRun(config, resume=resume or resume_from is not None, console=console,
+                           sets=sets, trainer_args=_trainer_flags(resume_from, allow_config_change)))
     except LaunchError as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -274,6 +275,7 @@ def eval_cmd(config: Path = typer.Option(..., "--config", "-c", help="run config
     {set name: result}."""
     from rlrt.launch import LaunchError, LocalRun
     from rlrt.run_config import EvalSet
+    from rlrt.train import evaluate_once
     from tasks.data import spec_from_cli
 
     # Exactly this model: the trainer's path (tokenizer) and the rollout engine's, whatever
@@ -291,9 +293,9 @@ def eval_cmd(config: Path = typer.Option(..., "--config", "-c", help="run config
             _print_config(_run_config(config, [*(sets or []), *extra]))
         run = LocalRun(config, services=("verifier", "rollout"), console=console,
                        sets=[*(sets or []), *extra], resolved_name="config.eval.yaml")
-        result = run.evaluate_once([s.model_copy(update={kk: v for kk, v in knobs.items()
-                                                         if v is not None})
-                                    for s in run.eval_sets])
+        result = evaluate_once(run, [s.model_copy(update={kk: v for kk, v in knobs.items()
+                                                          if v is not None})
+                                     for s in run.eval_sets])
     except (LaunchError, FileNotFoundError, ValueError) as e:
         fail(str(e))
     text = json.dumps(result, indent=2)
@@ -385,8 +387,9 @@ def inspect_cmd(model: Path = typer.Option(..., "--model", help="HF model direct
                 seed: int = typer.Option(0, help="seed (prompts, sampling, sibling choice)"),
                 temperature: float = typer.Option(1.0, help="sampling temperature (0 = greedy)"),
                 max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="response cap")) -> None:
-    """Colour the tokens of sample correct rollouts by D_t = s_t - q_t (student minus teacher
-    log-prob) with their RLRT weight w_t: writes inspect.html, inspect.png and inspect.json."""
+    """Colour the tokens of sample correct rollouts by D_t = q_t - s_t (teacher minus student
+    log-prob, the paper's sign) with their RLRT weight w_t: writes inspect.html, inspect.png
+    and inspect.json."""
     from rlrt.inspect_rollouts import inspect_rollouts, write_outputs
 
     if not (model / "config.json").is_file():

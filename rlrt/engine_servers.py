@@ -6,7 +6,7 @@ it with the run. A teacher with `share_rollout_server: true` gets the rollout's 
 (one server, one weight load per step). The servers are `Child` processes like the services:
 their own session, SIGTERM on the launcher's death, so Ctrl-C or a crash leaves no orphans.
 
-The same code starts the servers of the tests (tests/helpers/vllm_server.py) and the bench.
+The same code starts the servers of the tests (tests/support/vllm_server.py) and the bench.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import httpx
 from protocol.messages import WeightUpdate
 from protocol.topology import ENGINE_STAGES
 from protocol.weights_client import WeightsClient
-from rlrt.processes import Child, free_port, port_free
+from rlrt.processes import RENDEZVOUS_VARS, Child, free_port, port_free
+from rlrt.repush import repush
 from services.engines.config import EngineLaunch
 
 # vLLM's supported launcher module (`python -m vllm.entrypoints.openai.api_server` is
@@ -107,8 +108,7 @@ class VLLMServer:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
                # the launcher's own venv and rendezvous variables are not the server's
-               if k not in ("VIRTUAL_ENV", "PYTHONPATH", "RANK", "WORLD_SIZE", "LOCAL_RANK",
-                            "MASTER_ADDR", "MASTER_PORT")}
+               if k not in ("VIRTUAL_ENV", "PYTHONPATH", *RENDEZVOUS_VARS)}
         env.update({"VLLM_SERVER_DEV_MODE": "1", "HF_HUB_OFFLINE": "1",
                     "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
         env.update(self.launch.env)
@@ -228,7 +228,8 @@ class EngineServers:
                token: str, latest: WeightUpdate | None) -> bool:
         """Restart a dead server on its port; then have each service that uses it notice (its
         /readyz reads the server's version: base weights -> quarantine) and push it the
-        newest weights (the sharing teacher after the rollout, which loads them)."""
+        newest weights (the sharing teacher after the rollout, which loads them); the line
+        says what each then serves (rlrt/repush.py)."""
         srv = self.servers[owner]
         code = srv.child.proc.returncode if srv.child and srv.child.proc else None
         if self.restarts[owner] >= max_restarts:
@@ -244,22 +245,7 @@ class EngineServers:
         for name in self.users[owner]:
             with contextlib.suppress(httpx.HTTPError):
                 httpx.get(f"{service_url(name)}/readyz", timeout=60)
-            if latest is None:
-                continue
-            client = WeightsClient(name, service_url(name), token)
-            try:
-                state = client.version(timeout=60)
-                serving = state.get("version")
-                if serving is not None and serving >= latest.version and state.get("ready"):
-                    self.log(f"{name} already at weights version {state['version']}")
-                    continue  # the trainer's own push got there first
-            except (httpx.HTTPError, ValueError, AttributeError):
-                pass
-            try:
-                r = client.post(latest, timeout=900)
-                self.log(f"{name} re-pushed weights version {latest.version} ({r.status_code})")
-            except httpx.HTTPError as e:  # the trainer's next push brings it up to date
-                self.log(f"{name}: weights not re-pushed yet: {e!r}")
+            self.log(repush(WeightsClient(name, service_url(name), token), latest, timeout=900))
         return True
 
     def stop(self) -> None:

@@ -16,6 +16,7 @@ from rich.console import Console
 
 from rlrt.launch import LocalRun
 from rlrt.report import read_metrics
+from rlrt.train import train
 
 DIAGNOSTICS = ("self_driven_share", "mean_D_correct", "mean_abs_D_correct", "weight_mean",
                "clip_low_share", "clip_high_share", "clip_share", "entropy", "mismatch_kl",
@@ -51,7 +52,7 @@ def _run_one(config: Path, preset: str, seed: int, out: Path, steps: int | None,
     os.environ.update(overrides)
     t0 = time.perf_counter()
     try:
-        report = LocalRun(config, console=console, evals_before=evals_before).train()
+        report = train(LocalRun(config, console=console), evals_before=evals_before)
     finally:
         for k, v in saved.items():
             if v is None:

@@ -1,6 +1,7 @@
 """Rendering for `rlrt inspect`: a self-contained HTML page and a PNG, both colouring each
-token by D_t = s_t - q_t on the same diverging scale (red: D > 0, the student was more sure
-than the teacher, a self-driven token RLRT up-weights; blue: D < 0, the teacher predicted it).
+token by D_t = q_t - s_t = log P_T - log P_S (the paper's sign) on the same diverging scale
+(red: D < 0, the student was more sure than the teacher, a self-driven token RLRT up-weights;
+blue: D > 0, the teacher predicted it).
 
 The HTML keeps every number on the token's span (data-s/q/d/w/adv, and a tooltip), so the
 page is both the picture and the data; inspect.json holds the same numbers for scripts.
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 # that is only a tab or a carriage return would otherwise be an empty coloured box).
 _VISIBLE = {"\n": "\u21b5\n", "\t": "\u2192\t", "\r": "\u2190"}
 
-CMAP = "RdBu_r"  # diverging: blue (D < 0) - white (0) - red (D > 0)
+CMAP = "RdBu"  # diverging: red (D < 0, self-driven) - white (0) - blue (D > 0)
 PNG_RESPONSES = 3
 PNG_WIDTH_CHARS = 100
 PNG_WIDTH_IN = 11.0
@@ -73,7 +74,7 @@ details{margin:.3em 0}pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em}
 
 def _span(tok, vmax: float) -> str:  # noqa: ANN001 -- TokenInfo, kept light for the renderer
     bg, fg = colour(tok.d, vmax)
-    tip = (f"token {tok.id}: s={tok.s:.4f} q={tok.q:.4f} D=s-q={tok.d:+.4f} "
+    tip = (f"token {tok.id}: s={tok.s:.4f} q={tok.q:.4f} D=q-s={tok.d:+.4f} "
            f"w={tok.w:.4f} A_kt={tok.adv:+.4f}")
     text = html.escape(visible(tok.text))
     return (f'<span class="tok" style="background:{bg};color:{fg}" data-id="{tok.id}" '
@@ -84,7 +85,7 @@ def _span(tok, vmax: float) -> str:  # noqa: ANN001 -- TokenInfo, kept light for
 
 def _response(r: Shown, vmax: float) -> str:
     ds = [t.d for t in r.tokens]
-    share = sum(d > 0 for d in ds) / len(ds) if ds else 0.0
+    share = sum(d < 0 for d in ds) / len(ds) if ds else 0.0
     mean_w = sum(t.w for t in r.tokens) / len(ds) if ds else 1.0
     demo = ("sibling response #" + str(r.demo_index) if r.demo_mode == "sibling"
             else r.demo_mode.replace("_", " "))
@@ -94,7 +95,7 @@ def _response(r: Shown, vmax: float) -> str:
         f'<div class="hdr">prompt {r.prompt_index} &middot; response {r.response_index} &middot; '
         f"reward {r.reward:g} &middot; A<sub>k</sub> = {r.adv:+.4f}</div>"
         f'<div class="meta">group rewards [{rewards}] &middot; {len(ds)} tokens '
-        f"({r.finish_reason}) &middot; self-driven share (D&gt;0) {share:.0%} &middot; "
+        f"({r.finish_reason}) &middot; self-driven share (D&lt;0) {share:.0%} &middot; "
         f"mean w {mean_w:.3f} &middot; demonstration: {html.escape(demo)}</div>"
         f"<details><summary>prompt</summary><pre>{html.escape(r.prompt)}</pre>"
         f"reference: <code>{html.escape(r.answer)}</code></details>"
@@ -120,21 +121,22 @@ def render_html(report: Report) -> str:
         "<p><b>No correct response of a mixed group had a teacher context</b>: nothing to "
         "colour. Try more prompts (--n), a larger group (--g), or a stronger model.</p>")
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>rlrt inspect: D = s - q</title>
+<html><head><meta charset="utf-8"><title>rlrt inspect: D = q - s</title>
 <style>{_CSS}</style></head><body>
 <h1>Which tokens did RLRT treat as self-driven?</h1>
 <p>Preset <b>{html.escape(report.preset)}</b>, eps_w = {report.eps_w:g}, lambda = {report.lam:g},
 sampling temperature {report.temperature:g}. Model <code>{html.escape(str(s['model']))}</code>,
 data <code>{html.escape(str(s['data']))}</code>, seed {s['seed']}.</p>
 <p>{summary}</p>
-<div class="legend"><span>D = s &minus; q:</span><span>{-vmax:+.2f}</span>
+<div class="legend"><span>D = q &minus; s:</span><span>{-vmax:+.2f}</span>
 <span class="bar" style="background:linear-gradient(to right, {stops})"></span>
 <span>{vmax:+.2f}</span><span class="meta">(full colour at |D| = log(1 + eps_w), where w
 clips for A &gt; 0, or at the 95th percentile of |D| when that is larger)</span></div>
-<p class="meta">Each token's background is D<sub>t</sub> = s<sub>t</sub> &minus; q<sub>t</sub>
-(student log-prob minus teacher log-prob with the demonstration in context). Red: the student
-was more confident than the teacher &mdash; a <i>self-driven</i> token, w<sub>t</sub> =
-clip(exp(sign(A) D<sub>t</sub>), 1&minus;eps_w, 1+eps_w) &gt; 1 for a positive advantage.
+<p class="meta">Each token's background is the paper's D<sub>t</sub> = q<sub>t</sub> &minus;
+s<sub>t</sub> = log P<sub>T</sub> &minus; log P<sub>S</sub> (teacher log-prob with the
+demonstration in context minus student log-prob). Red (D &lt; 0): the student was more
+confident than the teacher &mdash; a <i>self-driven</i> token, w<sub>t</sub> =
+clip(exp(&minus;sign(A) D<sub>t</sub>), 1&minus;eps_w, 1+eps_w) &gt; 1 for a positive advantage.
 Blue: the teacher predicted it better (w &lt; 1). Hover a token for s, q, D, w and
 A<sub>kt</sub> = A<sub>k</sub>((1&minus;&lambda;) + &lambda; w<sub>t</sub>). The symbol
 &crarr; marks a newline.</p>
@@ -198,8 +200,8 @@ def render_png(report: Report, path: str | Path) -> None:
         for p, a, b in zip(patches, edges[:-1], edges[1:], strict=True):
             p.set_facecolor(colour((a + b) / 2, vmax)[0])
             p.set_edgecolor("#666")
-        for x, label in ((math.log1p(report.eps_w), "w clips at 1+eps_w (A>0)"),
-                         (math.log(1 - report.eps_w) if report.eps_w < 1 else None,
+        for x, label in ((-math.log1p(report.eps_w), "w clips at 1+eps_w (A>0)"),
+                         (-math.log(1 - report.eps_w) if report.eps_w < 1 else None,
                           "w clips at 1-eps_w (A>0)")):
             margin = 0.1 * (hi - lo) + 1e-6  # a clip point far off the data would squash it
             if x is not None and lo - margin <= x <= hi + margin:
@@ -207,12 +209,12 @@ def render_png(report: Report, path: str | Path) -> None:
         ax.axvline(0, color="#888", lw=0.8)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-        share = sum(d > 0 for d in ds) / len(ds)
-        ax.set_title(f"D = s - q on {len(ds)} tokens of {len(report.shown)} correct responses "
+        share = sum(d < 0 for d in ds) / len(ds)
+        ax.set_title(f"D = q - s on {len(ds)} tokens of {len(report.shown)} correct responses "
                      f"(self-driven share {share:.0%})", fontsize=9)
     else:
         ax.text(0.5, 0.5, "no correct teacher-scored responses", ha="center", va="center")
-    ax.set_xlabel("D_t = s_t - q_t")
+    ax.set_xlabel("D_t = q_t - s_t (paper's sign)")
     ax.set_ylabel("tokens")
     # Fixed margins, not tight_layout: the token panels' width must stay what _CELL_FONT was
     # sized for.

@@ -5,7 +5,7 @@ response of a mixed group computes, per token,
 
     s_t = log pi(y_t | x, y_<t)        the student (what the trainer recomputes)
     q_t = log pi(y_t | c, x, y_<t)     the teacher, with the privileged context c
-    D_t = s_t - q_t,  w_t,  A_kt       through the trainer's own `token_advantages`
+    D_t = q_t - s_t,  w_t,  A_kt       (the paper's sign) through the trainer's own `token_advantages`
 
 then writes inspect.html / inspect.png / inspect.json (rendering in rlrt/inspect_render.py).
 
@@ -54,7 +54,7 @@ class TokenInfo:
     text: str
     s: float  # student log-prob
     q: float  # teacher log-prob
-    d: float  # s - q
+    d: float  # D = q - s, the paper's sign
     w: float  # clipped weight w_t the trainer applies (1 where the row is not re-weighted)
     adv: float  # A_kt
 
@@ -280,7 +280,7 @@ def inspect_rollouts(model_dir: str | Path, *, data: str | DataConfig = "countdo
         ids = resp.token_ids.tolist()
         pieces = token_pieces(tokenizer, ids)
         toks = [TokenInfo(id=ids[t], text=pieces[t], s=float(s_t[b, t]), q=float(q_t[b, t]),
-                          d=float(s_t[b, t] - q_t[b, t]), w=float(adv.weights[b, t]),
+                          d=float(q_t[b, t] - s_t[b, t]), w=float(adv.weights[b, t]),
                           adv=float(adv.advantages[b, t])) for t in range(len(ids))]
         shown.append(Shown(
             prompt_index=gi, response_index=k, prompt=grp.task.prompt_text, answer=grp.task.answer,

@@ -21,6 +21,11 @@ import httpx
 # Not Linux: a no-op, and Ctrl-C handling in the launcher still stops the children.
 from rlrt.redis_server import die_with_parent as _die_with_parent
 
+# Rendezvous variables a caller that ran torch.distributed itself (a notebook, a test) may
+# leave in the environment: they would point a child (the trainer, a vLLM server) at that
+# caller's store port. trainer/dist.py picks a free one without them.
+RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
 
 def port_free(host: str, port: int) -> bool:
     with socket.socket() as s:

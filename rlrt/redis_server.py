@@ -165,10 +165,15 @@ class EmbeddedRedis:
             return f"redis://127.0.0.1:{self.port}/0"
         return f"unix://{self.socket_path}?db=0"
 
-    def start(self, timeout_s: float = 20.0) -> str:
+    def claim(self) -> None:
+        """Take the directory's lock now, before `start` (`rlrt train` refuses a directory
+        another server still holds before it checks or starts anything else); `stop` frees it."""
         self.directory.mkdir(parents=True, exist_ok=True)
         if self._lock_fd is None:
             self._lock_fd = self._lock()
+
+    def start(self, timeout_s: float = 20.0) -> str:
+        self.claim()
         log = self.directory / "redis.log"
         log_from = log.stat().st_size if log.exists() else 0  # this start's lines only
         args = [

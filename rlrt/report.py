@@ -15,8 +15,8 @@ from rich.console import Console
 PANELS = [
     ("reward (mean over the step's groups)", ("reward_mean",), False),
     ("accuracy (share of correct responses)", ("accuracy",), False),
-    ("RLRT: share of self-driven tokens (D > 0) on correct rollouts", ("self_driven_share",), True),
-    ("RLRT: mean D = s - q", ("mean_D_correct", "mean_D"), True),
+    ("RLRT: share of self-driven tokens (s > q, D < 0) on correct rollouts", ("self_driven_share",), True),
+    ("RLRT: mean D = q - s (paper's sign)", ("mean_D_correct", "mean_D"), True),
     ("RLRT: mean token weight w_t", ("weight_mean",), True),
     ("RLRT: share of weights at the clip bounds", ("clip_low_share", "clip_high_share"), True),
     ("PPO clip fractions", ("clipfrac_low", "clipfrac_high"), False),

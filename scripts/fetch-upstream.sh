@@ -9,7 +9,11 @@
 # Also Math-Verify's own test suite (tests/test_verifier_conformance.py), which ships only in
 # its source distribution: the sdist of the version installed in the venv (the one the verifier
 # runs), its tests/*.py kept under .upstream/math_verify/tests/, version in .../VERSION.
-# Usage: bash scripts/fetch-upstream.sh [sglang|vllm|math_verify ...]   (default: all;
+# And the METADATA (only that: PEP 658 files or range reads, never a whole wheel) of the wheels
+# that decide each image's NCCL version, under .upstream/wheel-metadata/ for
+# tests/test_nccl_parity.py (scripts/fetch_wheel_metadata.py says which and how; an index it
+# cannot reach is recorded there and the test skips that image with the reason).
+# Usage: bash scripts/fetch-upstream.sh [sglang|vllm|math_verify|nccl ...]   (default: all;
 #        CI runs it after scripts/setup.sh)
 # Knobs: RLRT_UPSTREAM_DIR (default .upstream), PYTHON (default .venv/bin/python).
 set -euo pipefail
@@ -78,13 +82,14 @@ EOF
     echo "math-verify $version tests: unpacked into $dir/tests"
 }
 
-for what in "${@:-sglang vllm math_verify}"; do
+for what in "${@:-sglang vllm math_verify nccl}"; do
     for one in $what; do
         case $one in
             sglang) fetch sglang "$sglang_version" ;;
             vllm) fetch vllm "$vllm_version" ;;
             math_verify) fetch_math_verify_tests ;;
-            *) echo "unknown upstream $one (sglang, vllm, math_verify)" >&2; exit 2 ;;
+            nccl) "$PY" scripts/fetch_wheel_metadata.py "$DEST/wheel-metadata" ;;
+            *) echo "unknown upstream $one (sglang, vllm, math_verify, nccl)" >&2; exit 2 ;;
         esac
     done
 done

@@ -1,55 +1,79 @@
 #!/usr/bin/env bash
-# One GPU node: start a real SGLang and a real vLLM server on a small model, run tests/gpu
-# against them (generation/scoring, disk updates, and an NCCL push through our own service
-# from the production trainer code to each, checked by the weight canary), stop them.
-# Usage: RLRT_GPU_MODEL=/path/to/small-hf-model scripts/gpu_check.sh   (see tests/gpu/README.md)
-# PYTHON runs the tests and plays the trainer: it needs rlrt and vllm (the trainer image pin).
+# The GPU check for a bare one-GPU machine (tests/gpu/README.md): the repository plus .whl/
+# (scripts/gpu_wheels.sh) and the machine's own torch; no network, no model files. Runs the
+# trainer's ZeRO 0/2/3 update steps, the weight canary, the production NCCL push into SGLang's
+# own receive code, and the bound default group (tests/gpu/selfcheck/), in under 9 minutes;
+# writes JSON results ($OUT/gpu_check.json when OUT is set, else runs/gpu_check.json) and exits
+# non-zero when any check failed.
+# Usage: bash scripts/gpu_check.sh            on the GPU machine
+#        bash scripts/gpu_check.sh --cpu      the rehearsal (gloo, fp32, no CUDA; .ci/run)
+#        bash scripts/gpu_check.sh --engines  the full-node check against real SGLang and vLLM
+#                                             servers (scripts/gpu_check_engines.sh)
+# Knobs: PYTHON (an interpreter that already has everything: no venv is made), BASE_PYTHON
+#        (the machine's interpreter the venv is made over, default python3), RLRT_GPU_WHEELS
+#        (default .whl), RLRT_GPU_CHECK_JSON (the results file), RLRT_UPSTREAM_DIR (where
+#        SGLang's sources are when .whl/ has no copy), GPU_CHECK_TIMEOUT_S (default 540),
+#        RLRT_GPU_CHECK_KEEP=1 (keep the work directory: models, role logs).
 set -euo pipefail
-: "${RLRT_GPU_MODEL:?set RLRT_GPU_MODEL to a small HF model directory (e.g. Qwen3-0.6B)}"
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
-SGLANG_PYTHON=${SGLANG_PYTHON:-$PY}
-VLLM_PYTHON=${VLLM_PYTHON:-$PY}
-SGLANG_PORT=${SGLANG_PORT:-30000}
-VLLM_PORT=${VLLM_PORT:-8000}
-FRACTION=${GPU_MEM_FRACTION:-0.3}
-LOG_DIR=${LOG_DIR:-/tmp/rlrt-gpu-check}
-mkdir -p "$LOG_DIR"
+if [ "${1:-}" = "--engines" ]; then
+    shift
+    exec bash scripts/gpu_check_engines.sh "$@"
+fi
+mode=()
+if [ "${1:-}" = "--cpu" ]; then
+    mode=(--cpu)
+    shift
+    export DS_ACCELERATOR=cpu
+fi
+WHL=${RLRT_GPU_WHEELS:-.whl}
+RESULTS=${RLRT_GPU_CHECK_JSON:-${OUT:+$OUT/gpu_check.json}}
+RESULTS=${RESULTS:-runs/gpu_check.json}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/rlrt-gpu-check.XXXXXX")
+# models, weights and role logs (~300 MB); a failed check's JSON quotes its role's log tail
+[ "${RLRT_GPU_CHECK_KEEP:-0}" = 1 ] || trap 'rm -rf "$WORK"' EXIT
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# Every process of the check shares one GPU; NCCL's socket transport joins them on loopback.
+export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-lo}
 
-# The versions docs/deploy.md supports (the image pins): say so when these differ.
-want_sglang=$(sed -n 's/^ARG SGLANG_IMAGE=.*:v\([0-9][0-9.]*\)$/\1/p' deploy/docker/rollout.Dockerfile)
-want_vllm=$(sed -n 's/^ARG VLLM_VERSION=\([0-9][0-9.]*\)$/\1/p' deploy/docker/trainer.Dockerfile)
-have() { "$1" -c "import importlib.metadata as m; print(m.version('$2'))" 2>/dev/null || echo none; }
-for pair in "$SGLANG_PYTHON sglang $want_sglang" "$VLLM_PYTHON vllm $want_vllm" "$PY vllm $want_vllm"; do
-    read -r py pkg want <<<"$pair"
-    got=$(have "$py" "$pkg")
-    [ "$got" = "$want" ] || echo "WARNING: $py has $pkg $got; the supported version is $want"
-done
+if [ -n "${PYTHON:-}" ]; then
+    PY=$PYTHON
+elif [ -f "$WHL/requirements.txt" ]; then
+    # A venv over the machine's interpreter, its packages (torch) visible: through
+    # --system-site-packages, and a .pth line for when that interpreter is itself a venv (the
+    # lent machine's torch lives in /opt/torch/.venv), whose packages that flag would not show.
+    BASE=${BASE_PYTHON:-python3}
+    "$BASE" -m venv --without-pip --system-site-packages "$WORK/venv"
+    site=$("$WORK/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+    "$BASE" -c 'import site, sys; print("\n".join(site.getsitepackages() + [site.getusersitepackages()]))' \
+        >"$site/machine-site.pth"
+    # the machine's pip, into the venv (which has none); offline, no dependency resolution:
+    # the wheels are exactly what the machine lacks (scripts/gpu_wheels.sh)
+    "$BASE" -m pip install --quiet --no-index --no-deps --no-compile --target "$site" \
+        --find-links "$WHL" -r "$WHL/requirements.txt"
+    PY=$WORK/venv/bin/python
+elif [ ${#mode[@]} -gt 0 ] && [ -x .venv/bin/python ]; then
+    PY=.venv/bin/python  # the rehearsal in a development checkout (scripts/setup.sh)
+else
+    echo "no $WHL/requirements.txt: build it with scripts/gpu_wheels.sh (tests/gpu/README.md)" >&2
+    exit 2
+fi
+"$PY" -c 'import deepspeed, pydantic, pydantic_settings, tenacity, transformers, safetensors, httpx, yaml' \
+    || { echo "the check's packages are not importable with $PY (see tests/gpu/README.md)" >&2; exit 2; }
 
-"$SGLANG_PYTHON" -m sglang.launch_server --model-path "$RLRT_GPU_MODEL" --host 127.0.0.1 \
-    --port "$SGLANG_PORT" --mem-fraction-static "$FRACTION" --context-length 4096 --dp-size 1 \
-    >"$LOG_DIR/sglang.log" 2>&1 &
-SGLANG_PID=$!
-VLLM_SERVER_DEV_MODE=1 "$VLLM_PYTHON" -m vllm.entrypoints.openai.api_server \
-    --model "$RLRT_GPU_MODEL" --host 127.0.0.1 --port "$VLLM_PORT" \
-    --gpu-memory-utilization "$FRACTION" --max-model-len 4096 \
-    --weight-transfer-config '{"backend":"nccl"}' >"$LOG_DIR/vllm.log" 2>&1 &
-VLLM_PID=$!
-cleanup() { kill "$SGLANG_PID" "$VLLM_PID" 2>/dev/null || true; wait 2>/dev/null || true; }
-trap cleanup EXIT
-
-wait_up() {  # url pid name
-    for _ in $(seq 1 600); do
-        if curl -sf "$1/health" >/dev/null 2>&1; then return 0; fi
-        if ! kill -0 "$2" 2>/dev/null; then
-            echo "$3 exited; log tail:"; tail -50 "$LOG_DIR/$3.log"; return 1
-        fi
-        sleep 1
-    done
-    echo "$3 not up after 600 s"; tail -50 "$LOG_DIR/$3.log"; return 1
-}
-wait_up "http://127.0.0.1:$SGLANG_PORT" "$SGLANG_PID" sglang
-wait_up "http://127.0.0.1:$VLLM_PORT" "$VLLM_PID" vllm
-
-RLRT_SGLANG_URL="http://127.0.0.1:$SGLANG_PORT" RLRT_VLLM_URL="http://127.0.0.1:$VLLM_PORT" \
-    "$PY" -m pytest -m gpu tests/gpu -o addopts="" -p no:cacheprovider -v "$@"
+SGLANG=$WHL/sglang_update_group.py
+if [ ! -f "$SGLANG" ]; then
+    SGLANG=$WORK/sglang_update_group.py
+    PYTHONPATH=tests/gpu "$PY" -m selfcheck.extract_sglang "${RLRT_UPSTREAM_DIR:-.upstream}" "$SGLANG"
+fi
+rc=0
+PYTHONPATH=.:tests:tests/gpu timeout "${GPU_CHECK_TIMEOUT_S:-540}" \
+    "$PY" -m selfcheck.run "${mode[@]}" --sglang "$SGLANG" --out "$RESULTS" --work "$WORK" "$@" \
+    || rc=$?
+if [ "$rc" != 0 ]; then  # every process's log beside the results (the work dir is removed)
+    mkdir -p "$(dirname "$RESULTS")"
+    logs=$(cd "$(dirname "$RESULTS")" && pwd)/gpu_check_logs.tar.gz
+    (cd "$WORK" && tar -czf "$logs" ./*.log) 2>/dev/null || true
+    echo "gpu check failed ($rc): $RESULTS; process logs in $logs" >&2
+fi
+exit "$rc"

@@ -1,5 +1,5 @@
 """The teacher contract, shared by the teacher service (which scores) and the trainer (which
-checks it got what it needs). See docs/rlrt-method.md, "The teacher context".
+checks it got what it needs). See docs/algorithm.md (the presets' `context` column).
 
 Two questions, answered the same way on both sides:
 1. `teacher_needed`: which responses of a verified group need teacher log-probs q_t?

@@ -1,4 +1,4 @@
-"""Every preset of the spec's table on one hand-worked group (docs/rlrt-method.md).
+"""Every preset of the spec's table on one hand-worked group (docs/algorithm.md, "Presets").
 
 The group: 4 rollouts of one prompt, rewards [1, 1, 0, 0].
   mean = 0.5, sample std = sqrt(4 * 0.25 / 3) = 1/sqrt(3), so
@@ -95,7 +95,8 @@ def test_rlrt_reweights_correct_rows_only():
     # mean D over every scored token (13 of them, all four rows carry teacher scores).
     total = (ln(1.5) + ln(0.5) + ln(3) + 0) + (ln(4) + ln(0.25) + 0)
     total += (ln(2) + ln(0.25) + 0 + ln(1.5)) + (ln(3) + ln(1 / 3))
-    assert m["mean_D"] == pytest.approx(total / 13, abs=1e-6)
+    # metrics report D with the paper's sign, q - s (issue 23): the negated sum.
+    assert m["mean_D"] == pytest.approx(-total / 13, abs=1e-6)
     # histogram of the 7 weights on 10 bins of [0, 2]: 0.25 -> bin 1, 0.5 -> 2, 1, 1 -> 5,
     # 1.5 -> 7, 2, 2 -> 9 (the top edge belongs to the last bin).
     assert out.weight_hist.tolist() == [0, 1, 1, 0, 0, 2, 0, 1, 0, 2]

@@ -160,14 +160,14 @@ def test_full_bootstrap_quality(tmp_path):
 
 def test_mechanism_diagnostics_weight_report_by_hand():
     """The toy-regime check (trainer/bootstrap/diagnose.py) reads the same bounds as the
-    trainer: w = exp(D) clipped to [1 - eps_w, 1 + eps_w]."""
+    trainer: w = exp(-D) (D = q - s, the paper's sign) clipped to [1 - eps_w, 1 + eps_w]."""
     import math
 
     import torch
 
     from trainer.bootstrap.diagnose import weight_report
 
-    D = torch.tensor([math.log(3.0), -0.1, 0.2, math.log(0.4)])
+    D = -torch.tensor([math.log(3.0), -0.1, 0.2, math.log(0.4)])  # log w = -D
     r = weight_report(D, 1.0)  # bounds [0, 2]: only ln 3 reaches the upper one
     assert r["reweighted_tokens"] == 4 and r["clip_share"] == 0.25 and r["clip_low_share"] == 0
     assert r["mean_abs_D"] == pytest.approx(float(D.abs().mean()))

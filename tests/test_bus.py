@@ -146,8 +146,8 @@ async def test_sigkilled_consumer_loses_nothing_and_duplicates_nothing(
     msg = _msg(42)
     await bus.publish(src, msg)
     marker = tmp_path / "in_handler"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    child = subprocess.Popen([sys.executable, "-m", "tests.helpers.bus_consumer", redis_url, prefix,
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    child = subprocess.Popen([sys.executable, "-m", "support.bus_consumer", redis_url, prefix,
                               str(marker), when], cwd=REPO, env=env)
     try:
         deadline = time.monotonic() + 60

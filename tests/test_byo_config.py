@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers.tiny_policy import tiny_tokenizer
+from support.tokenizer import char_tokenizer
 from typer.testing import CliRunner
 
 from protocol.config import ConfigError
@@ -237,12 +237,12 @@ def test_hub_model_resolved_once_and_children_get_the_directory(tmp_path: Path, 
     from rlrt.launch import LocalRun
 
     snap = _lay_out(hub_cache, "model", "me/policy", {"config.json": "{}"})
-    tiny_tokenizer().save_pretrained(str(snap))  # the preflight renders prompts with it
+    char_tokenizer().save_pretrained(str(snap))  # the preflight renders prompts with it
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     run = LocalRun(_run_cfg(tmp_path, "me/policy"))
-    run.preflight()
+    plan = run.preflight()
     assert run.model_path == snap
-    env = run.child_env()
+    env = plan.child_env(None)
     assert "HF_HUB_OFFLINE" not in env  # children may reach the hub when the user can
     # The children read the resolved file, with no override in their environment.
     child = RunConfig.load(run.resolved_path, environ=env)

@@ -139,7 +139,7 @@ def test_eval_model_scores_exactly_that_model(tmp_path: Path) -> None:
         model = tiny_model(tmp_path / f"says-{digit}", always=digit)
         out = tmp_path / f"eval-{digit}.json"
         res = _cli("eval", "-c", str(CONFIG), "--model", str(model), "--data", str(data),
-                   "--task", "helpers.inspect_task:ContainsTask", "--k", "2",
+                   "--task", "support.inspect_task:ContainsTask", "--k", "2",
                    "--max-new-tokens", "1", "--temperature", "1.0", "--out", str(out),
                    *_small(tmp_path / digit, f"byo-eval-{digit}"), env=env)
         assert res.returncode == 0, res.stderr[-3000:]

@@ -14,13 +14,12 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from fakes.fixtures import *  # noqa: F403 - fixtures: fake_vllm, fake_sglang, model_dir, weights_v1/2
-from fakes.fixtures import Fake, Weights
-from fakes.serve import serve_app_here
-from helpers.canary_ref import reference_logprobs, shifted
-from helpers.tiny_policy import save_tiny_policy
-from helpers.update_case import case_config
 from pydantic import ValidationError
+from support.canary_ref import reference_logprobs, shifted
+from support.fake_engines import Fake, Weights
+from support.serve import serve_app_here
+from support.tiny_model import save_tiny_policy
+from support.update_case import case_config
 from transformers import AutoModelForCausalLM
 
 from protocol.canary import Canary, canary_sequences, compare, tolerance_for

@@ -15,16 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.canary_ref import canary_for
-from helpers.vllm_server import *  # noqa: F403 - fixtures: real_vllm, vllm_tied_model_dir, ...
-from helpers.vllm_server import (
+from safetensors.torch import load_file
+from support.canary_ref import canary_for
+from support.vllm_server import (
     LAUNCH_ARGS,
     NEEDS_VLLM,
     VLLM_PYTHON,
     RealVLLM,
     WeightsDir,
 )
-from safetensors.torch import load_file
 
 from protocol.canary import canary_sequences
 from protocol.messages import WeightUpdate

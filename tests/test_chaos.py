@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.polling import wait_until
 
 from protocol.bus import Bus
 from protocol.config import BusSettings
@@ -120,20 +121,13 @@ async def test_readiness_probe_reports_an_outage_at_once(tmp_path: Path) -> None
 
 
 # ----------------------------------------------------------------------------- verifier (short)
-def _wait(cond, what: str, timeout_s: float = 60.0, proc=None) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if proc is not None:
-            assert proc.poll() is None, f"the process exited ({proc.returncode}) while waiting for {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def test_a_standalone_verifier_outlives_redis_and_resumes_when_it_returns(tmp_path: Path) -> None:
     """Defect 2: the verifier used to exit about a second after Redis died (and /v1/verify,
     which needs no Redis, with it)."""
     import httpx
-    from helpers.verifier_live import VerifierProcess
+    from support.verifier_live import VerifierProcess
 
     server = EmbeddedRedis(tmp_path / "r")
     url = server.start()
@@ -142,8 +136,8 @@ def test_a_standalone_verifier_outlives_redis_and_resumes_when_it_returns(tmp_pa
     try:
         server.proc.send_signal(signal.SIGKILL)
         server.proc.wait(10)
-        _wait(lambda: httpx.get(svc.url + "/readyz", timeout=5).json().get("redis") is False,
-              "readiness to report Redis down", proc=svc.proc)
+        wait_until(lambda: httpx.get(svc.url + "/readyz", timeout=5).json().get("redis") is False,
+                   60.0, "readiness to report Redis down", proc=svc.proc)
         time.sleep(2)  # the old failure mode took ~1 s; the pool must not be closed either
         assert svc.proc.poll() is None, svc.log.read_text()[-2000:]
         r = httpx.post(svc.url + "/v1/verify", json=one, timeout=30)
@@ -151,11 +145,11 @@ def test_a_standalone_verifier_outlives_redis_and_resumes_when_it_returns(tmp_pa
         # Jobs need Redis: a clear 503 meanwhile, not a hang or a 500.
         assert httpx.post(svc.url + "/v1/jobs", json={"items": [one]}, timeout=90).status_code == 503
         server.restart()
-        _wait(lambda: httpx.get(svc.url + "/readyz", timeout=5).json().get("redis") is True,
-              "readiness to report Redis back", proc=svc.proc)
+        wait_until(lambda: httpx.get(svc.url + "/readyz", timeout=5).json().get("redis") is True,
+                   60.0, "readiness to report Redis back", proc=svc.proc)
         job = httpx.post(svc.url + "/v1/jobs", json={"items": [one] * 3}, timeout=30).json()["job_id"]
-        _wait(lambda: httpx.get(f"{svc.url}/v1/jobs/{job}", timeout=5).json()["status"] == "done",
-              "the job runner to resume", proc=svc.proc)
+        wait_until(lambda: httpx.get(f"{svc.url}/v1/jobs/{job}", timeout=5).json()["status"] == "done",
+                   60.0, "the job runner to resume", proc=svc.proc)
     finally:
         svc.kill()
         server.stop()
@@ -169,7 +163,7 @@ TRIVIAL = {"response": r"\boxed{4}", "reference": "4"}
 @pytest.fixture
 def one_worker_verifier():  # noqa: ANN201
     """A real verifier app on 127.0.0.1 over ONE checker process (so any unfairness shows)."""
-    from helpers.verifier_live import live_verifier
+    from support.verifier_live import live_verifier
 
     from services.verifier.config import VerifierConfig
     from services.verifier.pool import VerifyPool
@@ -196,7 +190,7 @@ def test_a_slow_client_does_not_stall_a_trivial_request(one_worker_verifier) -> 
     before = pool.stats().completed
     t = threading.Thread(target=slow_client)
     t.start()
-    _wait(lambda: pool.stats().busy == 1, "the hostile batch to start")
+    wait_until(lambda: pool.stats().busy == 1, 60.0, "the hostile batch to start")
     r = httpx.post(url + "/v1/verify", json=TRIVIAL, timeout=60)
     trivial_at = time.monotonic()
     hostile_checked = pool.stats().completed - before - 1  # hostile items answered by then
@@ -234,8 +228,8 @@ def test_a_disconnecting_client_cancels_its_work(one_worker_verifier) -> None:  
     before = pool.stats()
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + "/v1/verify/batch", json={"items": [HOSTILE] * 20}, timeout=1.2)
-    _wait(lambda: pool.stats().queue_depth == 0 and pool.stats().busy == 0,
-          "the disconnected client's items to be dropped", timeout_s=5)
+    wait_until(lambda: pool.stats().queue_depth == 0 and pool.stats().busy == 0, 5,
+               "the disconnected client's items to be dropped")
     after = pool.stats()
     assert after.cancelled > before.cancelled  # its running item was killed, not waited out
     assert after.completed - before.completed < 5, "most of the 20 items ran for nobody"
@@ -255,9 +249,10 @@ _REFUSED = re.compile(r"HTTP 409|refused version|: refused:")
 
 def _chaos_config(tmp_path: Path, **sections: dict) -> Path:
     import yaml
-    from test_e2e_train import tiny_model, write_config
+    from support.tiny_model import save_bootstrap_model
+    from test_e2e_train import write_config
 
-    model = tiny_model(tmp_path / "model")
+    model = save_bootstrap_model(tmp_path / "model")
     cfg = write_config(tmp_path, model, total_steps=STEPS, checkpoint={"every": CKPT_EVERY})
     raw = yaml.safe_load(cfg.read_text())
     raw["run"]["eval_prompts"] = 0  # the run, not the evaluation, is under test
@@ -335,7 +330,7 @@ def test_sigkill_during_a_run(tmp_path: Path, victim: str) -> None:
     proc = _train(cfg)
     outputs = []
     try:
-        _wait(lambda: len(_lines(metrics)) >= kill_after, f"{kill_after} steps", 600, proc)
+        wait_until(lambda: len(_lines(metrics)) >= kill_after, 600, f"{kill_after} steps", proc=proc)
         t_kill = time.monotonic()
         os.kill(_victim("redis" if for_good else victim, cfg, run_dir, proc), signal.SIGKILL)
         out, _ = proc.communicate(timeout=600)
@@ -348,7 +343,7 @@ def test_sigkill_during_a_run(tmp_path: Path, victim: str) -> None:
                 if for_good:
                     assert "lost Redis" in last, out[-3000:]
             # Nothing of the first run survives it (parent-death signal for every child).
-            _wait(lambda: not _ours(cfg, run_dir), "the killed run's processes to exit", 180)
+            wait_until(lambda: not _ours(cfg, run_dir), 180, "the killed run's processes to exit")
             proc = _train(cfg, "--resume")
             out, _ = proc.communicate(timeout=900)
             outputs.append(out)

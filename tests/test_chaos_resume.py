@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers.tiny_policy import save_tiny_policy
-from helpers.trainer_standin import StandinPipeline
+from support.polling import wait_until
+from support.tiny_model import save_tiny_policy
+from support.trainer_standin import StandinPipeline
 from test_trainer_resume import (
     STEPS,
     finish,
@@ -30,7 +31,6 @@ from test_trainer_resume import (
     records,
     start,
     steps_logged,
-    wait_until,
     write_config,
 )
 
@@ -65,10 +65,10 @@ def test_a_cut_aof_is_refused_repaired_and_every_task_trained_once(tmp_path):
             cfg = _config(tmp_path / "c.yaml", model, out, bus, url, max_staleness=1,
                           wait_timeout_s=90)
             p = start(cfg, resume=False, log=log)
-            wait_until(lambda: 4 in steps_logged(out), "step 4", p)
+            wait_until(lambda: 4 in steps_logged(out), 240, "step 4", proc=p)
             p.send_signal(signal.SIGKILL)
             p.wait(timeout=30)
-            wait_until(idle(standin, bus), "the stand-in to drain the prompts stream")
+            wait_until(idle(standin, bus), 240, "the stand-in to drain the prompts stream")
         assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 4
         state = json.loads((out / "checkpoints" / "step-00000004" / "trainer_state.json")
                            .read_text())

@@ -11,8 +11,7 @@ import os
 
 import pytest
 import torch
-from helpers.tiny_policy import save_tiny_policy
-from helpers.update_case import case_config
+from support.update_case import case_config
 
 from trainer import dist
 from trainer.checkpoint import (
@@ -26,16 +25,10 @@ from trainer.disk import DiskFull
 from trainer.model import build_policy, full_state_dict
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.set_num_threads(1)
-    return save_tiny_policy(tmp_path_factory.mktemp("policy"))
-
-
 @pytest.fixture()
-def policy(model_dir):
+def policy(policy_dir):
     rank, world = dist.setup("cpu", 120)
-    return build_policy(case_config(model_dir), rank=rank, world_size=world, device="cpu")
+    return build_policy(case_config(policy_dir), rank=rank, world_size=world, device="cpu")
 
 
 def _bump(policy, by: float) -> None:
@@ -67,7 +60,7 @@ def test_every_file_is_in_the_manifest_and_verifies(tmp_path, policy):
 
 
 @pytest.mark.parametrize("damage", ["cut", "flip"])
-def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path, policy, model_dir,
+def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path, policy, policy_dir,
                                                                  damage, caplog):
     ckpt = _saved(tmp_path, policy)
     f = _model_file(ckpt, 4)
@@ -83,21 +76,21 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path, polic
                               f"{rel} does not match its hash (corrupted)")
     # Expected: exactly the weights saved at step 2.
     want = Checkpointer(tmp_path / "ckpt")
-    fresh = build_policy(case_config(model_dir), rank=0, world_size=1, device="cpu")
+    fresh = build_policy(case_config(policy_dir), rank=0, world_size=1, device="cpu")
     with caplog.at_level(logging.WARNING, logger="rlrt.trainer.checkpoint"):
         state = want.load(fresh)
     assert state == {"step": 2, "s": 2}
     assert "resuming from checkpoint step 2, the newest that verifies (skipped: step 4:" \
         in caplog.text
-    again = build_policy(case_config(model_dir), rank=0, world_size=1, device="cpu")
+    again = build_policy(case_config(policy_dir), rank=0, world_size=1, device="cpu")
     Checkpointer(tmp_path / "ckpt").load(again, step=2)
     for n, t in full_state_dict(fresh).items():
         assert torch.equal(t, full_state_dict(again)[n]), n
 
 
-def test_resume_from_an_older_step_and_latest_follows_it(tmp_path, policy, model_dir):
+def test_resume_from_an_older_step_and_latest_follows_it(tmp_path, policy, policy_dir):
     ckpt = _saved(tmp_path, policy, steps=(2, 4, 6))
-    fresh = build_policy(case_config(model_dir), rank=0, world_size=1, device="cpu")
+    fresh = build_policy(case_config(policy_dir), rank=0, world_size=1, device="cpu")
     assert ckpt.load(fresh, step=2)["step"] == 2
     # a crash right after: a plain resume continues the line chosen, not the abandoned one
     assert json.loads((ckpt.root / "latest.json").read_text())["step"] == 2
@@ -126,7 +119,7 @@ def test_nan_weights_are_never_committed(tmp_path, policy):
     assert ckpt.choose() == 2 and not (ckpt.root / "step-00000004").exists()
 
 
-def test_a_nan_checkpoint_is_refused_on_load_and_the_older_one_used(tmp_path, policy, model_dir):
+def test_a_nan_checkpoint_is_refused_on_load_and_the_older_one_used(tmp_path, policy, policy_dir):
     """NaN bytes that match their manifest (a checkpoint written by a version without the
     save-time check): the load itself refuses them."""
     ckpt = _saved(tmp_path, policy)
@@ -140,7 +133,7 @@ def test_a_nan_checkpoint_is_refused_on_load_and_the_older_one_used(tmp_path, po
     torch.save(sd, f)
     _atomic_write(d / MANIFEST, json.dumps(ckpt._manifest(d)))  # noqa: SLF001
     assert ckpt.verify(4) is None
-    fresh = build_policy(case_config(model_dir), rank=0, world_size=1, device="cpu")
+    fresh = build_policy(case_config(policy_dir), rank=0, world_size=1, device="cpu")
     assert ckpt.load(fresh)["step"] == 2
     with pytest.raises(NonFiniteWeights, match="--resume-from 4: .* holds .*NaN/Inf"):
         ckpt.load(fresh, step=4)

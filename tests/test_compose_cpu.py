@@ -2,7 +2,7 @@
 the images (deploy/docker/build_images.py: BuildKit, build arguments from the compose file),
 then `up`: Redis, verifier, rollout, teacher (the real vLLM CPU server beside its worker), two
 trainer ranks under torchrun (gloo, ZeRO 2), each in its own container, train
-configs/countdown-compose.yaml to the end while rollout, teacher, verifier and trainer rank 1
+configs/countdown-compose.yaml to the end while rollout, teacher, verifier and trainer rank 0
 crash in turn and are restarted by their restart policy; then every step was trained exactly
 once, no push was refused, the held-out score rose, the images run as non-root and hold no
 secret, and `down -v` leaves nothing behind.
@@ -26,14 +26,18 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.deploy import ROOT, compose_binary, write_env_file
+from support.deploy import ROOT, compose_binary, write_env_file
 
-pytestmark = pytest.mark.docker
+# Builds, a full run with four crashes, two evaluations and `docker save` of three images: far
+# past the suite's 600 s per test (the figures, printed at the end, say how far).
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(3600)]
 
 RUN_DIR = "/shared/runs/countdown-compose"
 STEPS = 40  # configs/countdown-compose.yaml trainer.total_steps
 # (service, whose crash): each is killed once the run has passed the previous one's recovery
-KILLS = ("cpu-rollout", "cpu-teacher", "cpu-verifier", "cpu-trainer-1")
+# Rank 0, not rank 1: a restarted rank 1 can rendezvous with the rank 0 that is still dying and
+# hang (torchrun's static rendezvous; docs/deploy.md, "Known limits").
+KILLS = ("cpu-rollout", "cpu-teacher", "cpu-verifier", "cpu-trainer")
 SERVICES = ("redis", "cpu-verifier", "cpu-rollout", "cpu-teacher", "cpu-trainer", "cpu-trainer-1")
 
 
@@ -51,6 +55,7 @@ def ensure_docker() -> None:
     if not shutil.which("dockerd") or not shutil.which("debootstrap"):
         if not shutil.which("apt-get"):
             pytest.skip("Docker cannot run here: no dockerd and no apt-get to install docker.io")
+        sh("apt-get", "update", timeout=600)  # a fresh machine has no package lists yet
         sh("apt-get", "install", "-y", "--no-install-recommends", "docker.io", "debootstrap",
            timeout=900)
     if sh("docker", "info", check=False, timeout=30).returncode != 0:
@@ -124,20 +129,26 @@ def wait(what: str, cond, timeout: float, stack: Stack, every: float = 2.0):
         time.sleep(every)
 
 
-def crash(stack: Stack, service: str) -> float:
-    """SIGKILL the container's init from the host; seconds until its restart is healthy (or,
-    for a trainer rank without a health check, running and the run past one more step)."""
+def crash(stack: Stack, service: str) -> dict[str, float]:
+    """SIGKILL the container's init from the host. Seconds until the restarted container is
+    healthy (a trainer rank, which has no health check: running again) and until the run has
+    trained one more step."""
+    assert stack.state("cpu-trainer")["Running"], f"the run ended before {service} was crashed"
     before, steps = stack.restarts(service), len(stack.steps())
-    pid = stack.state(service)["Pid"]
+    state = stack.state(service)
+    # Pid 0 would signal this test's own process group: only a running container is crashed.
+    assert state["Running"] and state["Pid"] > 0, f"{service} is not running: {state}"
     t0 = time.monotonic()
-    os.kill(pid, 9)
+    os.kill(state["Pid"], 9)
     wait(f"{service} restarted", lambda: stack.restarts(service) > before, 300, stack, 0.5)
     if "Health" in stack.state(service):
         wait(f"{service} healthy", lambda: stack.state(service)["Health"]["Status"] == "healthy",
              900, stack, 1.0)
-    restarted = time.monotonic() - t0
+    else:
+        wait(f"{service} running", lambda: stack.state(service)["Running"], 300, stack, 0.5)
+    back = time.monotonic() - t0
     wait(f"a step after {service}'s restart", lambda: len(stack.steps()) > steps, 900, stack)
-    return round(restarted, 1)
+    return {"back_s": round(back, 1), "next_step_s": round(time.monotonic() - t0, 1)}
 
 
 def evaluate(stack: Stack, model: str, name: str) -> float:
@@ -146,7 +157,7 @@ def evaluate(stack: Stack, model: str, name: str) -> float:
                     "--config", "/etc/rlrt/run.yaml", "--model", model, "--n", "200", "--k", "4",
                     "--temperature", "1.0", "--max-new-tokens", "64",
                     "--set", f"bus.prefix=eval-{name}", timeout=900).stdout
-    result = json.loads(out.strip().splitlines()[-1])
+    result = json.loads(out)  # stdout holds the JSON result only (progress goes to stderr)
     return next(iter(result.values()))["avg@4"]
 
 
@@ -190,7 +201,10 @@ def test_cpu_stack_trains_through_crashes_and_tears_down_clean(stack):
     stack.figures["first_step_s"] = round(time.monotonic() - t0, 1)
     t_first, n_first = time.monotonic(), len(first)
 
-    stack.figures["restart_s"] = {svc: crash(stack, svc) for svc in KILLS}
+    stack.figures["restart_s"] = {}
+    for svc in KILLS:
+        stack.figures["restart_s"][svc] = crash(stack, svc)
+        print(f"figures so far: {json.dumps(stack.figures)}", flush=True)
 
     wait("the trainer to finish", lambda: stack.state("cpu-trainer")["Status"] == "exited",
          3600, stack, 5.0)
@@ -209,7 +223,8 @@ def test_cpu_stack_trains_through_crashes_and_tears_down_clean(stack):
     refused = [m["step"] for m in metrics if m.get("push_canary_refused")]
     assert not refused, f"pushes refused at steps {refused}"
     assert all(not m.get("push_failed") for m in metrics[-3:]), metrics[-3:]
-    assert stack.restarts("cpu-trainer-1") >= 1
+    # rank 1 failed with its peer (not "finished": trainer/collectives.py) and was restarted too
+    assert stack.restarts("cpu-trainer") >= 1 and stack.restarts("cpu-trainer-1") >= 1
 
     before = evaluate(stack, "/shared/models/countdown-tiny", "before")
     after = evaluate(stack, f"{RUN_DIR}/trainer/final", "after")

@@ -7,9 +7,8 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from fakes.fixtures import *  # noqa: F403 - fixtures: fake_sglang, model_dir, weights_v1
-from fakes.fixtures import Fake
-from fakes.serve import serve_app_here
+from support.fake_engines import Fake
+from support.serve import serve_app_here
 
 from protocol.messages import WeightUpdate
 from services.engines.config import EngineConfig
@@ -142,7 +141,7 @@ async def test_engine_not_ready_is_503() -> None:
 
 async def test_explicit_rollback_is_accepted_for_a_resumed_trainer(tmp_path) -> None:  # noqa: ANN001
     """A trainer resumed from a checkpoint pushes an older version with allow_rollback."""
-    from fakes.models import make_model_dir, make_weights_dir
+    from support.tiny_model import make_model_dir, make_weights_dir
 
     engine = await make_engine(EngineConfig(kind="cpu", model_path=str(make_model_dir(tmp_path / "m"))))
     slot = EngineSlot()

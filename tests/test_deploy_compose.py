@@ -12,7 +12,7 @@ import json
 import jsonschema
 import pytest
 import yaml
-from helpers.deploy import ROOT, compose_binary, compose_config, compose_project
+from support.deploy import ROOT, compose_binary, compose_config, compose_project
 
 from protocol.topology import ENGINE_STAGES
 
@@ -165,7 +165,7 @@ def test_token_from_env_file_and_config_from_configs(resolved):
         mounts = {v["target"]: v for v in svc["volumes"]}
         cfg = mounts["/etc/rlrt/run.yaml"]
         assert cfg["type"] == "bind" and cfg["read_only"] and "/configs/" in cfg["source"]
-    # one token, the generated one of the env file (tests/helpers/deploy.py), no placeholder
+    # one token, the generated one of the env file (tests/support/deploy.py), no placeholder
     assert len(tokens) == 1 and "change-me" not in tokens and len(next(iter(tokens))) == 64
 
 

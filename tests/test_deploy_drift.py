@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 import pytest
 import typer
-from helpers.deploy import (
+from support.deploy import (
     CONFIG_MOUNT,
     DOCKER,
     OVERLAYS,

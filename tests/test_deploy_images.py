@@ -25,12 +25,13 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.deploy import DOCKER, ROOT, dockerfiles
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
+from support.deploy import DOCKER, ROOT, dockerfiles
 
 from protocol.topology import SERVICES, STAGES
+from rlrt.processes import free_port
 
 BIN = Path(sys.executable).parent
 IMAGES = dockerfiles()
@@ -345,17 +346,11 @@ ENGINE = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _supervise(tmp_path: Path, mode: str, worker: list[str], *, delay: float = 0.2,
                timeout: float = 20) -> subprocess.Popen:
-    port = _free_port()
+    port = free_port()
     (tmp_path / "engine.py").write_text(ENGINE)
     engine = f"{sys.executable} {tmp_path / 'engine.py'} {port} {delay} {mode}"
     return subprocess.Popen([sys.executable, str(DOCKER / "with_engine.py"), "--engine", engine,

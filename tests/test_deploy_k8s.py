@@ -10,7 +10,7 @@ import shutil
 
 import kubernetes_validate
 import pytest
-from helpers.deploy import OVERLAYS, k8s_tree, kustomize_binary, pod_template, render
+from support.deploy import OVERLAYS, k8s_tree, kustomize_binary, pod_template, render
 
 from protocol.topology import SERVICES
 

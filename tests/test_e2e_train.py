@@ -16,19 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from support.tiny_model import save_bootstrap_model
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_model(out: Path) -> Path:
-    from trainer.bootstrap.model import build_model
-    from trainer.bootstrap.tokenizer import build_tokenizer
-
-    tok = build_tokenizer()
-    model = build_model(tok, seed=0, hidden=32, layers=2, heads=2, kv_heads=1)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def write_config(tmp_path: Path, model: Path, **trainer) -> Path:
@@ -70,7 +60,7 @@ def run_processes(marker: str) -> list[psutil.Process]:
 
 
 def test_rlrt_train_runs_the_whole_system(tmp_path: Path) -> None:
-    model = tiny_model(tmp_path / "model")
+    model = save_bootstrap_model(tmp_path / "model")
     cfg = write_config(tmp_path, model)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     res = subprocess.run([sys.executable, "-m", "rlrt.cli", "train", "--config", str(cfg)],
@@ -87,9 +77,31 @@ def test_rlrt_train_runs_the_whole_system(tmp_path: Path) -> None:
     assert not run_processes(str(cfg.parent))  # no orphan service or trainer
 
 
+def test_a_preset_that_never_scores_trains_without_a_teacher(tmp_path: Path) -> None:
+    """grpo: no teacher service starts and none is pushed weights; the verifier's groups
+    reach the trainer directly."""
+    model = save_bootstrap_model(tmp_path / "model")
+    cfg = write_config(tmp_path, model, algorithm={"preset": "grpo"})
+    cfg_dict = yaml.safe_load(cfg.read_text())
+    cfg_dict["run"]["eval_prompts"] = 0
+    cfg.write_text(yaml.safe_dump(cfg_dict))
+    res = subprocess.run([sys.executable, "-m", "rlrt.cli", "train", "--config", str(cfg)],
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run = tmp_path / "run"
+    rows = [json.loads(x) for x in (run / "trainer" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1]
+    assert sorted(p.name for p in (run / "logs").iterdir()) == ["rollout.log", "verifier.log"]
+    resolved = yaml.safe_load((run / "config.resolved.yaml").read_text())
+    assert [s["name"] for s in resolved["trainer"]["push"]["services"]] == ["rollout"]
+    assert resolved["trainer"]["teacher_service"] is False
+    assert not run_processes(str(cfg.parent))
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_everything_and_resume_finishes(tmp_path: Path) -> None:
-    model = tiny_model(tmp_path / "model")
+    model = save_bootstrap_model(tmp_path / "model")
     cfg = write_config(tmp_path, model, total_steps=6)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     argv = [sys.executable, "-m", "rlrt.cli", "train", "--config", str(cfg)]
@@ -117,7 +129,7 @@ def test_a_service_killed_mid_run_is_restarted_at_the_current_weights(tmp_path: 
     """SIGKILL the rollout service after the first trained step: the launcher names it,
     restarts it, pushes it the trainer's newest weights, and the run still trains every step
     and finishes with the services at the final version."""
-    model = tiny_model(tmp_path / "model")
+    model = save_bootstrap_model(tmp_path / "model")
     cfg = write_config(tmp_path, model, total_steps=4)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "rlrt.cli", "train", "--config", str(cfg)],
@@ -139,8 +151,13 @@ def test_a_service_killed_mid_run_is_restarted_at_the_current_weights(tmp_path: 
             proc.kill()
     assert proc.returncode == 0, out[-3000:]
     assert "rollout died" in out and "restarting" in out
-    # 200, or 409 when the trainer's own next push reached the new process first.
-    assert re.search(r"rollout back at weights version \d+ \((200|409)\)", out), out[-3000:]
+    # The version the restarted service reports serving, not the one sent: the launcher's push
+    # (200, or 409 when the trainer's own next push reached the new process first), or none
+    # needed because the trainer's got there first.
+    back = re.search(r"rollout back, serving weights version (\d+) \((already up to date|"
+                     r"pushed version (\d+): (200|409))\)", out)
+    assert back, out[-3000:]
+    assert back.group(3) is None or int(back.group(1)) >= int(back.group(3)), back.group(0)
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
     assert steps == [0, 1, 2, 3]
     report = json.loads((tmp_path / "run" / "report.json").read_text())

@@ -12,6 +12,7 @@ import asyncio
 import numpy as np
 import pytest
 import torch
+from support.engine_hold import HoldDecode
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
 
@@ -21,7 +22,6 @@ from services.engines.base import (
     InvalidRequest,
 )
 from services.engines.cpu import CpuEngine
-from tests.helpers.engine_hold import HoldDecode
 
 VOCAB = 96
 CONTEXT = 160
@@ -45,7 +45,7 @@ def _tokenizer() -> PreTrainedTokenizerFast:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def word_model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_qwen3")
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(_config()).save_pretrained(str(d))
@@ -54,13 +54,13 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf(model_dir):
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+def hf(word_model_dir):
+    return AutoModelForCausalLM.from_pretrained(str(word_model_dir), dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
-def engine(model_dir):
-    eng = CpuEngine(model_dir, logprobs_mode="raw", num_threads=1, max_batch_rows=32)
+def engine(word_model_dir):
+    eng = CpuEngine(word_model_dir, logprobs_mode="raw", num_threads=1, max_batch_rows=32)
     yield eng
     eng.shutdown()
 
@@ -110,10 +110,10 @@ async def test_raw_logprobs_equal_teacher_forced_forward(engine, hf):
             np.testing.assert_allclose(o.logprobs, ref, atol=1e-4, rtol=0)
 
 
-async def test_processed_logprobs_are_those_of_the_filtered_distribution(model_dir, hf):
+async def test_processed_logprobs_are_those_of_the_filtered_distribution(word_model_dir, hf):
     """Independent re-implementation of temperature -> top-k -> top-p in float64."""
     temp, top_k, top_p = 0.7, 20, 0.8
-    eng = CpuEngine(model_dir, logprobs_mode="processed", num_threads=1)
+    eng = CpuEngine(word_model_dir, logprobs_mode="processed", num_threads=1)
     try:
         prompt = _prompts(1, seed=3)[0]
         params = SamplingParams(max_new_tokens=25, temperature=temp, top_k=top_k, top_p=top_p, seed=3)
@@ -172,10 +172,10 @@ async def test_seeded_sampling_is_independent_of_batch_company(engine):
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 
 
-async def test_prompt_prefilled_once_and_finished_rows_leave_the_batch(model_dir):
+async def test_prompt_prefilled_once_and_finished_rows_leave_the_batch(word_model_dir):
     """The work the engine exists to save, counted at the embedding layer: a group's prompt
     goes through the model once (not n times), and decode steps only carry unfinished rows."""
-    eng = CpuEngine(model_dir, num_threads=1)
+    eng = CpuEngine(word_model_dir, num_threads=1)
     seen: list[tuple[int, int]] = []
     hook = eng.model.get_input_embeddings().register_forward_hook(
         lambda _m, args, _out: seen.append(tuple(args[0].shape))
@@ -282,8 +282,8 @@ async def test_cancelled_request_stops_computing(engine):
     assert len((await engine.generate([5], 1, SamplingParams(max_new_tokens=2)))[0].token_ids) == 2
 
 
-async def test_closed_engine_refuses(model_dir):
-    eng = CpuEngine(model_dir, num_threads=1)
+async def test_closed_engine_refuses(word_model_dir):
+    eng = CpuEngine(word_model_dir, num_threads=1)
     await eng.close()
     with pytest.raises(EngineClosed):
         await eng.generate([5, 6], 1, SamplingParams(max_new_tokens=2))

@@ -9,13 +9,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from support.engine_hold import HoldDecode
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from protocol.messages import SamplingParams, WeightUpdate
 from protocol.weights import save_weights_dir
 from services.engines.base import WeightUpdateError
 from services.engines.cpu import CpuEngine
-from tests.helpers.engine_hold import HoldDecode
 
 VOCAB = 80  # no EOS in the config: generations run to max_new_tokens unless given stop ids
 
@@ -34,15 +34,15 @@ def _model(seed: int):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def word_model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("w_model")
     _model(0).save_pretrained(str(d))
     return d
 
 
 @pytest.fixture
-async def engine(model_dir):
-    eng = CpuEngine(model_dir, num_threads=1)
+async def engine(word_model_dir):
+    eng = CpuEngine(word_model_dir, num_threads=1)
     yield eng
     await eng.close()
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fakes.models import make_model_dir
+from support.tiny_model import make_model_dir
 
 from rlrt.config import load_all
 from rlrt.engine_servers import EXT_ARGS, EngineServerError, EngineServers

@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 
 from rich.console import Console
-from test_e2e_train import tiny_model, write_config
+from support.tiny_model import save_bootstrap_model
+from test_e2e_train import write_config
 
 from rlrt.experiment import run_experiment
 
@@ -23,7 +24,7 @@ def report_before(run: Path) -> dict:
 
 
 def test_second_run_reuses_the_first_runs_before_evaluation(tmp_path: Path) -> None:
-    model = tiny_model(tmp_path / "model")
+    model = save_bootstrap_model(tmp_path / "model")
     cfg = write_config(tmp_path, model, total_steps=1)
     out = tmp_path / "study"
     run_experiment(cfg, ["grpo", "rlrt"], [0], out, console=Console(quiet=True))

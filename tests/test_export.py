@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.tiny_policy import save_tiny_policy
-from helpers.update_case import case_batch, case_config
-from helpers.vllm_server import HAVE_VLLM, vllm_server
+from support.tiny_model import save_tiny_policy
+from support.update_case import case_batch, case_config
+from support.vllm_server import HAVE_VLLM, vllm_server
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 

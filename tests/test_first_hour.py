@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.tiny_policy import tiny_tokenizer
+from support.tokenizer import char_tokenizer
 
 from protocol.bus import Bus, PermanentError
 from protocol.config import BusSettings
@@ -57,7 +57,7 @@ def test_wrong_field_names_the_columns_at_once(tmp_path: Path) -> None:
     assert "Its columns: question, answer, id" in msg
     # The trainer says the same before drawing a row (no warning per skipped row first).
     with pytest.raises(DataError, match="Its columns: question, answer, id"):
-        PromptSource(cfg, tiny_tokenizer(), max_prompt_tokens=200, seed=0)
+        PromptSource(cfg, char_tokenizer(), max_prompt_tokens=200, seed=0)
     assert time.monotonic() - t0 < 10
 
 
@@ -86,7 +86,7 @@ def test_an_eval_set_with_its_own_file_inherits_the_field_names(tmp_path: Path) 
 
 
 def test_a_model_without_a_chat_template_gets_the_choice(tmp_path: Path) -> None:
-    tok = tiny_tokenizer()
+    tok = char_tokenizer()
     tok.chat_template = None  # a base model
     cfg = DataConfig(path=str(jsonl(tmp_path / "d.jsonl", ROWS)), prompt_field="question")
     rows = first_rows(cfg, seed=0)
@@ -100,7 +100,7 @@ def test_a_model_without_a_chat_template_gets_the_choice(tmp_path: Path) -> None
 
 def test_raw_prompts_for_a_base_model(tmp_path: Path) -> None:
     """data.chat_template: raw -> the system prompt, a blank line, the text, with BOS & co."""
-    tok = tiny_tokenizer()
+    tok = char_tokenizer()
     tok.chat_template = None
     cfg = DataConfig(path=str(jsonl(tmp_path / "d.jsonl", ROWS)), prompt_field="question",
                      chat_template="raw", system_prompt="Answer with a number.")
@@ -120,7 +120,7 @@ def test_conversational_prompts_keep_their_turns_for_student_and_teacher(tmp_pat
              {"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"},
              {"role": "user", "content": "Now double it."}]
     path = jsonl(tmp_path / "chat.jsonl", [{"prompt": turns, "answer": "10"}])
-    tok = tiny_tokenizer()
+    tok = char_tokenizer()
     src = PromptSource(DataConfig(path=str(path)), tok, max_prompt_tokens=250, seed=0)
     drawn = src.draw(0)
     assert drawn.row.prompt == "Now double it."
@@ -206,7 +206,7 @@ async def bus(redis_url: str, prefix: str):
 
 
 def driver_for(bus: Bus, tolerance: float) -> Driver:
-    src = PromptSource(DataConfig(source="countdown", num_prompts=40), tiny_tokenizer(),
+    src = PromptSource(DataConfig(source="countdown", num_prompts=40), char_tokenizer(),
                        max_prompt_tokens=200, seed=0)
     state = DriverState()
     return Driver(bus=bus, prompts_stream=bus.cfg.stream("prompts"),

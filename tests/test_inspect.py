@@ -1,9 +1,9 @@
 """`rlrt inspect`: the page shows exactly the correct, teacher-scored responses, one span per
-response token, with s, q and D = s - q equal to an independent recomputation (a plain forward
-over a hand-built teacher context), and the RLRT weight of the spec's formula.
+response token, with s, q and D = q - s (the paper's sign) equal to an independent
+recomputation (a plain forward over a hand-built teacher context), and the RLRT weight of the spec's formula.
 
 The model is a freshly initialised tiny Qwen3 with the bootstrap tokenizer (no SFT: seconds).
-Its answers are random, so the data uses a stand-in task (tests/helpers/inspect_task.py:
+Its answers are random, so the data uses a stand-in task (tests/support/inspect_task.py:
 correct when the response contains the reference), which gives mixed groups at once."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ ROWS = [  # references chosen so that most groups are mixed for this model and s
     {"id": "d", "prompt": "Make 13 from 3 4 3.", "answer": "+", "solution": "no solution here"},
 ]
 G = 6
-CONTAINS = "helpers.inspect_task:ContainsTask"  # a task registered by dotted path only
+CONTAINS = "support.inspect_task:ContainsTask"  # a task registered by dotted path only
 TEMPLATE = "{p}\n\nCorrect solution:\n\n{d}\n\nCorrectly solve the original question.\n"
 
 
@@ -152,7 +152,7 @@ def test_html_has_a_span_per_token_with_d_equal_to_s_minus_q(run, shown, spans):
                for k in ("s", "q", "d")}
         assert torch.allclose(got["s"], s, atol=1e-4, rtol=0), (got["s"] - s).abs().max()
         assert torch.allclose(got["q"], q, atol=1e-4, rtol=0), (got["q"] - q).abs().max()
-        assert torch.allclose(got["d"], s - q, atol=1e-4, rtol=0)
+        assert torch.allclose(got["d"], q - s, atol=1e-4, rtol=0)
         checked += 1
     assert checked >= 1
 
@@ -165,7 +165,7 @@ def test_weights_follow_the_rlrt_formula(shown, spans):
         assert r["adv"] == pytest.approx(a_k, rel=1e-5)
         for a in sp:
             d = float(a["data-d"])
-            w = min(max(math.exp(math.copysign(1.0, a_k) * d), 1 - eps_w), 1 + eps_w)
+            w = min(max(math.exp(-math.copysign(1.0, a_k) * d), 1 - eps_w), 1 + eps_w)
             assert float(a["data-w"]) == pytest.approx(w, abs=1e-3)
             assert float(a["data-adv"]) == pytest.approx(a_k * ((1 - lam) + lam * w), rel=1e-4)
 

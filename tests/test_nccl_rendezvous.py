@@ -1,6 +1,6 @@
 """The trainer's update-group set-up (trainer/transports/nccl.py) meets SGLang's own
 `init_custom_process_group` -- the released sglang source (scripts/fetch-upstream.sh),
-loaded in isolation -- on gloo, each side in its own process (tests/helpers/
+loaded in isolation -- on gloo, each side in its own process (tests/support/
 rendezvous_roles.py): they form one group and a broadcast arrives. Also with two peers
 under distinct group names, and inside a 2-rank training job whose default group has a
 bound device (simulated), where torch would otherwise take its split path on rank 0 alone.
@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers.upstream import package_dir
+from support.upstream import package_dir
 
-from trainer.dist import free_port
+from rlrt.processes import free_port
 
 TESTS = Path(__file__).parent
 TIMEOUT = 60  # the rendezvous timeout of each side; a broken rendezvous fails within it
@@ -31,7 +31,7 @@ def _sglang_sources() -> None:
 def start(*args: object) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)]),
            "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "helpers.rendezvous_roles",
+    return subprocess.Popen([sys.executable, "-m", "support.rendezvous_roles",
                              *map(str, args)], cwd=TESTS, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

@@ -1,5 +1,5 @@
 """configs/paper/: the paper's Qwen3-4B-Base runs (RLRT and its GRPO / RLSD baselines) load
-through the real config models and carry the paper's settings (docs/rlrt-method.md)."""
+through the real config models and carry the paper's settings (docs/algorithm.md, docs/reproduce.md)."""
 
 from __future__ import annotations
 

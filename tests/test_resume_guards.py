@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers.tiny_policy import save_tiny_policy
+from support.tiny_model import save_tiny_policy
 
 from trainer.config import TrainerConfig
 from trainer.fingerprint import HISTORY, ConfigChanged, check_resume, fingerprint, record_config

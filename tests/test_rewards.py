@@ -93,7 +93,7 @@ def user_pkg(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 
 @pytest.fixture(scope="module")
-def pool(user_pkg: tuple[Path, str]) -> Iterator[VerifyPool]:
+def user_pool(user_pkg: tuple[Path, str]) -> Iterator[VerifyPool]:
     """Real worker processes. `spawn` so the workers see the user's directory on sys.path
     (the session's forkserver, if another test started it, has an older sys.path; the
     service itself starts its own forkserver after PYTHONPATH is set: see the CLI test)."""
@@ -227,10 +227,10 @@ def items(name: str, fn: str, texts: list[str], ref: str = "1/2", timeout_s: flo
             for t in texts]
 
 
-def test_pool_runs_user_functions_with_math_verify(pool: VerifyPool, user_pkg: tuple[Path, str]) -> None:
+def test_pool_runs_user_functions_with_math_verify(user_pool: VerifyPool, user_pkg: tuple[Path, str]) -> None:
     name = user_pkg[1]
     texts = [r"\boxed{0.5}", r"\boxed{3}", "x" * 200]
-    got = pool.run_sync(items(name, "shortness", texts))
+    got = user_pool.run_sync(items(name, "shortness", texts))
     assert [v.reward for v in got] == pytest.approx([1.0 + 0.5 * (1 - len(texts[0]) / 100),
                                                      0.5 * (1 - len(texts[1]) / 100), 0.0])
     assert [v.correct for v in got] == [True, False, False]
@@ -238,30 +238,30 @@ def test_pool_runs_user_functions_with_math_verify(pool: VerifyPool, user_pkg: t
     assert all(v.reward_error is None for v in got)
     # the row reaches the function
     s = spec(fn=f"{name}.rewards:from_row")
-    got = pool.run_sync([Item(task="math", response=t, reference="1", timeout_s=3.0, reward=s,
+    got = user_pool.run_sync([Item(task="math", response=t, reference="1", timeout_s=3.0, reward=s,
                               row={"prompt_id": "p7", "difficulty": 0.8}) for t in ("p7!", "other")])
     assert [v.reward for v in got] == pytest.approx([0.8, 0.4])
 
 
-def test_pool_reports_a_failing_function_and_keeps_serving(pool: VerifyPool, user_pkg: tuple[Path, str]) -> None:
-    got = pool.run_sync(items(user_pkg[1], "broken", [r"\boxed{0.5}", r"boom \boxed{0.5}", r"\boxed{0.5}"]))
+def test_pool_reports_a_failing_function_and_keeps_serving(user_pool: VerifyPool, user_pkg: tuple[Path, str]) -> None:
+    got = user_pool.run_sync(items(user_pkg[1], "broken", [r"\boxed{0.5}", r"boom \boxed{0.5}", r"\boxed{0.5}"]))
     assert got[0].reward_error is None and got[0].reward == pytest.approx(1.25)
     assert got[1].status == "error" and "missing_key_in_user_code" in got[1].reward_error
     assert "Traceback" in got[1].reward_error and "broken" in got[1].detail
     assert got[2].reward_error is None and got[2].reward == pytest.approx(1.25)
 
 
-def test_pool_deadline_and_kill_apply_to_user_functions(pool: VerifyPool, user_pkg: tuple[Path, str]) -> None:
+def test_pool_deadline_and_kill_apply_to_user_functions(user_pool: VerifyPool, user_pkg: tuple[Path, str]) -> None:
     name = user_pkg[1]
-    restarts = pool.stats().restarts
-    soft = pool.run_sync(items(name, "sleepy", [r"\boxed{0.5}"], timeout_s=0.5))[0]
+    restarts = user_pool.stats().restarts
+    soft = user_pool.run_sync(items(name, "sleepy", [r"\boxed{0.5}"], timeout_s=0.5))[0]
     assert soft.status == "timeout" and soft.reward == 0.0 and soft.reward_error is None
-    assert pool.stats().restarts == restarts  # the in-worker timer answered; the worker lives
-    hard = pool.run_sync(items(name, "stubborn", [r"\boxed{0.5}"], timeout_s=0.5))[0]
+    assert user_pool.stats().restarts == restarts  # the in-worker timer answered; the worker lives
+    hard = user_pool.run_sync(items(name, "stubborn", [r"\boxed{0.5}"], timeout_s=0.5))[0]
     assert hard.status == "timeout" and "killed" in hard.detail
-    assert pool.stats().restarts == restarts + 1
+    assert user_pool.stats().restarts == restarts + 1
     # the replacement worker grades the next item normally
-    assert pool.run_sync(items(name, "shortness", [r"\boxed{1/2}"]))[0].correct
+    assert user_pool.run_sync(items(name, "shortness", [r"\boxed{1/2}"]))[0].correct
 
 
 # --------------------------------------------------------------------------- bus worker
@@ -276,7 +276,7 @@ def group(i: int, texts: list[str], answer: str, row: dict | None = None) -> Rol
 
 
 async def test_bus_worker_dead_letters_failing_groups_and_rewards_flow_to_the_trainer(
-        redis_url: str, prefix: str, pool: VerifyPool, user_pkg: tuple[Path, str]) -> None:
+        redis_url: str, prefix: str, user_pool: VerifyPool, user_pkg: tuple[Path, str]) -> None:
     from tasks.teacher import teacher_needed_for_group
     from trainer.algorithm import group_advantages
     from trainer.batch import build_batch
@@ -285,7 +285,7 @@ async def test_bus_worker_dead_letters_failing_groups_and_rewards_flow_to_the_tr
     reward = spec(fns=[{"fn": "task"}, {"fn": f"{user_pkg[1]}.rewards:broken", "weight": 0.2}])
     stop = asyncio.Event()
     consumer = asyncio.create_task(worker.consume(
-        bus, pool, stop, in_stream=f"{prefix}:rollouts", out_stream=f"{prefix}:verified",
+        bus, user_pool, stop, in_stream=f"{prefix}:rollouts", out_stream=f"{prefix}:verified",
         group="verifier", consumer="w", timeout_s=3.0, concurrency=2, reward=reward))
     good = group(0, [r"\boxed{2}", r"\boxed{3}", r"\boxed{2}", "none"], "2")
     bad = group(1, [r"\boxed{2}", r"boom \boxed{2}"], "2")
@@ -340,7 +340,7 @@ def _rlrt() -> list[str]:
 
 
 def _service(root: Path, redis_url: str, prefix: str, reward: dict) -> tuple[subprocess.Popen, str, Path]:
-    from tests.helpers.verifier_live import free_port
+    from rlrt.processes import free_port
 
     port = free_port()
     cfg = root / f"run-{prefix}.yaml"
@@ -431,7 +431,7 @@ async def test_rlrt_serve_verifier_grades_with_the_users_module(
 async def _evaluate_with_standin(bus: Bus, prefix: str, url: str, reward: bool) -> dict:
     """rlrt.evaluate.evaluate against the real verifier; a stand-in rollout answers every
     prompt with two fixed responses."""
-    from helpers.tiny_policy import tiny_tokenizer
+    from support.tokenizer import char_tokenizer
 
     from rlrt.evaluate import evaluate
     from tasks.base import Row
@@ -448,7 +448,7 @@ async def _evaluate_with_standin(bus: Bus, prefix: str, url: str, reward: bool) 
     try:
         rows = [Row(prompt_id="e1", prompt="1+1?", answer="2", solution=None, task="math",
                     fields={"difficulty": 1.0})]
-        return await evaluate(rows, tokenizer=tiny_tokenizer(), bus=bus, prompts_stream=f"{prefix}:eval-prompts",
+        return await evaluate(rows, tokenizer=char_tokenizer(), bus=bus, prompts_stream=f"{prefix}:eval-prompts",
                               verifier_url=url, k=2, timeout_s=60, reward=reward)
     finally:
         stop.set()
@@ -469,7 +469,7 @@ async def test_dataset_columns_reach_the_reward_row(redis_url: str, prefix: str,
     """A JSONL row's extra columns travel in the trainer's PromptTask to the reward's `row`."""
     import json
 
-    from helpers.tiny_policy import tiny_tokenizer
+    from support.tokenizer import char_tokenizer
 
     from protocol.messages import SamplingParams, TeacherRequest
     from trainer.config import DataConfig
@@ -481,7 +481,7 @@ async def test_dataset_columns_reach_the_reward_row(redis_url: str, prefix: str,
     f.write_text(json.dumps({"id": "q0", "prompt": "1+1?", "answer": "2", "difficulty": 0.8,
                              "tags": ["easy"], "blob": None}) + "\n")
     source = PromptSource(DataConfig(source="jsonl", path=[str(f)], shuffle=False, task="math"),
-                          tiny_tokenizer(), max_prompt_tokens=60, seed=0)
+                          char_tokenizer(), max_prompt_tokens=60, seed=0)
     bus = Bus.from_url(redis_url, BusSettings(prefix=prefix))
     state = DriverState()
     driver = Driver(bus=bus, prompts_stream=bus.cfg.stream("prompts"), source=source,
@@ -504,13 +504,13 @@ async def test_dataset_columns_reach_the_reward_row(redis_url: str, prefix: str,
     assert "id" not in row and "fields" not in row["meta"]
 
 
-def test_rest_reward_request_without_plug_ins_is_422(pool: VerifyPool) -> None:
+def test_rest_reward_request_without_plug_ins_is_422(user_pool: VerifyPool) -> None:
     import httpx
-    from helpers.verifier_live import live_verifier
+    from support.verifier_live import live_verifier
 
     from services.verifier.config import VerifierConfig
 
-    with live_verifier(VerifierConfig(workers=1), pool) as live:
+    with live_verifier(VerifierConfig(workers=1), user_pool) as live:
         r = httpx.post(live.url + "/v1/verify", json={"response": "x", "reference": "1", "reward": True})
         ok = httpx.post(live.url + "/v1/verify", json={"response": r"\boxed{1}", "reference": "1"})
     assert r.status_code == 422 and "no reward plug-ins" in r.text

@@ -8,16 +8,16 @@ import asyncio
 import httpx
 import numpy as np
 import pytest
-from fakes.fixtures import *  # noqa: F403 - fixtures: fake_sglang, model_dir, weights_v1
-from fakes.fixtures import Fake
-from fakes.models import CONTEXT_LEN
-from fakes.reference import token_logprobs
-from fakes.services import free_port, running, take
+from support.fake_engines import Fake
+from support.reference_logprobs import token_logprobs
+from support.services import running, take
+from support.tiny_model import CONTEXT_LEN
 from transformers import AutoTokenizer
 
 from protocol.bus import Bus
 from protocol.config import BusSettings
 from protocol.messages import PromptTask, RolloutGroup, SamplingParams, derive_id
+from rlrt.processes import free_port
 from services.engines.config import EngineConfig
 from services.rollout.config import RolloutConfig
 from services.rollout.main import serve_rollout

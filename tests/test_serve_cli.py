@@ -8,21 +8,21 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import yaml
-from fakes.fixtures import *  # noqa: F403 - fixtures: fake_sglang, fake_vllm, model_dir
-from fakes.fixtures import Fake
-from fakes.groups import make_group
-from fakes.services import free_port, take
+from support.fake_engines import Fake
+from support.groups import verified_group
+from support.polling import answers, wait_until
+from support.services import take
 
 from protocol.bus import Bus
 from protocol.config import BusSettings
 from protocol.messages import PromptTask, RolloutGroup, SamplingParams, ScoredGroup
+from rlrt.processes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -38,16 +38,9 @@ def start(kind: str, engine: dict, redis_url: str, prefix: str, tmp_path: Path) 
     proc = subprocess.Popen([sys.executable, "-m", "rlrt.cli", "serve", kind, "--config", str(path)],
                             cwd=REPO, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:  # poll until ready: a condition, with a deadline
-        assert proc.poll() is None, f"rlrt serve {kind} exited with {proc.returncode}"
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "service never became ready"
-        time.sleep(0.1)
+    wait_until(lambda: answers(url + "/readyz"), 180, f"rlrt serve {kind} to be ready", proc=proc,
+               every_s=0.1)
+    return proc, url
 
 
 def stop(proc: subprocess.Popen) -> int:
@@ -93,7 +86,7 @@ def test_serve_teacher(redis_url: str, prefix: str, fake_vllm: Fake, model_dir, 
         async def roundtrip() -> ScoredGroup:
             bus = Bus.from_url(redis_url, bus_cfg)
             try:
-                group = make_group(model_dir, ["5", "5!", "7"], [True, True, False])
+                group = verified_group(model_dir, ["5", "5!", "7"], [True, True, False])
                 await bus.publish(bus_cfg.stream("verified"), group)
                 return (await take(bus, bus_cfg.stream("scored"), ScoredGroup))[0]
             finally:

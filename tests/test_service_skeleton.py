@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,43 +13,29 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support.polling import answers, wait_until
 
 from protocol.bus import Bus
 from protocol.config import BusSettings
 from protocol.messages import WeightUpdate
+from rlrt.processes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, f"service exited with {proc.returncode}"
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, f"{url} never came up"
-        time.sleep(0.1)
 
 
 @pytest.fixture
 def demo(redis_url: str, prefix: str, tmp_path: Path):
     port = free_port()
     marker = tmp_path / "marker"
-    proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.demo_service", redis_url, prefix,
+    proc = subprocess.Popen([sys.executable, "-m", "support.demo_service", redis_url, prefix,
                              str(port), str(marker)], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            env={**os.environ,
+                                 "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])})
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_http(base + "/healthz", proc)
+        wait_until(lambda: answers(base + "/healthz"), 60, f"{base} to come up", proc=proc)
         yield base, proc, marker
     finally:
         if proc.poll() is None:

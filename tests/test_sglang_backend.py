@@ -7,11 +7,10 @@ import asyncio
 import httpx
 import numpy as np
 import pytest
-from fakes.fake_sglang import SAMPLING_KEYS
-from fakes.fixtures import *  # noqa: F403 - fixtures: fake_sglang, model_dir, weights_v1/v2
-from fakes.fixtures import Fake
-from fakes.models import CONTEXT_LEN
-from fakes.reference import reference_model, token_logprobs
+from support.fake_engines import Fake
+from support.fake_sglang import SAMPLING_KEYS
+from support.reference_logprobs import reference_model, token_logprobs
+from support.tiny_model import CONTEXT_LEN
 
 from protocol.messages import SamplingParams, WeightUpdate
 from protocol.weights import plan_buckets

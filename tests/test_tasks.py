@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers.tiny_policy import tiny_tokenizer
+from support.tokenizer import char_tokenizer
 
 from protocol.messages import TeacherRequest
 from services.verifier import core
@@ -18,7 +18,7 @@ from tasks.data import DataConfig, load_rows
 from tasks.teacher import Demonstration, build_teacher_context, render_teacher_prompt
 from trainer.data import PromptSource
 
-CONTAINS = "helpers.inspect_task:ContainsTask"
+CONTAINS = "support.inspect_task:ContainsTask"
 
 
 def test_builtin_and_dotted_tasks() -> None:
@@ -35,15 +35,15 @@ def test_builtin_and_dotted_tasks() -> None:
 
 
 def test_a_dotted_task_generates_its_own_rows() -> None:
-    rows = load_rows(DataConfig(task="helpers.tiny_tasks:Echo"), seed=3, n=4)
+    rows = load_rows(DataConfig(task="support.tiny_tasks:Echo"), seed=3, n=4)
     assert [(r.prompt, r.answer, r.task) for r in rows] == \
-        [(f"echo {i}", str(i), "helpers.tiny_tasks:Echo") for i in range(3, 7)]
+        [(f"echo {i}", str(i), "support.tiny_tasks:Echo") for i in range(3, 7)]
 
 
 def test_training_evaluation_and_teacher_render_alike() -> None:
     """System prompt and chat-template arguments reach every rendering; the teacher's context
     differs from the student's prompt only in its user turn."""
-    tok = tiny_tokenizer()
+    tok = char_tokenizer()
     cfg = DataConfig(task="countdown", num_prompts=4, system_prompt="Think in steps.",
                      chat_template_kwargs={"enable_thinking": False})
     src = PromptSource(cfg, tok, max_prompt_tokens=400, seed=0)

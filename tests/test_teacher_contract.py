@@ -83,7 +83,7 @@ def test_reference_answer_mode_needs_an_answer():
     ]
 
 
-def make_group(
+def contract_group(
     texts: list[str],
     correct: list[bool],
     *,
@@ -118,17 +118,17 @@ def make_group(
 
 
 def test_teacher_needed_for_group_reads_the_request():
-    g = make_group(["a", "b", "c", "d"], [T, F, T, F])
+    g = contract_group(["a", "b", "c", "d"], [T, F, T, F])
     assert teacher_needed_for_group(g) == [T, F, T, F]
-    lone = make_group(["a", "b"], [T, F], solution="6*7=42")
+    lone = contract_group(["a", "b"], [T, F], solution="6*7=42")
     assert teacher_needed_for_group(lone) == [T, F]
-    assert teacher_needed_for_group(make_group(["a", "b"], [T, F])) == [F, F]
+    assert teacher_needed_for_group(contract_group(["a", "b"], [T, F])) == [F, F]
     rlsd = AlgorithmConfig.from_preset("rlsd").teacher_request()
-    assert teacher_needed_for_group(make_group(["a", "b"], [T, F], request=rlsd)) == [T, T]
+    assert teacher_needed_for_group(contract_group(["a", "b"], [T, F], request=rlsd)) == [T, T]
 
 
 def test_missing_teacher_scores():
-    g = make_group(["a", "b", "c", "d"], [T, F, T, F])
+    g = contract_group(["a", "b", "c", "d"], [T, F, T, F])
     score = TeacherScores(logprobs=np.full(4, -1.0), context_mode="sibling", demo_index=2)
     full = ScoredGroup(**g.model_dump(), teacher=[score, None, score, None])
     assert missing_teacher_scores(full) == []
@@ -302,7 +302,7 @@ def test_wordlevel_tokenizer_with_a_simple_template():
 
 def test_teacher_context_for_group_end_to_end():
     tok = char_tokenizer()
-    g = make_group(["<think>a</think>x=1", "wrong", "<think>b</think>x=2", ""], [T, F, T, T])
+    g = contract_group(["<think>a</think>x=1", "wrong", "<think>b</think>x=2", ""], [T, F, T, T])
     ctx = teacher_context_for_group(g, 0, tok)
     assert ctx is not None and ctx.demonstration.index in (2, 3)
     assert ctx.input_ids[ctx.response_start :] == g.responses[0].token_ids.tolist()
@@ -320,7 +320,7 @@ def test_teacher_context_for_group_end_to_end():
     decoded = tok.decode(list(range(40, 44)), skip_special_tokens=True).strip()
     assert decoded and all(d.text == decoded for d in demos if d.index == 3)
     # no other correct response and no solution: no context; the answer in its mode.
-    lone = make_group(["x=1", "no"], [T, F])
+    lone = contract_group(["x=1", "no"], [T, F])
     assert teacher_context_for_group(lone, 0, tok) is None
     ans = teacher_context_for_group(
         lone, 1, tok, TeacherRequest(scope="nonzero_adv", context_mode="reference_answer")

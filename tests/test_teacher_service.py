@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import httpx
 import numpy as np
-from fakes.fixtures import *  # noqa: F403 - fixtures: fake_vllm, model_dir, weights_v1
-from fakes.fixtures import Fake
-from fakes.groups import make_group
-from fakes.models import CONTEXT_LEN
-from fakes.reference import token_logprobs
-from fakes.services import free_port, running, take
+from support.fake_engines import Fake
+from support.groups import verified_group
+from support.reference_logprobs import token_logprobs
+from support.services import running, take
+from support.tiny_model import CONTEXT_LEN
 from transformers import AutoTokenizer
 
 from protocol.bus import Bus
@@ -20,6 +19,7 @@ from protocol.messages import (
     VerifiedGroup,
     derive_id,
 )
+from rlrt.processes import free_port
 from services.engines.config import EngineConfig
 from services.teacher.config import TeacherConfig
 from services.teacher.main import serve_teacher
@@ -48,8 +48,8 @@ async def test_scores_only_what_the_contract_asks(redis_url: str, prefix: str, f
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     bus = Bus.from_url(redis_url, bus_cfg)
     inp, out = bus_cfg.stream("verified"), bus_cfg.stream("scored")
-    mixed = make_group(model_dir, ["The answer is 5", "I think 5", "It is 7", "no idea"],
-                       [True, True, False, False])
+    mixed = verified_group(model_dir, ["The answer is 5", "I think 5", "It is 7", "no idea"],
+                           [True, True, False, False])
     try:
         async with running(lambda s: serve_teacher(cfg, bus_cfg, s), url):
             await bus.publish(inp, mixed)
@@ -65,8 +65,8 @@ async def test_scores_only_what_the_contract_asks(redis_url: str, prefix: str, f
             assert sg.teacher_version == 0
             # nothing to score: all correct (A = 0), or a preset without teacher: no engine call
             n_calls = len(fake_vllm.calls("/v1/completions"))
-            for g in (make_group(model_dir, ["5", "5 it is"], [True, True], group_id="g2"),
-                      make_group(model_dir, ["5", "7"], [True, False], scope="none", group_id="g3")):
+            for g in (verified_group(model_dir, ["5", "5 it is"], [True, True], group_id="g2"),
+                      verified_group(model_dir, ["5", "7"], [True, False], scope="none", group_id="g3")):
                 await bus.publish(inp, g)
                 (sg2,) = await take(bus, out, ScoredGroup)
                 assert sg2.teacher == [None, None] and sg2.teacher_version is None
@@ -79,8 +79,8 @@ async def test_scores_only_what_the_contract_asks(redis_url: str, prefix: str, f
                 r = await c.post("/v1/weights", json={"version": 1, "location": weights_v1.path,
                                                       "sha256": weights_v1.sha256})
                 assert r.status_code == 200, r.text
-            again = make_group(model_dir, ["The answer is 5", "I think 5", "It is 7", "no idea"],
-                               [True, True, False, False], group_id="g4")
+            again = verified_group(model_dir, ["The answer is 5", "I think 5", "It is 7", "no idea"],
+                                   [True, True, False, False], group_id="g4")
             await bus.publish(inp, again)
             (sg3,) = await take(bus, out, ScoredGroup)
             assert sg3.teacher_version == 1
@@ -98,8 +98,8 @@ async def test_too_long_context_is_left_unscored(redis_url: str, prefix: str, fa
     bus = Bus.from_url(redis_url, bus_cfg)
     # The teacher context is question + reference solution + the response: the long response
     # overflows the context window, the short one fits. The group must still go through.
-    group = make_group(model_dir, ["5 " * (CONTEXT_LEN // 2), "5", "7"], [True, True, False],
-                       context_mode="reference_solution")
+    group = verified_group(model_dir, ["5 " * (CONTEXT_LEN // 2), "5", "7"], [True, True, False],
+                           context_mode="reference_solution")
     try:
         async with running(lambda s: serve_teacher(cfg, bus_cfg, s), url):
             await bus.publish(bus_cfg.stream("verified"), group)
@@ -120,7 +120,7 @@ async def test_cpu_engine_teacher(redis_url: str, prefix: str, model_dir) -> Non
                                                             cpu={"num_threads": 1}))
     url = f"http://127.0.0.1:{cfg.port}"
     bus = Bus.from_url(redis_url, bus_cfg)
-    group = make_group(model_dir, ["The answer is 5", "I think 5", "no"], [True, True, False])
+    group = verified_group(model_dir, ["The answer is 5", "I think 5", "no"], [True, True, False])
     try:
         async with running(lambda s: serve_teacher(cfg, bus_cfg, s), url):
             await bus.publish(bus_cfg.stream("verified"), group)

@@ -5,15 +5,15 @@ per-service stream keys of earlier versions are refused with the way to do it no
 from __future__ import annotations
 
 import pytest
-from fakes.fixtures import *  # noqa: F403 - fixtures: fake_sglang, model_dir
-from fakes.fixtures import Fake
-from fakes.services import free_port, running, take
+from support.fake_engines import Fake
+from support.services import running, take
 
 from protocol.bus import Bus
 from protocol.config import BusSettings, ConfigError
 from protocol.messages import PromptTask, RolloutGroup
 from protocol.topology import ENGINE_STAGES, SERVICES, STAGES, STREAMS
 from rlrt.config import load_section
+from rlrt.processes import free_port
 from services.engines.config import EngineConfig
 from services.rollout.config import RolloutConfig
 from services.rollout.main import serve_rollout

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from helpers.scored_groups import make_group
+from support.groups import scored_group
 
 from trainer.batch import build_batch, micro_batches, num_micro_batches, shard_rows
 
 
 def test_build_batch_aligns_tokens_logprobs_and_teacher():
     rng = np.random.default_rng(0)
-    groups = [make_group([1, 0, 1], rng=rng, teacher_rows=[2], engine_version=3, task_index=0),
-              make_group([0, 0], rng=rng, engine_version=5, task_index=1)]
+    groups = [scored_group([1, 0, 1], rng=rng, teacher_rows=[2], engine_version=3, task_index=0),
+              scored_group([0, 0], rng=rng, engine_version=5, task_index=1)]
     b = build_batch(groups, version=5, pad_id=0)
     assert b.size == 5
     row = 0
@@ -40,7 +40,7 @@ def test_build_batch_aligns_tokens_logprobs_and_teacher():
 
 def test_select_trims_padding_and_sharding_covers_every_row_once():
     rng = np.random.default_rng(1)
-    groups = [make_group([1, 0, 1, 0], rng=rng, resp_len=(1, 12), task_index=i) for i in range(3)]
+    groups = [scored_group([1, 0, 1, 0], rng=rng, resp_len=(1, 12), task_index=i) for i in range(3)]
     b = build_batch(groups, version=0, pad_id=0)
     for world in (1, 2, 3, 5):
         shards = [shard_rows(b, r, world) for r in range(world)]

@@ -9,8 +9,7 @@ import random
 
 import pytest
 import torch
-from helpers.tiny_policy import save_tiny_policy
-from helpers.update_case import case_batch, case_config
+from support.update_case import case_batch, case_config
 
 from trainer import dist
 from trainer.checkpoint import Checkpointer
@@ -18,15 +17,9 @@ from trainer.model import build_policy, full_state_dict
 from trainer.update import update_step
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.set_num_threads(1)
-    return save_tiny_policy(tmp_path_factory.mktemp("policy"))
-
-
 @pytest.mark.parametrize("stage", [0, 3])
-def test_resumed_engine_continues_identically(model_dir, tmp_path, stage):
-    cfg = case_config(model_dir, zero_stage=stage, warmup_steps=3)  # lr still ramping at 2
+def test_resumed_engine_continues_identically(policy_dir, tmp_path, stage):
+    cfg = case_config(policy_dir, zero_stage=stage, warmup_steps=3)  # lr still ramping at 2
     rank, world = dist.setup("cpu", 120)
     batch = case_batch()
 
@@ -53,8 +46,8 @@ def test_resumed_engine_continues_identically(model_dir, tmp_path, stage):
         assert torch.equal(got[n], t), n
 
 
-def test_rng_state_round_trips(model_dir, tmp_path):
-    cfg = case_config(model_dir)
+def test_rng_state_round_trips(policy_dir, tmp_path):
+    cfg = case_config(policy_dir)
     rank, world = dist.setup("cpu", 120)
     p = build_policy(cfg, rank=rank, world_size=world, device="cpu")
     ckpt = Checkpointer(tmp_path / "ckpt")
@@ -69,8 +62,8 @@ def test_rng_state_round_trips(model_dir, tmp_path):
     assert got[0] == want[0] and torch.equal(got[1], want[1])
 
 
-def test_an_interrupted_save_is_never_latest(model_dir, tmp_path):
-    cfg = case_config(model_dir)
+def test_an_interrupted_save_is_never_latest(policy_dir, tmp_path):
+    cfg = case_config(policy_dir)
     rank, world = dist.setup("cpu", 120)
     p = build_policy(cfg, rank=rank, world_size=world, device="cpu")
     ckpt = Checkpointer(tmp_path / "ckpt", keep=2)

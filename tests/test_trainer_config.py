@@ -54,7 +54,7 @@ def test_lr_schedule_warmup_then_decay():
     cfg = TrainerConfig(model_path="/m", warmup_steps=4, total_steps=14, lr_schedule="cosine",
                         min_lr_ratio=0.1)
     f = lr_lambda(cfg)
-    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # never 0 at step 0
+    assert [f(s) for s in range(4)] == [0.0, 0.25, 0.5, 0.75]  # verl's: step 0 at lr 0
     assert f(4) == pytest.approx(1.0)
     assert f(9) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
     assert f(14) == pytest.approx(0.1)

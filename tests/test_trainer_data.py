@@ -8,7 +8,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers.tiny_policy import tiny_tokenizer
+from support.tokenizer import char_tokenizer
 
 from trainer.config import DataConfig
 from trainer.data import DataError, PromptSource
@@ -16,7 +16,7 @@ from trainer.data import DataError, PromptSource
 
 @pytest.fixture(scope="module")
 def tok():
-    return tiny_tokenizer()
+    return char_tokenizer()
 
 
 def test_countdown_rows_render_through_the_chat_template(tok):

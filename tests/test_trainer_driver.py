@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from helpers.tiny_policy import tiny_tokenizer
+from support.tokenizer import char_tokenizer
 
 from protocol.bus import Bus
 from protocol.config import BusSettings
@@ -36,7 +36,7 @@ P, G = 3, 2
 
 @pytest.fixture(scope="module")
 def source():
-    return PromptSource(DataConfig(source="countdown", num_prompts=40), tiny_tokenizer(),
+    return PromptSource(DataConfig(source="countdown", num_prompts=40), char_tokenizer(),
                         max_prompt_tokens=200, seed=0)
 
 
@@ -350,7 +350,7 @@ async def test_zero_variance_follows_the_estimator(bus, source):
 
 async def test_data_without_the_teachers_context_stops_at_admission(bus, source):
     """opsd on answer-only data: a clear error after N prompts, before sampling anything."""
-    no_solution = PromptSource(DataConfig(source="countdown", num_prompts=40), tiny_tokenizer(),
+    no_solution = PromptSource(DataConfig(source="countdown", num_prompts=40), char_tokenizer(),
                                max_prompt_tokens=200, seed=0)
     orig = no_solution.draw
 

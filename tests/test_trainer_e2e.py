@@ -1,5 +1,5 @@
 """run_trainer end to end, in process: real Redis, real HTTP weight pushes, the real
-DeepSpeed engine, and a stand-in pipeline (tests/helpers/trainer_standin.py) that samples
+DeepSpeed engine, and a stand-in pipeline (tests/support/trainer_standin.py) that samples
 from the pushed weights. Checks what a run leaves behind: metrics, the trained-prompt log,
 checkpoints, and a final model that is exactly the last pushed weights."""
 
@@ -9,9 +9,9 @@ import json
 
 import pytest
 import torch
-from helpers.tiny_policy import save_tiny_policy
-from helpers.trainer_standin import StandinPipeline
 from prometheus_client import REGISTRY
+from support.tiny_model import save_tiny_policy
+from support.trainer_standin import StandinPipeline
 from transformers import AutoModelForCausalLM
 
 from protocol.config import BusSettings
@@ -93,7 +93,8 @@ def test_a_run_trains_pushes_logs_checkpoints_and_exports(run):
         assert r["groups"] == cfg.prompts_per_step
     # groups sampled and scored at t-1 (max_staleness 1) were sent back and rescored at t
     assert standin.rescored == sum(r.get("teacher_rescored", 0) for r in records)
-    assert records[0]["lr"] == pytest.approx(1e-3)  # warm-up of 1 step
+    # warm-up of 1 step, as verl's: step 0 runs at lr 0, the peak from step 1 on
+    assert records[0]["lr"] == 0.0 and records[1]["lr"] == pytest.approx(1e-3)
     # the trainer's log-probs and the sampler's agree on fresh samples (same weights)
     fresh = [r for r in records if r["staleness_max"] == 0]
     assert fresh and all(r["mismatch_kl"] < 1e-6 for r in fresh)

@@ -5,9 +5,7 @@ positive once it has moved, on ZeRO 0 and ZeRO-3 (the reference partitioned too)
 from __future__ import annotations
 
 import pytest
-import torch
-from helpers.tiny_policy import save_tiny_policy
-from helpers.update_case import case_batch, case_config
+from support.update_case import case_batch, case_config
 
 from trainer import dist
 from trainer.model import build_policy
@@ -15,15 +13,9 @@ from trainer.reference import build_reference
 from trainer.update import train_step, update_step
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.set_num_threads(1)
-    return save_tiny_policy(tmp_path_factory.mktemp("policy"))
-
-
 @pytest.mark.parametrize("stage", [0, 3])
-def test_kl_step_runs_is_zero_at_the_reference_then_positive(model_dir, stage):
-    cfg = case_config(model_dir, zero_stage=stage, lr=2e-2, ppo_mini_batch_size=1,
+def test_kl_step_runs_is_zero_at_the_reference_then_positive(policy_dir, stage):
+    cfg = case_config(policy_dir, zero_stage=stage, lr=2e-2, ppo_mini_batch_size=1,
                       algorithm={"preset": "rlrt", "kl_coef": 0.1, "kl_type": "low_var_kl"})
     rank, world = dist.setup("cpu", 120)
     policy = build_policy(cfg, rank=rank, world_size=world, device="cpu")
@@ -42,11 +34,11 @@ def test_kl_step_runs_is_zero_at_the_reference_then_positive(model_dir, stage):
     assert one["kl"] == 0.0
 
 
-def test_kl_without_reference_is_an_error_not_a_silent_zero(model_dir):
-    cfg = case_config(model_dir, algorithm={"preset": "grpo", "kl_coef": 0.1})
+def test_kl_without_reference_is_an_error_not_a_silent_zero(policy_dir):
+    cfg = case_config(policy_dir, algorithm={"preset": "grpo", "kl_coef": 0.1})
     rank, world = dist.setup("cpu", 120)
     policy = build_policy(cfg, rank=rank, world_size=world, device="cpu")
     with pytest.raises(ValueError, match="reference"):
         update_step(policy, case_batch(), cfg.algorithm, step=0, micro_batch_size=3)
-    assert build_reference(case_config(model_dir), rank=rank, world_size=world,
+    assert build_reference(case_config(policy_dir), rank=rank, world_size=world,
                            device="cpu") is None  # kl_coef 0: nothing loaded

@@ -1,6 +1,6 @@
 """The trainer's half of an NCCL weight update (trainer/transports/nccl.py), run over gloo
 on CPU against a receiver process that plays the service + engine and joins with SGLang's
-released `init_custom_process_group` (tests/helpers/nccl_receiver.py): bucket metadata sized by ds_numel under ZeRO-3, the broadcasts matching
+released `init_custom_process_group` (tests/support/nccl_receiver.py): bucket metadata sized by ds_numel under ZeRO-3, the broadcasts matching
 it tensor for tensor, group reuse, and a refusal reported at once (no rendezvous wait).
 NCCL itself and the vLLM path run only on GPUs."""
 
@@ -15,13 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from helpers.tiny_policy import save_tiny_policy
-from helpers.update_case import case_batch, case_config
-from helpers.upstream import package_dir
+from support.tiny_model import save_tiny_policy
+from support.update_case import case_batch, case_config
+from support.upstream import package_dir
 
+from rlrt.processes import free_port
 from trainer import dist
 from trainer.config import NcclPush, ServiceEndpoint
-from trainer.dist import free_port
 from trainer.model import (
     build_policy,
     full_state_dict,
@@ -40,7 +40,7 @@ def receiver():
     package_dir("sglang")  # skips with the reason when the sources are not fetched
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)]),
            "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "helpers.nccl_receiver"], cwd=TESTS, env=env,
+    p = subprocess.Popen([sys.executable, "-m", "support.nccl_receiver"], cwd=TESTS, env=env,
                          stdout=subprocess.PIPE, text=True)
     url = p.stdout.readline().strip()
     try:
@@ -108,7 +108,7 @@ def test_nccl_push_broadcasts_every_bucket_and_reuses_the_group(policy, receiver
 
 def test_a_data_parallel_sglang_server_is_refused_with_the_reason():
     from fastapi import FastAPI
-    from helpers.trainer_standin import serve
+    from support.trainer_standin import serve
 
     from trainer.transports.nccl import Peer
 

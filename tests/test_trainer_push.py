@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from helpers.trainer_standin import Controls, serve, weights_app
+from support.trainer_standin import Controls, serve, weights_app
 
 from protocol.messages import WeightUpdate
 from protocol.weights import load_weights_dir

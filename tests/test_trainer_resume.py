@@ -17,15 +17,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers.tiny_policy import save_tiny_policy
-from helpers.trainer_standin import StandinPipeline
+from support.polling import wait_until
+from support.tiny_model import save_tiny_policy
+from support.trainer_standin import StandinPipeline
 
 from protocol.bus import Bus
 from protocol.config import BusSettings
@@ -76,15 +76,6 @@ def steps_logged(out: Path) -> list[int]:
     return steps
 
 
-def wait_until(cond: Callable[[], bool], what: str, proc: subprocess.Popen | None = None,
-               timeout_s: float = 240) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"trainer exited ({proc.returncode}) while waiting for {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def finish(proc: subprocess.Popen, log: Path) -> None:
@@ -134,7 +125,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, redis_url
     with sb.running() as url:
         cfg_b = write_config(tmp_path / "b.yaml", model, out, bus_b, url)
         p = start(cfg_b, resume=False, log=log)
-        wait_until(lambda: 1 in steps_logged(out), "step 1", p)
+        wait_until(lambda: 1 in steps_logged(out), 240, "step 1", proc=p)
         p.send_signal(signal.SIGTERM)
         finish(p, log)  # a clean exit, with a checkpoint at the last completed step
         done = max(steps_logged(out)) + 1
@@ -142,14 +133,14 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, redis_url
         assert latest["step"] == done
 
         p = start(cfg_b, resume=True, log=log)
-        wait_until(lambda: 4 in steps_logged(out), "step 4", p)
+        wait_until(lambda: 4 in steps_logged(out), 240, "step 4", proc=p)
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=30)
         assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 4
         # let the stand-in answer what the killed trainer had published (deterministically
         # with the weights it had pushed), so the resumed run meets them as real services
         # would have left them
-        wait_until(idle(sb, bus_b), "the stand-in to drain the prompts stream")
+        wait_until(idle(sb, bus_b), 240, "the stand-in to drain the prompts stream")
 
         finish(start(cfg_b, resume=True, log=log), log)
 

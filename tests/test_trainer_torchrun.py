@@ -12,29 +12,24 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.tiny_model import save_bootstrap_model
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "countdown-tiny.yaml"
 
 
-def _tiny_model(out: Path) -> Path:
-    from trainer.bootstrap.model import build_model
-    from trainer.bootstrap.tokenizer import build_tokenizer
-
-    tok = build_tokenizer()
-    build_model(tok, seed=0, hidden=32, layers=2, heads=2, kv_heads=1).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_on_the_tiny_config(tmp_path: Path, monkeypatch) -> None:
+    from rich.console import Console
+
     from rlrt.launch import LocalRun
+    from rlrt.supervisor import Supervisor, own_redis
 
     for var in list(os.environ):
         if var.startswith("RLRT_"):
             monkeypatch.delenv(var)
-    model = _tiny_model(tmp_path / "model")
+    model = save_bootstrap_model(tmp_path / "model")
     run_dir = tmp_path / "run"
     sets = [f"model={model}", f"run.dir={run_dir}", "run.bootstrap=false", "run.eval_prompts=0",
             "bus.prefix=torchrun-test", "bus.claim_idle_ms=5000", "data.num_prompts=32",
@@ -42,20 +37,21 @@ def test_torchrun_two_ranks_on_the_tiny_config(tmp_path: Path, monkeypatch) -> N
             "trainer.sampling.max_new_tokens=8", "trainer.micro_batch_size=4",
             "trainer.warmup_steps=0", "trainer.checkpoint.every=0", "trainer.export_final=false",
             "trainer.zero_variance=keep"]
-    run = LocalRun(TINY, sets=sets)
-    run.preflight()
+    plan = LocalRun(TINY, sets=sets).preflight()
+    sup = Supervisor(plan, console=Console(stderr=True),
+                     redis=own_redis(plan.cfg.bus.redis_url, plan.run_dir))
     try:
-        run.start_redis()
-        run.start_services()
-        env = {**run.trainer_env(), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        push = [s.model_dump(exclude_none=True) for s in run.cfg.trainer.push.services]
+        sup.start_redis()
+        sup.start_services()
+        env = {**plan.trainer_env(sup.redis_url), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        push = [s.model_dump(exclude_none=True) for s in plan.cfg.trainer.push.services]
         torchrun = Path(sys.executable).parent / "torchrun"
         argv = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "trainer.main",
                 "-c", str(TINY), *(f"--set={s}" for s in sets),
                 f"--set=trainer.push.services={json.dumps(push)}"]
         res = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     finally:
-        run.stop_all()
+        sup.stop_all()
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     # The outputs went under run.dir (the config states no trainer.output_dir).
     rows = [json.loads(x) for x in (run_dir / "trainer" / "metrics.jsonl").read_text().splitlines()]

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.reference_update import reference_optimizer, reference_update
-from helpers.tiny_policy import save_tiny_policy
-from helpers.update_case import STEPS, case_batch, case_config
 from safetensors.torch import load_file
+from support.reference_update import reference_optimizer, reference_update
+from support.tiny_model import save_tiny_policy
+from support.update_case import STEPS, case_batch, case_config
 from transformers import AutoModelForCausalLM
 
-from trainer.dist import free_port
+from rlrt.processes import free_port
 
 TESTS = Path(__file__).parent
 
@@ -36,7 +36,7 @@ def test_two_process_zero3_matches_one_process(tmp_path):
                "OMP_NUM_THREADS": "1",
                "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])}
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "helpers.zero_worker", str(model_dir), "3", out],
+            [sys.executable, "-m", "support.zero_worker", str(model_dir), "3", out],
             cwd=TESTS, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = []
     try:

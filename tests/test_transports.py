@@ -6,7 +6,7 @@ services on 127.0.0.1 (the recording double of test_trainer_push)."""
 from __future__ import annotations
 
 import pytest
-from helpers.trainer_standin import serve
+from support.trainer_standin import serve
 from test_trainer_push import TOKEN, Service, state
 
 from protocol.canary import Canary

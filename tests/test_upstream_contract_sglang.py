@@ -1,5 +1,5 @@
 """Contract: our SGLang client (services/engines/sglang.py) and our fake SGLang server
-(tests/fakes/fake_sglang.py) against the released sglang package (the rollout image's pin,
+(tests/support/fake_sglang.py) against the released sglang package (the rollout image's pin,
 fetched by scripts/fetch-upstream.sh), read with `ast`:
 
 - every route the client calls -- recorded from a real run against the fake, so nothing is
@@ -20,11 +20,10 @@ import re
 from pathlib import Path
 
 import pytest
-from fakes import fake_sglang as fake_module
-from fakes.fixtures import *  # noqa: F403 - fixtures: fake_sglang, model_dir, weights_v1
-from fakes.fixtures import Fake
 from fastapi.routing import APIRoute
-from helpers import upstream
+from support import fake_sglang as fake_module
+from support import upstream
+from support.fake_engines import Fake
 from test_sglang_backend import PROMPT, disk_update, engine_for, nccl_update
 
 from protocol.messages import SamplingParams

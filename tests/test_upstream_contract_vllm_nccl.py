@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import upstream
+from support import upstream
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,7 @@ def test_service_side_routes_and_bodies(src) -> None:
 
 
 def test_the_fakes_nccl_fields_are_vllms(src) -> None:
-    from fakes import fake_vllm
+    from support import fake_vllm
 
     init = upstream.fields(src["common"], "NCCLWeightTransferInitInfo")
     assert fake_vllm.NCCL_INIT_INFO_FIELDS == set(init)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from helpers.verifier_live import Live, live_verifier
+from support.verifier_live import Live, live_verifier
 
 from services.verifier.config import VerifierConfig
 from services.verifier.pool import VerifyPool

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from helpers.verifier_live import Live, live_verifier
+from support.polling import wait_until
+from support.verifier_live import Live, live_verifier
 
 from services.verifier.config import VerifierConfig
 from services.verifier.pool import VerifyPool
@@ -23,10 +24,7 @@ def config(**kw: object) -> VerifierConfig:
     return VerifierConfig(**{**base, **kw})
 
 
-@pytest.fixture(scope="module")
-def pool() -> Iterator[VerifyPool]:
-    with VerifyPool(2, kill_grace_s=0.3, memory_mb=1024) as p:
-        yield p
+POOL_OPTIONS = {"memory_mb": 1024}  # for conftest.py's `pool`
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +123,11 @@ def test_413_per_item_and_per_request(client: httpx.Client) -> None:
 
 # ---------------------------------------------------------------- jobs
 def wait_job(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def reached() -> dict | None:
         body = client.get(f"/v1/jobs/{job_id}").json()
-        if body["status"] in statuses:
-            return body
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} never reached {statuses}: {body}")
+        return body if body["status"] in statuses else None
+
+    return wait_until(reached, timeout, f"job {job_id} to reach {statuses}")
 
 
 def test_job_lifecycle(client: httpx.Client) -> None:

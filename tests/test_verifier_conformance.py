@@ -26,9 +26,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import mathverify_suite
-from helpers.mathverify_suite import Case
-from helpers.verifier_live import live_verifier
+from support import mathverify_suite
+from support.mathverify_suite import Case
+from support.verifier_live import live_verifier
 
 from services.verifier.config import VerifierConfig
 from services.verifier.pool import VerifyPool

@@ -7,8 +7,7 @@ import time
 import uuid
 
 import httpx
-import pytest
-from helpers.verifier_live import live_verifier
+from support.verifier_live import live_verifier
 
 from services.verifier.config import VerifierConfig
 from services.verifier.pool import Item, VerifyPool
@@ -16,10 +15,7 @@ from services.verifier.pool import Item, VerifyPool
 HUGE = r"\boxed{10^{10^{10^{10}}}}"  # each check runs into its deadline
 
 
-@pytest.fixture(scope="module")
-def pool():  # noqa: ANN201
-    with VerifyPool(1, kill_grace_s=0.3) as p:
-        yield p
+POOL_OPTIONS = {"workers": 1}  # sizes conftest.py's `pool`
 
 
 async def test_a_request_budget_bounds_its_total_time(pool: VerifyPool) -> None:

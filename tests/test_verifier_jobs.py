@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 
-import pytest
+from support.polling import wait_until_async
 
 from protocol.bus import Bus
 from protocol.config import BusSettings
@@ -22,26 +21,12 @@ def fast(i: int) -> dict:
     return {"task": "math", "response": rf"\boxed{{{i}}}", "reference": str(i), "timeout_s": 5.0}
 
 
-@pytest.fixture(scope="module")
-def pool() -> Iterator[VerifyPool]:
-    with VerifyPool(2, kill_grace_s=0.3) as p:
-        yield p
+# `pool`: conftest.py's (2 workers)
 
 
 def store(url: str, prefix: str, pool: VerifyPool, chunk: int = 2) -> JobStore:
     bus = Bus.from_url(url, BusSettings(prefix=prefix, block_ms=50, claim_idle_ms=60_000))
     return JobStore(bus, pool, stream=f"{prefix}:verifier:jobs", ttl_s=600, chunk=chunk, cancel_poll_s=0.05)
-
-
-async def wait_for(check, timeout: float = 60.0):  # noqa: ANN001, ANN201
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        got = await check()
-        if got:
-            return got
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not reached")
 
 
 async def test_job_resumes_after_a_stop_mid_job(redis_url: str, prefix: str, pool: VerifyPool) -> None:
@@ -57,7 +42,7 @@ async def test_job_resumes_after_a_stop_mid_job(redis_url: str, prefix: str, poo
         s = await a.get(job_id)
         return s if s.progress.done >= 2 else None
 
-    await wait_for(some_done)
+    await wait_until_async(some_done, 60, "two items done")
     stop.set()
     await runner
     mid = await a.get(job_id)
@@ -69,7 +54,7 @@ async def test_job_resumes_after_a_stop_mid_job(redis_url: str, prefix: str, poo
     b = store(redis_url, prefix, pool)  # "restarted" under the same consumer name
     stop = asyncio.Event()
     runner = asyncio.create_task(b.consume("verifier", "v1", stop))
-    done = await wait_for(lambda: _final(b, job_id))
+    done = await wait_until_async(lambda: _final(b, job_id), 60, "the job to finish")
     stop.set()
     await runner
     assert done.status == "done" and done.progress.done == len(items)

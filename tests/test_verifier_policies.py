@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from helpers.verifier_live import VerifierProcess, live_verifier
+from support.verifier_live import VerifierProcess, live_verifier
 
 from protocol.bus import Bus
 from protocol.config import BusSettings

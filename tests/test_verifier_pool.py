@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 
 import pytest
+from support.polling import wait_until
 
 from services.verifier import sandbox
 from services.verifier.pool import Item, QueueFull, VerifyPool
@@ -22,21 +22,12 @@ def math(resp: str, ref: str, timeout_s: float = 5.0) -> Item:
     return Item("math", resp, ref, timeout_s)
 
 
-@pytest.fixture(scope="module")
-def pool() -> Iterator[VerifyPool]:
-    with VerifyPool(2, memory_mb=512, kill_grace_s=GRACE, batch_max=8) as p:
-        yield p
+POOL_OPTIONS = {"memory_mb": 512, "kill_grace_s": GRACE, "batch_max": 8}  # for conftest.py's `pool`
 
 
 def wait_busy(p: VerifyPool, timeout: float = 10.0) -> int:
     """Pid of a worker that is checking an item (polls; the item is known to be slow)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        busy = p.busy_pids()
-        if busy:
-            return busy[0]
-        time.sleep(0.01)
-    raise AssertionError("no worker became busy")
+    return wait_until(p.busy_pids, timeout, "a worker to become busy", every_s=0.01)[0]
 
 
 def test_results_in_order_and_correct(pool: VerifyPool) -> None:

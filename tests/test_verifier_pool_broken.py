@@ -10,20 +10,13 @@ only retried."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
+from support.polling import wait_until
 
 from services.verifier import main as verifier_main
 from services.verifier import pool as pool_mod
 from services.verifier.pool import Item, PoolBroken, VerifyPool
-
-
-def _wait(cond, timeout_s: float = 30.0) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_a_worker_that_never_starts_marks_the_pool_broken(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -33,7 +26,7 @@ def test_a_worker_that_never_starts_marks_the_pool_broken(monkeypatch: pytest.Mo
     monkeypatch.setattr(pool_mod._Slot, "spawn", spawn)
     p = VerifyPool(1, spawn_budget_s=0.3).start(wait=False)
     try:
-        _wait(lambda: p.broken is not None)
+        wait_until(lambda: p.broken is not None, 30.0, "the pool to be marked broken")
         assert "ImportError: cannot import name 'TINY_MODEL'" in p.broken
         assert not p.ready
     finally:

@@ -10,10 +10,10 @@ import pytest
 
 schemathesis = pytest.importorskip("schemathesis")  # in the dev extra
 
-from helpers.verifier_live import Live, live_verifier  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
+from support.verifier_live import Live, live_verifier  # noqa: E402
 
 from services.verifier.config import VerifierConfig  # noqa: E402
 from services.verifier.pool import VerifyPool  # noqa: E402

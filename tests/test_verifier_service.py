@@ -7,13 +7,13 @@ Both start real service processes and are marked slow (minutes on a busy 2-core 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers.verifier_live import VerifierProcess
+from support.polling import wait_until
+from support.verifier_live import VerifierProcess
 
 N_CLIENTS = 32
 
@@ -83,13 +83,11 @@ def test_many_requests_from_32_clients(service: VerifierProcess, n_requests: int
 
 
 def _wait_job(url: str, job_id: str, pred, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def reached() -> dict | None:
         body = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()
-        if pred(body):
-            return body
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} stuck: {body}")
+        return body if pred(body) else None
+
+    return wait_until(reached, timeout, f"job {job_id} to move on")
 
 
 @pytest.mark.slow

@@ -4,10 +4,8 @@ dead-letter and the worker keeps serving."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import numpy as np
-import pytest
 
 from protocol.bus import Bus
 from protocol.config import BusSettings
@@ -15,11 +13,7 @@ from protocol.messages import PromptTask, Response, RolloutGroup, VerifiedGroup,
 from services.verifier import worker
 from services.verifier.pool import VerifyPool
 
-
-@pytest.fixture(scope="module")
-def pool() -> Iterator[VerifyPool]:
-    with VerifyPool(2, kill_grace_s=0.3) as p:
-        yield p
+# `pool`: conftest.py's (2 workers)
 
 
 def group(i: int, texts: list[str], answer: str, task: str = "math") -> RolloutGroup:

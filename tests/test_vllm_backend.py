@@ -7,10 +7,9 @@ import math
 import httpx
 import numpy as np
 import pytest
-from fakes.fixtures import *  # noqa: F403 - fixtures: fake_vllm, model_dir, weights_v1/v2
-from fakes.fixtures import Fake
-from fakes.models import CONTEXT_LEN
-from fakes.reference import reference_model, token_logprobs
+from support.fake_engines import Fake
+from support.reference_logprobs import reference_model, token_logprobs
+from support.tiny_model import CONTEXT_LEN
 
 from protocol.messages import SamplingParams, WeightUpdate
 from protocol.weights import plan_buckets
@@ -198,7 +197,8 @@ async def test_nccl_update_http_sequence(fake_vllm: Fake, model_dir) -> None:
         await eng.close()
     paths = [c["path"] for c in fake_vllm.calls()]
     i = paths.index("/pause")
-    assert paths[i:i + n + 6] == (["/pause", "/init_weight_transfer_engine", "/start_weight_update"]
+    assert paths[i:i + n + 7] == (["/pause", "/shutdown_weight_transfer_engine",
+                                   "/init_weight_transfer_engine", "/start_weight_update"]
                                       + ["/update_weights"] * n
                                       + ["/finish_weight_update", "/reset_prefix_cache", "/resume"])
     init = fake_vllm.calls("/init_weight_transfer_engine")[0]["body"]

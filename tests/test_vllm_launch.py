@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from fakes.reference import token_logprobs
-from helpers.vllm_server import *  # noqa: F403 - fixtures: vllm_model_dir, vllm_weights
-from helpers.vllm_server import NEEDS_VLLM, WeightsDir, vllm_server
+from support.reference_logprobs import token_logprobs
+from support.tiny_model import save_bootstrap_model
+from support.vllm_server import NEEDS_VLLM, WeightsDir, vllm_server
 
 from protocol.messages import WeightUpdate
 from services.engines.base import UpstreamError
@@ -80,17 +80,6 @@ async def test_killed_server_restarted_then_pushed_again(vllm_model_dir: Path, v
             await teach.close()
 
 
-def _tiny_model(out: Path) -> Path:
-    """The bootstrap architecture at test size (head_dim 32: servable by vLLM's CPU build)."""
-    from trainer.bootstrap.model import build_model
-    from trainer.bootstrap.tokenizer import build_tokenizer
-
-    tok = build_tokenizer()
-    build_model(tok, seed=0, hidden=64, layers=2, heads=2, kv_heads=1).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 def _server_pids(model: Path) -> list[int]:
     """The vLLM API servers on `model` (the session leaders: their engine-core children,
     forked, carry the same command line)."""
@@ -118,7 +107,7 @@ def _leftovers(marker: str) -> list[str]:
 @pytest.mark.slow  # 10-20 min on 2 cores (two vLLM start-ups, services, trainer): -m "vllm and slow"
 @pytest.mark.timeout(2700)
 def test_rlrt_train_countdown_vllm_survives_a_killed_server(tmp_path: Path) -> None:
-    model = _tiny_model(tmp_path / "model")
+    model = save_bootstrap_model(tmp_path / "model", hidden=64)
     run = tmp_path / "run"
     steps = 4
     sets = [f"model={model}", f"run.dir={run}", "run.bootstrap=false", "run.eval_prompts=0",
@@ -152,7 +141,7 @@ def test_rlrt_train_countdown_vllm_survives_a_killed_server(tmp_path: Path) -> N
         log.close()
     out = (tmp_path / "train.log").read_text()
     assert code == 0, out[-4000:]
-    assert "rollout-vllm died" in out and "re-pushed weights" in out, out[-4000:]
+    assert "rollout-vllm died" in out and "rollout back, serving weights version" in out, out[-4000:]
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert sorted(r["step"] for r in rows) == list(range(steps))  # steps count from 0
     assert not _leftovers(str(model)), "processes left behind"

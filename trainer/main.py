@@ -35,8 +35,8 @@ import torch
 from protocol.bus import Bus
 from protocol.canary import Canary
 from protocol.config import BusSettings
-from protocol.messages import ScoredGroup
-from protocol.topology import STAGES
+from protocol.messages import ScoredGroup, VerifiedGroup
+from protocol.topology import STAGES, trainer_input
 from trainer import dist
 from trainer.batch import build_batch
 from trainer.bus_sync import inbox_key, mark, resync
@@ -168,6 +168,10 @@ class _RankZeroLoop:
             except (NotImplementedError, RuntimeError, ValueError):
                 pass  # not the main thread (e.g. embedded in a test): no signal handling
 
+    async def _receive_unscored(self, group: VerifiedGroup) -> None:
+        """Bus handler of a run without a teacher service (trainer.teacher_service false)."""
+        await self.inbox.receive(ScoredGroup.unscored(group))
+
     def _max_seq_len(self) -> int:
         return int(self.cfg.max_seq_len or self.policy.hf_model.config.max_position_embeddings)
 
@@ -234,6 +238,7 @@ class _RankZeroLoop:
         consume_stop = asyncio.Event()
         consumer: asyncio.Task | None = None
         sink: MetricsSink | None = None
+        finished = False  # the loop returned (done or a resumable stop), not raised
         try:
             restored = await self.inbox.restore() if self.state else 0
             max_len = self._max_seq_len()
@@ -265,14 +270,18 @@ class _RankZeroLoop:
             self.inbox = self.resync.inbox if self.resync else self.inbox
             sink = MetricsSink(cfg.out, cfg.metrics, total_steps=cfg.total_steps,
                                start_step=self.start_step)
+            # Without a teacher service the verifier's groups are the input (unscored).
+            in_stream, in_type = trainer_input(cfg.teacher_service)
             consumer = asyncio.create_task(bus.consume(
-                self.bus_cfg.stream(STAGES["trainer"].in_stream), STAGES["trainer"].group,
-                "trainer-0", self.inbox.receive,
-                ScoredGroup, consume_stop, concurrency=16))
+                self.bus_cfg.stream(in_stream), STAGES["trainer"].group, "trainer-0",
+                self.inbox.receive if cfg.teacher_service else self._receive_unscored,
+                in_type, consume_stop, concurrency=16))
             self._install_signals()
             log.info("trainer: start at step %d of %d (restored %d uncommitted groups)",
                      self.start_step, cfg.total_steps, restored)
-            return await self._loop(driver, sink, consumer)
+            result = await self._loop(driver, sink, consumer)
+            finished = True
+            return result
         finally:
             consume_stop.set()
             if consumer is not None:
@@ -281,7 +290,7 @@ class _RankZeroLoop:
                 except (asyncio.TimeoutError, Exception) as e:  # noqa: BLE001 - shutting down
                     log.debug("consumer shutdown: %r", e)
             try:
-                await self.ranks.stop()
+                await self.ranks.stop(failed=not finished)
             except Exception as e:  # noqa: BLE001 - best effort: peers time out otherwise
                 log.error("could not stop the other ranks: %r", e)
             if sink is not None:

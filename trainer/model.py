@@ -182,13 +182,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def lr_lambda(cfg: TrainerConfig) -> Callable[[int], float]:
-    """Multiplier of the peak lr at RL step `s` (0-based): linear warm-up that never
-    starts at 0 ((s+1)/warmup), then constant or a decay to min_lr_ratio at total_steps."""
+    """Multiplier of the peak lr at RL step `s` (0-based): linear warm-up from 0 (s/warmup,
+    as verl's get_constant/cosine_schedule_with_warmup: the first step runs at lr 0, which
+    still fills AdamW's moments), then constant or a decay to min_lr_ratio at total_steps."""
     warm, total, floor = cfg.warmup_steps, cfg.total_steps, cfg.min_lr_ratio
 
     def f(s: int) -> float:
         if s < warm:
-            return (s + 1) / warm
+            return s / warm
         if cfg.lr_schedule == "constant" or total <= warm:
             return 1.0
         frac = min(1.0, (s - warm) / max(1, total - warm))

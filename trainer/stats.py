@@ -35,6 +35,8 @@ def batch_stats(batch: TrainBatch, groups: list[ScoredGroup], version: int) -> d
         "teacher_rows": int(batch.has_teacher.sum()),
         "teacher_tokens_scored": sum(g.scored_tokens for g in groups),
         "teacher_tokens_skipped": sum(g.skipped_tokens for g in groups),
+        # the extra prefill of algorithm.student_logprobs: engine (prompt + response)
+        "teacher_tokens_student": sum(g.student_context_tokens for g in groups),
     }
 
 

@@ -127,12 +127,15 @@ def update_step(policy: Policy, batch: TrainBatch, alg: AlgorithmConfig, *, step
     n_updates = len(minis) * ppo_epochs
     reuse = old_logprobs_mode == "reuse" and n_updates == 1
     mask = batch.response_mask
+    s_engine, has_s_engine = _engine_student(batch, alg)
 
     def advantages(s: Tensor):  # noqa: ANN202 - TokenAdvantages
         return token_advantages(alg, rewards=batch.rewards, group_ids=batch.group_ids,
                                 mask=mask, student_logprobs=s,
                                 teacher_logprobs=batch.teacher_logprobs,
-                                has_teacher=batch.has_teacher, correct=batch.correct, step=step)
+                                has_teacher=batch.has_teacher, correct=batch.correct, step=step,
+                                engine_student_logprobs=s_engine,
+                                has_engine_student=has_s_engine)
 
     t0 = time.perf_counter()
     whole = _plan(batch, list(range(batch.size)), rank, world, micro_batch_size)
@@ -218,6 +221,17 @@ def update_step(policy: Policy, batch: TrainBatch, alg: AlgorithmConfig, *, step
     metrics["time_update_s"] = time.perf_counter() - t0
     metrics["tokens_per_s"] = n_tokens * ppo_epochs / max(t4 - t0, 1e-9)
     return metrics
+
+
+def _engine_student(batch: TrainBatch, alg: AlgorithmConfig) -> tuple[Tensor, Tensor]:
+    """The engine's s_t of the batch's tokens, and its rows: the teacher engine's score of the
+    student context when the teacher sent one (student_logprobs: engine; D uses it); otherwise
+    the sampling engine's e_t of the rows sampled by the weights that begin this step
+    (staleness 0), which measures the same engine/trainer gap for the engine_mismatch metric
+    only (D keeps the trainer's s_t in trainer mode)."""
+    if alg.student_logprobs == "engine" or bool(batch.has_student_engine.any()):
+        return batch.student_engine_logprobs, batch.has_student_engine
+    return batch.engine_logprobs, batch.staleness == 0
 
 
 def _plan(batch: TrainBatch, rows: list[int], rank: int, world: int,

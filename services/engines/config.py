@@ -93,8 +93,9 @@ class EngineConfig(BaseModel):
         16384, ge=1, description="vLLM scoring: token budget of one /v1/completions batch "
         "(prompt log-probs cost a full-vocabulary log-softmax per token)")
     engine_world_size: int = Field(
-        1, ge=1, description="GPUs of the server (tensor parallel size); the trainer's NCCL group "
-        "is 1 + this. vLLM reports its own via /get_world_size")
+        1, ge=1, description="GPUs of the server in an NCCL update group (the trainer's group is "
+        "1 + this); used only when the server does not report its own (vLLM GET "
+        "/get_world_size: TP x PP x DP; SGLang GET /server_info tp_size)")
     canary_check: bool = Field(
         True, description="score a weight update's canary (the trainer's log-probs of a few fixed "
         "sequences, protocol/canary.py) after loading it, and refuse the version when any "

@@ -16,13 +16,15 @@ this module validates an update and names its group.
 
 from __future__ import annotations
 
+import re
+
 from pydantic import BaseModel, ConfigDict
 
 from protocol.messages import WeightUpdate
 from protocol.weights import Bucket, NcclSpec
 from services.engines.base import WeightUpdateError
 
-__all__ = ["Bucket", "GroupKey", "NcclSpec", "nccl_spec", "parse_location"]
+__all__ = ["Bucket", "GroupKey", "NcclSpec", "nccl_from_packages", "nccl_spec", "parse_location"]
 
 
 class GroupKey(BaseModel):
@@ -56,3 +58,12 @@ def nccl_spec(update: WeightUpdate) -> tuple[NcclSpec, GroupKey]:
     host, port = parse_location(update.location)
     return spec, GroupKey(master_address=host, master_port=port, world_size=spec.world_size,
                           group_name=spec.group_name)
+
+
+def nccl_from_packages(pip_list: str) -> str | None:
+    """The NCCL version of an environment from its package list (`pip list --format=freeze`
+    lines, as vLLM's dev GET /server_info reports them in system_env.pip_packages): the
+    nvidia-nccl-cu12/cu13 wheel torch pins. None when it lists none. Every rank of an NCCL
+    group must run the same version (docs/engines.md, "One NCCL per update group")."""
+    m = re.search(r"nvidia-nccl-cu\d+\s*==\s*([\d.]+)", pip_list)
+    return m.group(1) if m else None

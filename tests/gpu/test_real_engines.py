@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import torch
 
 from protocol.messages import SamplingParams, WeightUpdate
 from protocol.weights import Bucket, save_weights_dir
+from rlrt.processes import free_port
 from services.engines.config import EngineConfig
 from services.engines.factory import make_engine
 
@@ -82,10 +82,6 @@ class Swap:
         self.model.load_state_dict(self.saved, strict=False)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sequence(tok) -> tuple[list[int], int]:  # noqa: ANN001

@@ -1,10 +1,10 @@
 """Advantages: GRPO's group advantage A_k, then the per-token advantage A_kt of every preset.
 
-The RLRT equations (docs/rlrt-method.md), line by line:
+The RLRT equations (docs/algorithm.md, "Equations and the code that computes them"), line by line:
 
     A_k  = (r_k - mean(r)) / (std(r) + eps)                       group_advantages
-    D_t  = s_t - q_t                                              token_advantages
-    w_t  = exp(sign(A_k) * D_t)                                   teacher_weight
+    D_t  = q_t - s_t = log P_T - log P_S  (the paper's sign)      token_advantages
+    w_t  = exp(-sign(A_k) * D_t) = (P_S / P_T)^sign(A_k)          teacher_weight
     A_kt = A_k ((1 - lam) + lam clip(w_t, 1 - eps_w, 1 + eps_w))  reweight   (if r_k == 1)
     A_kt = A_k                                                    otherwise
 
@@ -108,8 +108,9 @@ def group_advantages(
 
 def teacher_weight(adv: Tensor, log_ratio: Tensor, eps_w: float) -> tuple[Tensor, Tensor, Tensor]:
     """w_t = clip(exp(sign(A) * log_ratio), 1 - eps_w, 1 + eps_w), computed in log space so
-    exp never overflows. adv [B], log_ratio [B,T] (D_t = s - q for RLRT, q - s for the teacher
-    direction). Returns the clipped weight [B,T] and where it sits at the low / high bound."""
+    exp never overflows. adv [B], log_ratio [B,T] (s - q = -D_t for RLRT, q - s = D_t for the
+    teacher direction). Returns the clipped weight [B,T] and where it sits at the low / high
+    bound."""
     x = torch.sign(adv)[:, None] * log_ratio
     hi = math.log1p(eps_w)
     lo = math.log(1.0 - eps_w) if eps_w < 1.0 else -math.inf
@@ -159,10 +160,13 @@ class EstimatorInputs:
     cfg: AlgorithmConfig
     group: GroupAdvantages  # A_k and the zero-advantage report
     mask: Tensor  # [B,T] bool, response tokens
-    D: Tensor  # [B,T] D_t = s_t - q_t on scored tokens, 0 elsewhere
+    D: Tensor  # [B,T] D_t = q_t - s_t (the paper's sign) on scored tokens, 0 elsewhere
     has_teacher: Tensor  # [B] bool
     correct: Tensor  # [B] bool, the gate
     lam: float  # lam at this step
+    s_engine: Tensor | None = None  # [B,T] an engine's s_t of the same tokens, for engine_mismatch
+    has_s_engine: Tensor | None = None  # [B] bool, rows where s_engine holds scores
+    s_trainer: Tensor | None = None  # [B,T] the trainer's s_t (pi_old), for engine_mismatch
 
 
 @dataclass
@@ -195,8 +199,10 @@ def adv_formula(name: str) -> Callable[[Formula], Formula]:
 @adv_formula("grpo")
 def grpo_formula(x: EstimatorInputs) -> EstimatorOutput:
     """A_kt = A_k, re-weighted on the gated rows that have a teacher score:
-    A_kt = A_k ((1 - lam) + lam clip(w_t)), w_t = exp(sign(A_k) D_t) (reversed, RLRT) or
-    exp(-sign(A_k) D_t) (teacher direction). A_k = 0 rows stay 0 whatever the weight."""
+    A_kt = A_k ((1 - lam) + lam clip(w_t)), w_t = exp(-sign(A_k) D_t) (reversed, RLRT:
+    (P_S/P_T)^sign(A)) or exp(sign(A_k) D_t) (teacher direction). A_k = 0 rows stay 0 whatever
+    the weight. A row that needs a score but has none keeps A_k (lone_correct: grpo) or gets 0
+    (lone_correct: skip)."""
     cfg, adv, mask = x.cfg, x.group.advantages, x.mask
     B, T = mask.shape
     out = adv[:, None].expand(B, T).clone()
@@ -207,24 +213,27 @@ def grpo_formula(x: EstimatorInputs) -> EstimatorOutput:
         gate = x.correct if cfg.weight_gate == "correct" else torch.ones_like(x.correct)
         need = gate & ~x.group.zero_advantage
     rows = need & x.has_teacher
-    log_ratio = x.D if cfg.teacher_weight == "reversed" else -x.D
+    log_ratio = -x.D if cfg.teacher_weight == "reversed" else x.D
     w, at_lo, at_hi = teacher_weight(adv, log_ratio, cfg.eps_w)
     sel = rows[:, None].expand(B, T)
     weights = torch.where(sel, w, weights)
     out = torch.where(sel, reweight(adv, w, x.lam), out)
+    if cfg.lone_correct == "skip":  # no demonstration: no gradient rather than plain GRPO
+        out = torch.where((need & ~x.has_teacher)[:, None], torch.zeros((), device=mask.device),
+                          out)
     out = torch.where(mask, out, torch.zeros((), device=mask.device))
     return EstimatorOutput(out, weights, need, at_lo, at_hi)
 
 
 @adv_formula("self_distill")
 def self_distill_formula(x: EstimatorInputs) -> EstimatorOutput:
-    """opsd: no reward; the advantage of a sampled token is q_t - s_t = -D_t, on every row that
+    """opsd: no reward; the advantage of a sampled token is q_t - s_t = D_t, on every row that
     has a teacher score (a row without one gets 0: it has no other signal)."""
     mask = x.mask
     B, T = mask.shape
     need = torch.ones(B, dtype=torch.bool, device=mask.device)
     rows = need & x.has_teacher
-    out = torch.where(mask & rows[:, None], -x.D, torch.zeros((), device=mask.device))
+    out = torch.where(mask & rows[:, None], x.D, torch.zeros((), device=mask.device))
     none = torch.zeros(B, T, dtype=torch.bool, device=mask.device)
     return EstimatorOutput(out, torch.ones(B, T, device=mask.device), need, none, none)
 
@@ -232,7 +241,9 @@ def self_distill_formula(x: EstimatorInputs) -> EstimatorOutput:
 def _diagnostics(x: EstimatorInputs, o: EstimatorOutput, rows: Tensor
                  ) -> tuple[dict[str, float], Tensor, Tensor]:
     """Metrics and the weight histogram. Tokens that got a weight: masked tokens of
-    re-weighted rows; D on scored tokens (also beyond the gate)."""
+    re-weighted rows; D (the paper's sign, q - s) on scored tokens (also beyond the gate).
+    Self-driven tokens (RLRT up-weights them when A > 0): the student more sure than the
+    teacher, s > q, i.e. D < 0."""
     cfg, mask = x.cfg, x.mask
     scored_tok = mask & x.has_teacher[:, None]
     wtok = mask & rows[:, None]
@@ -247,7 +258,7 @@ def _diagnostics(x: EstimatorInputs, o: EstimatorOutput, rows: Tensor
         "scored_rows": float(x.has_teacher.sum()),
         "reweighted_rows": float(rows.sum()),
         "unscored_rows": float((o.need & ~x.has_teacher).sum()),
-        "self_driven_share": _masked_mean((x.D > 0).float(), self_tok),
+        "self_driven_share": _masked_mean((x.D < 0).float(), self_tok),
         "mean_D": _masked_mean(x.D, scored_tok),
         "mean_D_correct": _masked_mean(x.D, self_tok),
         "mean_abs_D_correct": _masked_mean(x.D.abs(), self_tok),
@@ -256,6 +267,13 @@ def _diagnostics(x: EstimatorInputs, o: EstimatorOutput, rows: Tensor
         "clip_high_share": _masked_mean(o.at_hi.float(), wtok),
         "clip_share": _masked_mean((o.at_lo | o.at_hi).float(), wtok),
     }
+    if x.s_engine is not None and x.has_s_engine is not None and x.s_trainer is not None:
+        # |s_trainer - s_engine|: the kernel mismatch between the two numeric stacks on the
+        # tokens D is computed on (docs/engines.md, "Engine mismatch").
+        etok = scored_tok & x.has_s_engine[:, None]
+        gap = _log_ratio(x.s_trainer, x.s_engine, etok).abs()
+        metrics["engine_mismatch"] = _masked_mean(gap, etok)
+        metrics["engine_mismatch_tokens"] = float(etok.sum())
     return metrics, hist, edges
 
 
@@ -271,6 +289,8 @@ def token_advantages(
     has_teacher: Tensor | None = None,
     correct: Tensor | None = None,
     step: int = 0,
+    engine_student_logprobs: Tensor | None = None,
+    has_engine_student: Tensor | None = None,
 ) -> TokenAdvantages:
     """Per-token advantages A_kt [B,T] of the estimator `cfg.advantage` (ADV_FORMULAS).
 
@@ -278,9 +298,14 @@ def token_advantages(
     (behaviour policy, trainer's recomputation); teacher_logprobs q [B,T], read only in rows
     where has_teacher [B] bool (default: every row when q is given); correct [B] bool, the
     gate (default: r_k == 1 as in the spec); step: the trainer step, for lam's schedule.
+    engine_student_logprobs [B,T]: an inference engine's s_t of the same tokens, in rows where
+    has_engine_student [B] bool; with cfg.student_logprobs == "engine" D_t = q_t - s_t takes
+    s_t from it (rows without it: the trainer's, counted in student_engine_missing_rows), and
+    metrics["engine_mismatch"] = mean |s_trainer - s_engine| over scored tokens either way.
 
-    A row that needs a teacher score (gated, A_k != 0) but has none keeps A_k (w_t = 1) and
-    is counted in metrics["unscored_rows"]; for opsd such a row gets advantage 0."""
+    A row that needs a teacher score (gated, A_k != 0) but has none keeps A_k (w_t = 1;
+    lone_correct: skip gives it 0) and is counted in metrics["unscored_rows"]; for opsd such a
+    row gets advantage 0."""
     mask = mask.bool()
     B, T = mask.shape
     device = mask.device
@@ -295,12 +320,27 @@ def token_advantages(
     g = group_advantages(rewards.to(device), group_ids.to(device), std_norm=cfg.std_norm,
                          level=cfg.norm_level, eps=cfg.adv_eps)
     scored_tok = mask & has_teacher[:, None]
-    D = (_log_ratio(student_logprobs, teacher_logprobs, scored_tok)
+    if engine_student_logprobs is not None:
+        has_engine_student = (torch.ones(B, dtype=torch.bool, device=device)
+                              if has_engine_student is None
+                              else has_engine_student.bool().to(device))
+    s_for_d = student_logprobs
+    if cfg.student_logprobs == "engine" and engine_student_logprobs is not None:
+        assert has_engine_student is not None and student_logprobs is not None
+        s_for_d = torch.where(has_engine_student[:, None], engine_student_logprobs.float(),
+                              student_logprobs.float())
+    D = (_log_ratio(teacher_logprobs, s_for_d, scored_tok)
          if teacher_logprobs is not None else torch.zeros(B, T, device=device))
-    x = EstimatorInputs(cfg, g, mask, D, has_teacher, correct, cfg.lam_at(step))
+    x = EstimatorInputs(cfg, g, mask, D, has_teacher, correct, cfg.lam_at(step),
+                        s_engine=engine_student_logprobs, has_s_engine=has_engine_student,
+                        s_trainer=student_logprobs)
     o = ADV_FORMULAS[cfg.advantage](x)
     rows = o.need & has_teacher
     metrics, hist, edges = _diagnostics(x, o, rows)
+    if cfg.student_logprobs == "engine":
+        with_engine = (has_engine_student if engine_student_logprobs is not None
+                       else torch.zeros_like(has_teacher))
+        metrics["student_engine_missing_rows"] = float((has_teacher & ~with_engine).sum())
     return TokenAdvantages(
         advantages=o.advantages.float(),
         group=g,

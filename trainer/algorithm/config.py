@@ -26,8 +26,8 @@ LossAgg = Literal[
 # Teacher scopes from narrowest to widest; each includes the ones before it.
 _SCOPE_ORDER: tuple[Scope, ...] = ("none", "correct_mixed", "nonzero_adv", "all")
 
-# The paper's clip range of w_t per backbone kind (rlrt-method.md: "eps_w = 1.0 for base
-# models, 0.5 for instruct, 0.2 for thinking models").
+# The paper's clip range of w_t per backbone kind (docs/algorithm.md, "Presets": "eps_w = 1.0
+# for base models, 0.5 for instruct, 0.2 for thinking models").
 EPS_W_BY_MODEL_KIND: dict[str, float] = {"base": 1.0, "instruct": 0.5, "thinking": 0.2}
 
 # The spec's "Algorithms to offer" table. Only the knobs that differ from the defaults.
@@ -89,8 +89,9 @@ class AlgorithmConfig(BaseModel):
     # ---- teacher re-weighting of A_k per token (RLRT and its contrasts) -------------------
     teacher_weight: Literal["none", "reversed", "teacher"] = Field(
         "none",
-        description="none: A_kt = A_k; reversed (RLRT): w_t = exp(sign(A) (s_t - q_t)) = "
-        "(P_S/P_T)^sign(A); teacher (RLSD direction): w_t = exp(sign(A) (q_t - s_t))",
+        description="none: A_kt = A_k; reversed (RLRT): w_t = exp(-sign(A) D_t) = "
+        "(P_S/P_T)^sign(A) with the paper's D_t = q_t - s_t; teacher (RLSD direction): "
+        "w_t = exp(sign(A) D_t)",
     )
     weight_gate: Literal["correct", "all"] = Field(
         "correct",
@@ -139,7 +140,30 @@ class AlgorithmConfig(BaseModel):
         description="sibling mode: use the reference solution when no other response is "
         "correct; without either the response keeps w_t = 1",
     )
+    lone_correct: Literal["grpo", "skip"] = Field(
+        "grpo",
+        description="what a rollout the teacher scope wants scored but that has no teacher "
+        "score trains as. In sibling mode that is a lone correct rollout (no other correct "
+        "sibling) without a reference solution (with one, fallback_to_solution makes the "
+        "solution its demonstration: the 'reference' choice), or a context the engine "
+        "refused. grpo: plain A_k, w_t = 1 (SDPO does the same; in a 1-of-8 group that is the "
+        "largest advantage of the batch, about +2.47); skip: advantage 0 on its tokens (no "
+        "gradient; they still count in the token-mean denominator). opsd always gives such a "
+        "row 0",
+    )
     strip_think: bool = Field(True, description="remove <think>...</think> from the sibling")
+    student_logprobs: Literal["trainer", "engine"] = Field(
+        "trainer",
+        description="where the s_t of D_t = q_t - s_t comes from. trainer: the trainer's "
+        "forward (pi_old, also the PPO ratio's denominator); D then also carries the kernel "
+        "mismatch between the inference engine (q_t) and the trainer (s_t). engine: the "
+        "teacher service also scores the student context (prompt + response, no "
+        "demonstration) in the same engine and request batch as q_t, and D is the difference "
+        "of two engine scores (as in the paper's stack, where both come from one actor), at "
+        "one extra prefill of prompt + response per scored response (teacher_tokens_student). "
+        "The PPO ratio still uses the trainer's s_t. docs/algorithm.md, 'Where s_t of D comes "
+        "from'",
+    )
     teacher_template: str | None = Field(
         None,
         description="user message with {prompt} and {demonstration}; None = the spec's "
@@ -287,5 +311,6 @@ class AlgorithmConfig(BaseModel):
             template=self.teacher_template,
             seed=self.teacher_seed,
             estimator=self.advantage,
+            score_student=self.student_logprobs == "engine" and self.uses_teacher,
             **extra,
         )

@@ -1,4 +1,4 @@
-"""The policy loss shared by every preset (docs/rlrt-method.md, "Policy loss"):
+"""The policy loss shared by every preset (docs/algorithm.md, "Equations and the code that computes them"):
 
     ratio_t = exp(logp_theta(y_t) - s_t)
     L_t     = -min(ratio_t A_kt, clip(ratio_t, 1 - eps_low, 1 + eps_high) A_kt)

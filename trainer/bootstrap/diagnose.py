@@ -1,8 +1,8 @@
 """Is the RLRT mechanism active for a model and task? Its diagnostics at step 0 of RL, in plain
 torch: sample G responses per prompt, grade them, and on the correct responses of mixed groups
-(the only ones RLRT re-weights) compute D_t = s_t - q_t with the sibling teacher exactly as the
-pipeline does (tasks.teacher: another correct response of the group as demonstration, the
-spec's template, the response's own tokens), then the RLRT weight w_t = exp(D_t) (A > 0 on a
+(the only ones RLRT re-weights) compute D_t = q_t - s_t (the paper's sign) with the sibling
+teacher exactly as the pipeline does (tasks.teacher: another correct response of the group as
+demonstration, the spec's template, the response's own tokens), then the RLRT weight w_t = exp(-D_t) (A > 0 on a
 correct response) and where it sits against its clip bounds [1 - eps_w, 1 + eps_w].
 
     python -m trainer.bootstrap.diagnose MODEL_DIR [--prompts 64] [--group 8] [--knobs JSON]
@@ -83,7 +83,7 @@ def diagnose(model_dir: str, *, prompts: int = 64, group_size: int = 8, eps_w: f
                 continue
             s = _logprobs(model, tok, u, g[i])
             q = _logprobs(model, tok, render_teacher_prompt(u, texts[j]), g[i])
-            Ds.append(s - q)
+            Ds.append(q - s)
     D = torch.cat(Ds) if Ds else torch.zeros(0)
     return {
         "prompts": len(problems),
@@ -97,19 +97,20 @@ def diagnose(model_dir: str, *, prompts: int = 64, group_size: int = 8, eps_w: f
 
 
 def weight_report(D: torch.Tensor, eps_w: float) -> dict[str, float]:
-    """The RLRT weight of tokens of correct responses (A > 0: w = exp(D)) against its clip
-    bounds, as the trainer's metrics (mean_abs_D_correct, clip_share) define them."""
+    """The RLRT weight of tokens of correct responses (A > 0: w = exp(-D), D = q - s) against
+    its clip bounds, as the trainer's metrics (mean_abs_D_correct, clip_share) define them."""
     hi, lo = math.log1p(eps_w), (math.log(1 - eps_w) if eps_w < 1 else -math.inf)
     n = max(D.numel(), 1)
+    x = -D  # log w
     return {
         "reweighted_tokens": int(D.numel()),
         "mean_D": float(D.sum() / n),
         "mean_abs_D": float(D.abs().sum() / n),
-        "self_driven_share": float((D > 0).sum() / n),
-        "clip_high_share": float((D >= hi).sum() / n),
-        "clip_low_share": float((D <= lo).sum() / n),
-        "clip_share": float(((D >= hi) | (D <= lo)).sum() / n),
-        "mean_w": float(torch.exp(D).clamp(1 - eps_w, 1 + eps_w).sum() / n),
+        "self_driven_share": float((D < 0).sum() / n),
+        "clip_high_share": float((x >= hi).sum() / n),
+        "clip_low_share": float((x <= lo).sum() / n),
+        "clip_share": float(((x >= hi) | (x <= lo)).sum() / n),
+        "mean_w": float(torch.exp(x).clamp(1 - eps_w, 1 + eps_w).sum() / n),
     }
 
 

@@ -9,7 +9,11 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 def tiny_qwen3_config(tokenizer: PreTrainedTokenizerFast, *, hidden: int = 64, layers: int = 4,
                       heads: int = 2, kv_heads: int = 1, mlp_mult: int = 3,
-                      max_positions: int = 512) -> Qwen3Config:
+                      max_positions: int = 512, head_dim: int | None = None,
+                      tie: bool = True) -> Qwen3Config:
+    """`head_dim` defaults to hidden // heads (vLLM's CPU kernels need 32 or more, so its
+    tests widen it). `tie`: tied embeddings, see below; the tests also build untied models,
+    whose separate head is what a real engine's weight loading must handle."""
     return Qwen3Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -17,12 +21,12 @@ def tiny_qwen3_config(tokenizer: PreTrainedTokenizerFast, *, hidden: int = 64, l
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        head_dim=hidden // heads,
+        head_dim=head_dim or hidden // heads,
         max_position_embeddings=max_positions,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         # tied embeddings: with a ~140-token vocab the head is small anyway, and tying is what
         # the small Qwen3 checkpoints do
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,

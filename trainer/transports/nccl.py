@@ -32,18 +32,33 @@ service drives them (its server is on the service's loopback) and the trainer on
 group and broadcasts -- exactly what `nccl_common.trainer_init` and PyNccl's broadcast do.
 
 Every wait is bounded: the HTTP call by push.nccl_timeout_s, torch groups by their
-timeout. vLLM's PyNccl has no timeout of its own (a dead server blocks the broadcast): the
-service's HTTP failure is then the only signal, so run a GPU trainer under a supervisor.
+timeout. vLLM's PyNccl has no timeout of its own (a dead server blocks the broadcast), so each
+bucket's PyNccl broadcasts run under a watchdog that, past push.nccl_timeout_s, destroys the
+communicator (`destroy()`: ncclCommAbort, which ends the pending operations) and fails the
+push for that service. Every group dropped (a failure, a re-initialisation) is destroyed, a
+torch group by destroy_process_group and a PyNccl communicator by `destroy()`: a dropped
+reference alone leaks the communicator and its GPU buffers.
+
+Before a group forms, both sides' NCCL versions are compared when both are known (the vLLM
+service reports its server's; this process knows its own): NCCL refuses a communicator whose
+ranks differ in version (ncclInvalidUsage), so a mismatch fails the push at once with both
+versions and the fix (docs/deploy.md, "One NCCL per update group").
+
+The group's size is the server's: the service reports the engine's GPU count (vLLM's
+/get_world_size, SGLang's tp_size) and says whether the server told it
+(`engine_world_size_from: "server"`); a configured push.services[].engine_world_size that
+disagrees is a config error, reported before any rendezvous (a wrong size would hang it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -90,6 +105,28 @@ def _unbound_default_group() -> Iterator[None]:
         pg.bound_device_id = bound
 
 
+def local_nccl_version(engine: str | None) -> str | None:
+    """The NCCL version this process brings to a group with `engine`: torch's (the SGLang
+    group, and vLLM's PyNccl by default); None without CUDA, or when VLLM_NCCL_SO_PATH points
+    PyNccl at a library of its own."""
+    if not torch.cuda.is_available():
+        return None
+    if engine == "vllm" and os.environ.get("VLLM_NCCL_SO_PATH"):
+        return None
+    return ".".join(str(x) for x in torch.cuda.nccl.version())
+
+
+def check_nccl_versions(service: str, ours: str | None, theirs: str | None) -> None:
+    """Raise the one clear error NCCL would otherwise give as ncclInvalidUsage (or a hang)."""
+    if ours and theirs and ours != theirs:
+        raise RuntimeError(
+            f"{service}: NCCL version mismatch: this trainer runs NCCL {ours}, the {service} "
+            f"engine NCCL {theirs}; NCCL refuses a group whose ranks differ (\"Mismatched NCCL "
+            "version detected\"). Run images whose torch pins the same NCCL, or point vLLM's "
+            "PyNccl at one library on both sides with VLLM_NCCL_SO_PATH; until then use "
+            "push.mode: disk (docs/deploy.md, \"One NCCL per update group\")")
+
+
 def init_custom_process_group(backend: str, host: str, port: int, rank: int, world_size: int,
                               group_name: str, timeout_s: float) -> Any:
     """A process group apart from the training one, built the way SGLang 0.5.23's
@@ -123,14 +160,44 @@ def init_custom_process_group(backend: str, host: str, port: int, rank: int, wor
 
 
 def destroy_group(group: Any) -> None:
+    """Free a group: a torch ProcessGroup, or vLLM's PyNcclCommunicator (its `destroy()`
+    aborts the NCCL communicator; vLLM's own trainer engine does the same on shutdown)."""
     if group is None:
         return
-    if not isinstance(group, torch.distributed.ProcessGroup):
-        return  # vLLM's PyNcclCommunicator: dropping the reference is all there is
     try:
-        torch.distributed.destroy_process_group(group)
+        if isinstance(group, torch.distributed.ProcessGroup):
+            torch.distributed.destroy_process_group(group)
+        else:
+            group.destroy()
     except Exception as e:  # noqa: BLE001 - a broken group may not tear down cleanly
         log.debug("destroy group: %r", e)
+
+
+def run_with_watchdog(work: Callable[[], None], abort: Callable[[], None], timeout_s: float,
+                      what: str) -> None:
+    """Run `work` here; if it has not returned after `timeout_s`, call `abort` from another
+    thread (which must make `work` return or raise: ncclCommAbort ends a communicator's
+    pending operations) and raise TimeoutError once `work` is back."""
+    fired = threading.Event()
+
+    def fire() -> None:
+        fired.set()
+        log.error("%s: no progress within %.0f s; aborting the communicator", what, timeout_s)
+        abort()
+
+    timer = threading.Timer(timeout_s, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        work()
+    except Exception as e:
+        if fired.is_set():
+            raise TimeoutError(f"{what}: aborted after {timeout_s:.0f} s ({e})") from e
+        raise
+    finally:
+        timer.cancel()
+    if fired.is_set():
+        raise TimeoutError(f"{what}: aborted after {timeout_s:.0f} s")
 
 
 class _Call(threading.Thread):
@@ -176,7 +243,7 @@ class Peer:
         # port until its own timeout: the next group is made on another port meanwhile.
         self.abandoned: threading.Thread | None = None
         self.group: Any = None
-        self.world_size: int | None = svc.engine_world_size and svc.engine_world_size + 1
+        self.world_size: int | None = None  # 1 + the engine's GPUs, set by prepare()
         self.failed = False
         self.service = WeightsClient(svc.name, svc.url, secret_value(cfg.control_token))
         self.http = httpx.Client(timeout=httpx.Timeout(cfg.nccl_timeout_s,
@@ -197,21 +264,47 @@ class Peer:
         state = self.service.version(client=self.http, timeout=self.cfg.timeout_s)
         return dict(state.get("engine") or {})
 
+    def engine_gpus(self, info: dict[str, Any]) -> int:
+        """The engine's GPUs in the update group: the server's word when the service has it
+        (a configured value must agree), else the configured value, else the service's."""
+        reported = info.get("engine_world_size")
+        configured = self.svc.engine_world_size
+        if info.get("engine_world_size_from") == "server" and reported:
+            if configured is not None and configured != int(reported):
+                raise ValueError(
+                    f"config error: push.services[{self.svc.name}].engine_world_size is "
+                    f"{configured}, but its {self.svc.engine or 'engine'} server has "
+                    f"{int(reported)} GPU(s) in a weight-update group (vLLM: TP x PP x DP; "
+                    "SGLang: TP). The group would never form: remove engine_world_size (the "
+                    "server's word is used) or set it to that")
+            return int(reported)
+        if configured is not None:
+            return configured
+        if not reported:
+            raise RuntimeError(f"{self.svc.name}: engine_world_size unknown; set it in "
+                               "push.services")
+        return int(reported)
+
     def prepare(self) -> bool:
-        """Decide init_group (step 1); learns the engine's world size if not configured."""
+        """Decide init_group (step 1), after checking the group can form: its size (the
+        server's) and the server's parallelism."""
         info = self._engine_info()
-        if self.world_size is None:
-            n = info.get("engine_world_size")
-            if not n:
-                raise RuntimeError(f"{self.svc.name}: engine_world_size unknown; set it in "
-                                   "push.services")
-            self.world_size = int(n) + 1
+        self.world_size = self.engine_gpus(info) + 1
         dp = int(info.get("dp_size") or 1)
         if self.svc.engine == "sglang" and dp > 1:
             raise RuntimeError(
                 f"{self.svc.name}: its SGLang server runs dp_size={dp}, and SGLang accepts NCCL "
                 "weight updates only with dp_size 1. Run one server per replica, each its own "
                 "entry in push.services, or set push.mode: disk (docs/deploy.md)")
+        if self.cfg.nccl_backend == "nccl":
+            check_nccl_versions(self.svc.name, local_nccl_version(self.svc.engine),
+                                info.get("nccl_version"))
+        pp = int(info.get("pp_size") or 1)
+        if self.svc.engine == "sglang" and pp > 1:
+            raise RuntimeError(
+                f"{self.svc.name}: its SGLang server runs pp_size={pp}; SGLang ranks the update "
+                "group's GPUs by tensor-parallel rank only, so pipeline stages would collide. "
+                "Set push.mode: disk (docs/engines.md)")
         init = self.group is None or info.get("nccl_group") != self.group_key()
         if init and self.group is not None:
             destroy_group(self.group)
@@ -254,10 +347,19 @@ class Peer:
         """Step 4 for one bucket, tensor by tensor (packed=False on both sides)."""
         if self.svc.engine == "vllm":
             # vLLM's own trainer-side broadcast (NCCLTrainerWeightTransferEngine._broadcast,
-            # unpacked branch): PyNccl on the current stream, contiguous tensors.
-            stream = torch.cuda.current_stream()
-            for _, t in bucket:
-                self.group.broadcast(t, src=0, stream=stream)
+            # unpacked branch): PyNccl on the current stream, contiguous tensors. PyNccl has
+            # no timeout: the bucket (enqueue and completion) runs under the watchdog.
+            group = self.group
+            stream = torch.cuda.current_stream() if torch.cuda.is_available() else None
+
+            def work() -> None:
+                for _, t in bucket:
+                    group.broadcast(t, src=0, stream=stream)
+                if stream is not None:
+                    stream.synchronize()
+
+            run_with_watchdog(work, group.destroy, self.cfg.nccl_timeout_s,
+                              f"{self.svc.name}: PyNccl broadcast")
             return
         for _, t in bucket:
             torch.distributed.broadcast(t, src=0, group=self.group)
