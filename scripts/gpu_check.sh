@@ -45,7 +45,7 @@ elif [ -f "$WHL/requirements.txt" ]; then
     BASE=${BASE_PYTHON:-python3}
     "$BASE" -m venv --without-pip --system-site-packages "$WORK/venv"
     site=$("$WORK/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
-    "$BASE" -c 'import site, sys; print("\n".join(site.getsitepackages() + [site.getusersitepackages()]))' \
+    "$BASE" -c 'import site; print(*site.getsitepackages(), site.getusersitepackages(), sep="\n")' \
         >"$site/machine-site.pth"
     # the machine's pip, into the venv (which has none); offline, no dependency resolution:
     # the wheels are exactly what the machine lacks (scripts/gpu_wheels.sh)
@@ -58,13 +58,17 @@ else
     echo "no $WHL/requirements.txt: build it with scripts/gpu_wheels.sh (tests/gpu/README.md)" >&2
     exit 2
 fi
-"$PY" -c 'import deepspeed, pydantic, pydantic_settings, tenacity, transformers, safetensors, httpx, yaml' \
-    || { echo "the check's packages are not importable with $PY (see tests/gpu/README.md)" >&2; exit 2; }
+imports='import deepspeed, pydantic, pydantic_settings, tenacity, transformers, safetensors, httpx'
+if ! "$PY" -c "$imports"; then
+    echo "the check's packages do not import with $PY (tests/gpu/README.md)" >&2
+    exit 2
+fi
 
 SGLANG=$WHL/sglang_update_group.py
 if [ ! -f "$SGLANG" ]; then
     SGLANG=$WORK/sglang_update_group.py
-    PYTHONPATH=tests/gpu "$PY" -m selfcheck.extract_sglang "${RLRT_UPSTREAM_DIR:-.upstream}" "$SGLANG"
+    PYTHONPATH=tests/gpu "$PY" -m selfcheck.extract_sglang "${RLRT_UPSTREAM_DIR:-.upstream}" \
+        "$SGLANG"
 fi
 rc=0
 PYTHONPATH=.:tests:tests/gpu timeout "${GPU_CHECK_TIMEOUT_S:-540}" \

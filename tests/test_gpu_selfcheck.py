@@ -1,8 +1,8 @@
 """The GPU check's own contract (tests/gpu/selfcheck/), on CPU -- here, not in tests/gpu, whose
 tests the conftest skips without a GPU: its judgement fails a run that did not train, and the
 driver exits non-zero -- the contract the bare GPU machine and .ci/run rely on, with no pytest
-there -- when the push delivers a corrupted tensor or a part cannot run. The whole --cpu rehearsal is .ci/run's
-`scripts/gpu_check.sh --cpu`."""
+there -- when the push delivers a corrupted tensor or a part cannot run. The whole --cpu
+rehearsal is .ci/run's `scripts/gpu_check.sh --cpu`."""
 
 from __future__ import annotations
 

@@ -48,29 +48,35 @@ def mode() -> Mode:
     return Mode(cpu=os.environ.get("RLRT_GPU_CHECK_CPU") == "1")
 
 
-def qwen3_config(*, layers: int, hidden: int = 64, heads: int = 4, kv_heads: int = 2) -> Any:
-    """A Qwen3 of the real vocabulary with tied embeddings; depth and width are the knobs."""
+def qwen3_config(*, layers: int, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                 init_std: float = 0.02) -> Any:
+    """A Qwen3 of the real vocabulary with tied embeddings; depth and width are the knobs.
+    `init_std` (HF's initializer_range): at the default 0.02 a small random model's log-probs
+    are nearly uniform (std 0.17 around -11.9 on random tokens), which hides precision loss;
+    0.2 spreads them like a trained model's on random tokens (std 1.8, -18 to -9)."""
     from transformers import Qwen3Config
 
     return Qwen3Config(vocab_size=QWEN3_VOCAB, hidden_size=hidden, intermediate_size=3 * hidden,
-                       num_hidden_layers=layers, num_attention_heads=heads,
-                       num_key_value_heads=kv_heads, head_dim=hidden // heads,
-                       max_position_embeddings=256, tie_word_embeddings=True,
+                       initializer_range=init_std, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       head_dim=hidden // heads, max_position_embeddings=256,
+                       tie_word_embeddings=True,
                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                        bos_token_id=None, eos_token_id=0, pad_token_id=0, use_cache=False)
 
 
-def random_qwen3(*, layers: int, seed: int = 0, **width: int) -> Any:
-    """A freshly initialised Qwen3ForCausalLM (fp32, CPU); `seed` fixes its weights."""
+def random_qwen3(*, layers: int, seed: int = 0, **knobs: Any) -> Any:
+    """A freshly initialised Qwen3ForCausalLM (fp32, CPU); `seed` fixes its weights, `knobs`
+    are qwen3_config's."""
     from transformers import Qwen3ForCausalLM
 
     torch.manual_seed(seed)
-    return Qwen3ForCausalLM(qwen3_config(layers=layers, **width)).eval()
+    return Qwen3ForCausalLM(qwen3_config(layers=layers, **knobs)).eval()
 
 
-def save_random_qwen3(path: str | Path, *, layers: int, seed: int = 0, **width: int) -> Path:
+def save_random_qwen3(path: str | Path, *, layers: int, seed: int = 0, **knobs: Any) -> Path:
     """The model as an HF directory (config + safetensors), what the trainer loads."""
-    random_qwen3(layers=layers, seed=seed, **width).save_pretrained(str(path))
+    random_qwen3(layers=layers, seed=seed, **knobs).save_pretrained(str(path))
     return Path(path)
 
 

@@ -7,12 +7,15 @@ from typing import Any
 import torch
 
 # How close "close" is. fp32 against fp32 (the --cpu rehearsal: ZeRO 2/3 against stage 0)
-# differs only by summation order. bf16 against fp32: Adam's first steps move every weight by
-# about lr * sign(gradient), and a gradient component that bf16 rounding flips moves it the
-# other way; the weights themselves round to ~1% of a step. Tolerances to be re-measured on
-# the first GPU run (docs/gpu.md).
+# differs only by summation order. bf16 against fp32, measured with DeepSpeed's bf16 on CPU
+# (this check's update case and model, 2026-12-07): ZeRO 2 and 3 cosine 0.9993, relative error
+# 0.037 -- the tolerance leaves 4x that. ZeRO 0 gave cosine 0.995 and relative error 0.27 (an
+# update 25% smaller in norm: DeepSpeed wraps the optimizer in FP16_UnfusedOptimizer for bf16
+# at stage 0; no step was skipped, the gradient norms agree): it fails here, on purpose, until
+# the GPU run says whether CUDA does the same (docs/gpu.md). The losses of this case are ~1e-5,
+# so the loss bound only catches gross failures.
 TOLERANCE = {"fp32": {"cosine": 0.9999, "rel_err": 1e-3, "loss": 1e-4},
-             "bf16": {"cosine": 0.9, "rel_err": 0.5, "loss": 0.05}}
+             "bf16": {"cosine": 0.99, "rel_err": 0.15, "loss": 0.05}}
 
 
 def update_agreement(init: dict[str, torch.Tensor], got: dict[str, torch.Tensor],

@@ -34,7 +34,9 @@ from trainer.dist import free_port as _free_port
 
 STAGES = (0, 2, 3)
 MODEL = {"layers": 4}  # ZeRO and the push: several layers, small width, the real vocabulary
-DEEP = {"layers": 28}  # the canary: Qwen3-0.6B's depth, where bf16 error accumulates
+# the canary: Qwen3-0.6B's depth, where bf16 error accumulates, with log-probs spread like a
+# trained model's (common.qwen3_config)
+DEEP = {"layers": 28, "init_std": 0.2}
 PARTS = ("training", "push", "bound")
 TRAIN_TIMEOUT_S, PUSH_TIMEOUT_S, BOUND_TIMEOUT_S = 420, 180, 120
 
