@@ -38,6 +38,10 @@ export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-lo}
 
 if [ -n "${PYTHON:-}" ]; then
     PY=$PYTHON
+elif [ ${#mode[@]} -gt 0 ] && [ -z "${RLRT_GPU_WHEELS:-}" ] && [ -x .venv/bin/python ]; then
+    # the rehearsal in a development checkout (scripts/setup.sh); a .whl/ built for the GPU
+    # machine's Python is not for this one (RLRT_GPU_WHEELS=... rehearses the wheel install)
+    PY=.venv/bin/python
 elif [ -f "$WHL/requirements.txt" ]; then
     # A venv over the machine's interpreter, its packages (torch) visible: through
     # --system-site-packages, and a .pth line for when that interpreter is itself a venv (the
@@ -52,8 +56,6 @@ elif [ -f "$WHL/requirements.txt" ]; then
     "$BASE" -m pip install --quiet --no-index --no-deps --no-compile --target "$site" \
         --find-links "$WHL" -r "$WHL/requirements.txt"
     PY=$WORK/venv/bin/python
-elif [ ${#mode[@]} -gt 0 ] && [ -x .venv/bin/python ]; then
-    PY=.venv/bin/python  # the rehearsal in a development checkout (scripts/setup.sh)
 else
     echo "no $WHL/requirements.txt: build it with scripts/gpu_wheels.sh (tests/gpu/README.md)" >&2
     exit 2

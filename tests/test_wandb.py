@@ -12,6 +12,7 @@ import pytest
 # wandb is in the dev extra that scripts/setup.sh installs: a broken install fails here, it
 # does not skip.
 import wandb  # noqa: E402, F401 (imported only to fail loudly)
+from support.polling import wait_until  # noqa: E402
 
 from trainer.config import MetricsConfig  # noqa: E402
 from trainer.metrics import MetricsSink  # noqa: E402
@@ -48,11 +49,22 @@ def read_records(path: Path) -> list:
     return records
 
 
+def complete_records(f: Path, timeout_s: float = 60.0) -> list:
+    """The records of one offline run file once W&B's writer has finished it (its `exit`
+    record is there): `run.finish()` can return before W&B's service process flushed the file."""
+
+    def finished() -> list | None:
+        recs = list(read_records(f))
+        return recs if any(r.WhichOneof("record_type") == "exit" for r in recs) else None
+
+    return wait_until(finished, timeout_s, f"{f}'s exit record", every_s=0.1)
+
+
 def history(out: Path) -> tuple[set[str], list[dict]]:
     """(run ids, history rows) over every offline run file under <out>/wandb."""
     ids, rows = set(), []
     for f in sorted(out.glob("wandb/offline-run-*/run-*.wandb")):
-        for r in read_records(f):
+        for r in complete_records(f):
             kind = r.WhichOneof("record_type")
             if kind == "run":
                 ids.add(r.run.run_id)

@@ -10,23 +10,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from support.polling import wait_until
-from test_wandb import read_records
+from test_wandb import complete_records
 
 from rlrt.wandb_log import log_run
 from trainer.config import MetricsConfig, WandbConfig
 from trainer.metrics import MetricsSink, wandb_target
-
-
-def complete_records(f: Path, timeout_s: float = 60.0) -> list:
-    """The records of one offline run file once W&B's writer has finished it (its `exit`
-    record is there): `run.finish()` can return before W&B's service process flushed the file."""
-
-    def finished() -> list | None:
-        recs = list(read_records(f))
-        return recs if any(r.WhichOneof("record_type") == "exit" for r in recs) else None
-
-    return wait_until(finished, timeout_s, f"{f}'s exit record", every_s=0.1)
 
 
 def records(out: Path) -> tuple[set[str], set[str], list[dict], dict]:
