@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.base import RenderError, Row, render_row
-from tasks.data import DataConfig, DataError, describe, load_table, missing_fields, to_row
+from tasks.data import DataConfig, DataError, describe, load_table, missing_fields, usable_rows
 from tasks.rewards import TASK, Spec, as_reward, load_fn, prompt_row
 
 # Rows each check looks at: the first usable ones (enough to see a wrong field or a reward
@@ -50,16 +50,7 @@ def first_rows(cfg: DataConfig, *, seed: int, what: str = "data", n: int = PROBE
     missing = missing_fields(table, cfg)
     if missing:
         raise PreflightError(f"{what} {describe(cfg)}{missing}")
-    rows: list[Row] = []
-    skipped: dict[str, int] = {}
-    for i in range(len(table)):
-        r = to_row(table[i], i, cfg)
-        if isinstance(r, str):
-            skipped[r] = skipped.get(r, 0) + 1
-            continue
-        rows.append(r)
-        if len(rows) == n:
-            break
+    rows, skipped = usable_rows(table, cfg, n)
     if not rows:
         raise PreflightError(f"{what} {describe(cfg)}: no usable row (skipped {skipped}; "
                              "no_prompt: an empty or non-text prompt; no_answer: an empty answer; "

@@ -245,10 +245,10 @@ def _plain(v: Any) -> bool:
     return v is None or isinstance(v, (str, int, float, bool))
 
 
-def load_rows(cfg: DataConfig, *, seed: int, n: int | None = None) -> list[Row]:
-    """The first `n` usable rows (all when None), in source order: evaluation and inspection.
-    Raises DataError when there is none, naming why rows were unusable."""
-    table = load_table(cfg, seed=seed, n=n)
+def usable_rows(table: Sequence[Mapping[str, Any]], cfg: DataConfig,
+                n: int | None = None) -> tuple[list[Row], dict[str, int]]:
+    """The first `n` usable rows of `table` (all when None), in order, and how many rows were
+    skipped for each reason (`to_row`'s 'no_prompt', 'no_answer', ...)."""
     rows: list[Row] = []
     skipped: dict[str, int] = {}
     for i in range(len(table)):
@@ -259,6 +259,14 @@ def load_rows(cfg: DataConfig, *, seed: int, n: int | None = None) -> list[Row]:
         rows.append(r)
         if n is not None and len(rows) == n:
             break
+    return rows, skipped
+
+
+def load_rows(cfg: DataConfig, *, seed: int, n: int | None = None) -> list[Row]:
+    """The first `n` usable rows (all when None), in source order: evaluation and inspection.
+    Raises DataError when there is none, naming why rows were unusable."""
+    table = load_table(cfg, seed=seed, n=n)
+    rows, skipped = usable_rows(table, cfg, n)
     if not rows:
         raise DataError(f"no usable row in {describe(cfg)}: skipped {skipped}"
                         + missing_fields(table, cfg))
