@@ -67,6 +67,11 @@ def main(argv: list[str]) -> None:
     elif role == "trainer":
         timeout = float(argv[1])
         print(json.dumps({"groups": _trainer_groups(timeout, argv[2:])}), flush=True)
+        # The same exit-order race as the peer's, from this side: the peers leave with
+        # os._exit as soon as they printed, and gloo's group destructors here can then abort
+        # ("terminate called without an active exception", SIGABRT) after the result is out.
+        # The groups, their sizes and the broadcasts are what this role checks: skip teardown.
+        os._exit(0)
     elif role == "trainer-rank":
         train_port, rank, timeout = int(argv[1]), int(argv[2]), float(argv[4])
         bound = argv[3] in ("1", "2")
