@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 from support.deploy import ROOT, compose_binary, write_env_file
+from support.polling import wait_until
 
 # Builds, a full run with four crashes, two evaluations and `docker save` of three images: far
 # past the suite's 600 s per test (the figures, printed at the end, say how far).
@@ -119,14 +120,11 @@ class Stack:
 
 
 def wait(what: str, cond, timeout: float, stack: Stack, every: float = 2.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{stack.logs()}")
-        time.sleep(every)
+    """`wait_until`, with the stack's recent logs in the failure (what a timeout needs)."""
+    try:
+        return wait_until(cond, timeout, what, every_s=every)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{stack.logs()}") from None
 
 
 def crash(stack: Stack, service: str) -> dict[str, float]:
