@@ -44,6 +44,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protocol.codec import decode, encode
 from protocol.config import BusSettings
+from protocol.trace import span
 
 log = logging.getLogger("rlrt.bus")
 M = TypeVar("M", bound=BaseModel)
@@ -384,7 +385,9 @@ class Bus:
         delay = self.cfg.retry_backoff_s
         while True:
             try:
-                with HANDLE_SECONDS.labels(stream).time():
+                # One span per message on the consumer group's row of the step timeline
+                # (protocol/trace.py): what this service was busy with, and when.
+                with HANDLE_SECONDS.labels(stream).time(), span(group, "handle"):
                     await handler(msg)
                 break
             except Exception as e:  # a handler bug or a bad message: retry, then dead-letter

@@ -374,6 +374,23 @@ def bench(name: str = typer.Argument(..., help="bus | engine | verifier | traine
     runpy.run_path(str(path), run_name="__main__")
 
 
+@app.command("timeline")
+def timeline_cmd(run_dir: Path = typer.Argument(..., help="the run's folder (run.dir)"),
+                 steps: int = typer.Option(10, "--steps", min=1, help="the last N trainer steps"),
+                 out: Optional[Path] = typer.Option(None, "--out", help="PNG path (default: RUN_DIR/timeline.png)")) -> None:
+    """Where the time of the last steps went: each process's busy share (sampling,
+    verification, teacher scoring, the trainer's wait / update / push / checkpoint) from the
+    spans the run recorded under RUN_DIR/trace (run.trace), drawn as a PNG; prints the figures
+    as JSON. Works while the run is going."""
+    from rlrt.timeline import render, window
+
+    tl = window(run_dir / "trace", steps=steps)
+    if tl is None:
+        fail(f"no trainer step traced under {run_dir / 'trace'} (run.trace off, or no step yet)")
+    png = render(tl, out or run_dir / "timeline.png")
+    typer.echo(json.dumps({**tl.summary(), "png": str(png)}))
+
+
 @app.command("inspect")
 def inspect_cmd(model: Path = typer.Option(..., "--model", help="HF model directory (config.json + weights + tokenizer)"),
                 data: Optional[str] = typer.Option(None, help="'countdown' or a data file of {prompt, answer[, solution, task]}; default: the --config's data section, else countdown"),

@@ -22,6 +22,7 @@ from typing import Any
 
 from protocol.config import override_path
 from protocol.topology import ENGINE_STAGES, HEALTH_ROUTES
+from protocol.trace import ENV as TRACE_ENV
 from rlrt.config import RunConfig
 from rlrt.processes import RENDEZVOUS_VARS, rlrt_argv
 
@@ -133,6 +134,8 @@ class RunPlan:
             "DS_ACCELERATOR": env.get("DS_ACCELERATOR", "cpu"),
             "PYTHONUNBUFFERED": "1",
         })
+        if self.cfg["run"].trace:  # spans of every process (protocol/trace.py)
+            env[TRACE_ENV] = str(self.run_dir / "trace")
         for name in self.services:
             env[f"RLRT_{name.upper()}__TOKEN"] = self.token
         return env

@@ -147,6 +147,9 @@ def write_report(run_dir: Path, trainer_cfg: Any, report: dict[str, Any],
     for results in by_set.values():
         results.sort(key=lambda r: (r.get("step", 0), r.get("label") == "after training"))
     eval_png = plot_evals(by_set, run_dir / "eval.png")
+    timeline = _timeline(run_dir)
+    if timeline is not None:
+        report["timeline"] = timeline
     report["steps"] = len(rows)
     report["preset"] = preset
     report["evals"] = by_set
@@ -154,7 +157,7 @@ def write_report(run_dir: Path, trainer_cfg: Any, report: dict[str, Any],
     lines = [f"# Run report: {preset}", "", f"- steps trained: {len(rows)}",
              f"- training wall time: {report.get('train_seconds', 0):.0f} s",
              f"- metrics: `{out_dir / 'metrics.jsonl'}`; plots: `{png}`"
-             + (f", `{eval_png}`" if eval_png else ""), ""]
+             + (f", `{eval_png}`" if eval_png else ""), *timeline_lines(timeline), ""]
     for name, results in by_set.items():
         lines += [*eval_table(name, results), ""]
     md = run_dir / "report.md"
@@ -163,6 +166,29 @@ def write_report(run_dir: Path, trainer_cfg: Any, report: dict[str, Any],
         console.print(f"report: {md}" + (f", plots: {png}" if png else ""))
     _to_wandb(run_dir, trainer_cfg, console)
     return md
+
+
+def _timeline(run_dir: Path) -> dict[str, Any] | None:
+    """timeline.png of the run's last steps and its figures (rlrt/timeline.py), when the
+    processes traced (run.trace)."""
+    from rlrt.timeline import render, window
+
+    tl = window(run_dir / "trace")
+    if tl is None:
+        return None
+    render(tl, run_dir / "timeline.png")
+    return {**tl.summary(), "png": str(run_dir / "timeline.png")}
+
+
+def timeline_lines(timeline: dict[str, Any] | None) -> list[str]:
+    """The report's lines on where the time of the last steps went."""
+    if not timeline:
+        return []
+    busy = ", ".join(f"{k} {v:.0%}" for k, v in timeline["busy_share"].items())
+    trainer = ", ".join(f"{k} {v:.0%}" for k, v in timeline["trainer_share"].items() if v)
+    return [f"- timeline of the last {timeline['steps']} steps ({timeline['window_s']} s): "
+            f"busy {busy}; the trainer's time: {trainer}; busy processes per core "
+            f"{timeline['busy_per_core']:.2f} ({timeline['cores']} cores): `{timeline['png']}`"]
 
 
 def _to_wandb(run_dir: Path, trainer_cfg: Any, console: Console | None) -> None:

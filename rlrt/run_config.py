@@ -54,6 +54,12 @@ class RunSettings(RLRTSettings):
         None, gt=0, description="no trainer step for this long: stop the run (checkpoint, "
         "resumable) with that diagnosis. None = only warn (a big model's step may be slow)",
     )
+    trace: bool = Field(
+        True, description="every process records what it is busy with (spans: sampling, "
+        "verification, teacher scoring, the trainer's wait / update / push / checkpoint) under "
+        "<dir>/trace; the report draws the last steps as timeline.png with each process's busy "
+        "share (rlrt/timeline.py). One short line per message handled",
+    )
     # The implicit evaluation set of a generator task (Countdown's held-out split), used when
     # the config has no top-level `eval:` list. File and hub data have no implicit one.
     eval_prompts: int = Field(200, ge=0, description="held-out prompts of the implicit set, evaluated before and after training (0 = skip)")

@@ -118,6 +118,15 @@ class DiskPush(_Section):
         description="a service still failing after its retries: warn = report (log + metrics) "
         "and keep training (its samples turn stale and are dropped); raise = stop the run",
     )
+    catch_up: bool = Field(
+        True,
+        description="groups that come back stale or scored by an older teacher (one step's "
+        "worth, prompts_per_step, at a time) may mean a service serves older weights than it "
+        "was pushed: restarted on its base weights, or down for longer than a push's retries. "
+        "The trainer then asks every service which version it serves (GET /v1/version) and "
+        "pushes the current weights to those behind, by disk. Off: such a service stalls the "
+        "run until the driver stops it (max_dropped_per_step)",
+    )
     canary: bool = Field(
         True,
         description="send a weight canary with every push: the policy's log-probs of a few fixed "

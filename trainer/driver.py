@@ -27,6 +27,13 @@ which by then serves version t (the trainer waits for the push to load before co
 the rescored group takes its slot; no sample is wasted. A teacher newer than t (a resumed run)
 is held back like a group sampled by newer weights.
 
+Services behind. A stale group, or one scored by an older teacher, may also mean a service
+serves older weights than it was pushed: restarted on its base weights, or down for longer than
+a push's retries. Rescoring or replacing would then repeat until the run stops, since the next
+push comes only after a step; so at every P-th such group of a step the driver tells the
+trainer (`on_lagging`), which asks each service its version and pushes the current weights to
+those behind (trainer/main.py).
+
 Teacher context from the data. When the preset's context comes from a dataset field
 (reference_solution / reference_answer: opsd, rlsd), `max_without_context` consecutive prompts
 without that field stop the run with the reason at admission, before anything is sampled:
@@ -53,7 +60,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -142,7 +149,8 @@ class Driver:
                  max_dropped: int | None = None, state: DriverState | None = None,
                  teacher_version: str = "any", rescore_stream: str | None = None,
                  max_without_context: int = 32, dead_tolerance: float = 0.0,
-                 dead_streams: Sequence[str] | None = None, dead_check_s: float = 2.0) -> None:
+                 dead_streams: Sequence[str] | None = None, dead_check_s: float = 2.0,
+                 on_lagging: Callable[[int], Awaitable[None]] | None = None) -> None:
         self.bus = bus
         self.stream = prompts_stream
         self.inbox = inbox
@@ -181,6 +189,9 @@ class Driver:
         self._dead_seen: dict[str, str] = {}  # dead stream -> last entry id read
         self._dead_tasks: set[int] = set()  # task indices lost to a dead letter
         self._dead_checked = float("-inf")
+        # Called with the step's version when a group is stale or scored by an older teacher:
+        # a service may serve older weights than it was pushed (the trainer catches it up).
+        self.on_lagging = on_lagging
 
     # ------------------------------------------------------------------ admission
     def allowance(self, version: int) -> int:
@@ -347,6 +358,13 @@ class Driver:
             self.state.deferred.append(k)
             self.state.replacements += 1
 
+    async def _lagging(self, version: int, counts: Counter[str]) -> None:
+        """Tell the trainer once per P groups of this step that came back too old: a step's
+        worth can be normal (a step's groups sampled before the last push, rescored), more
+        than that is a service behind."""
+        if self.on_lagging is not None and (counts["stale"] + counts["teacher_rescored"]) % self.P == 0:
+            await self.on_lagging(version)
+
     async def _rescore(self, g: ScoredGroup, version: int) -> None:
         """Send a group scored by an older teacher back to the teacher service. The msg_id
         derives from (group, version): a resumed trainer that rescores it again publishes the
@@ -397,6 +415,7 @@ class Driver:
                 consumed.append(g.msg_id)
                 self._count(counts, "teacher_rescored")
                 await self._rescore(g, version)  # the task stays in flight
+                await self._lagging(version, counts)
                 continue
             consumed.append(g.msg_id)
             del self.state.inflight[k]
@@ -406,6 +425,7 @@ class Driver:
             if staleness > self.S:
                 self._count(counts, "stale")
                 self.state.replacements += 1
+                await self._lagging(version, counts)
                 continue
             if zero_variance(g):
                 if self.zero_variance == "keep":

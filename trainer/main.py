@@ -30,20 +30,23 @@ import signal
 import time
 from typing import Any
 
+import httpx
 import torch
 
 from protocol.bus import Bus
 from protocol.canary import Canary
-from protocol.config import BusSettings
+from protocol.config import BusSettings, secret_value
 from protocol.messages import ScoredGroup, VerifiedGroup
 from protocol.topology import STAGES, trainer_input
+from protocol.trace import span
+from protocol.weights_client import WeightsClient
 from trainer import dist
 from trainer.batch import build_batch
 from trainer.bus_sync import inbox_key, mark, resync
 from trainer.canary import canary_dtype, fixed_sequences
 from trainer.checkpoint import Checkpointer
 from trainer.collectives import CollectiveOps, RankZero, push_dtype
-from trainer.config import TrainerConfig
+from trainer.config import DiskPush, ServiceEndpoint, TrainerConfig
 from trainer.data import PromptSource
 from trainer.driver import Driver, DriverState
 from trainer.fingerprint import check_resume, fingerprint, record_config
@@ -59,6 +62,17 @@ log = logging.getLogger("rlrt.trainer")
 
 class TrainerError(RuntimeError):
     pass
+
+
+def _served(svc: ServiceEndpoint, cfg: DiskPush) -> int | None:
+    """The weights version `svc` serves by its own answer; None when it does not say (down,
+    still starting): it is asked again at the next catch-up."""
+    client = WeightsClient(svc.name, svc.url, secret_value(cfg.control_token))
+    try:
+        v = client.version(timeout=cfg.connect_timeout_s).get("version")
+    except (httpx.HTTPError, ValueError):
+        return None
+    return v if isinstance(v, int) else None
 
 
 def _seed_all(seed: int) -> None:
@@ -142,6 +156,8 @@ class _RankZeroLoop:
             cfg.push, cfg.weights_root, cfg.run_id,
             extra_files={"config.json": self.policy.hf_model.config.to_json_string()})
         self.unreported: PushResult | None = None  # a finished push not yet in the metrics
+        self.last_pushed: int | None = None  # the version of this process's last push
+        self.caught_up: list[str] = []  # services caught up during this step (metrics)
         self.canary_seqs: list[list[int]] | None = None  # fixed for the run
         self.bus = Bus.from_url(None, bus)
         self.dstate = DriverState.from_dict(state["driver"]) if state else DriverState()
@@ -195,8 +211,31 @@ class _RankZeroLoop:
         index, self.pushes = self.pushes, self.pushes + 1
         canary = await self.canary()
         res = await self.transport.push(version, self.ranks, index=index, canary=canary)
+        self.last_pushed = version
         self._check_push(res)
         return res
+
+    async def catch_up(self, version: int) -> None:
+        """The driver met a stale group, or one scored by an older teacher (trainer/driver.py,
+        "Services behind"). Ask each service the version it serves; push the current weights
+        (version `version`) to those serving older than this process's last push, and wait for
+        them (push.catch_up)."""
+        cfg = self.cfg.push
+        if not cfg.catch_up or not cfg.services or self.last_pushed is None:
+            return
+        served = await asyncio.gather(*(asyncio.to_thread(_served, s, cfg) for s in cfg.services))
+        behind = [s for s, v in zip(cfg.services, served, strict=True)
+                  if v is not None and v < self.last_pushed]
+        if not behind:
+            return
+        log.warning("catch-up: %s serve%s older weights than pushed (v%d); pushing v%d to them",
+                    ", ".join(f"{s.name} (v{v})" for s, v in zip(cfg.services, served, strict=True)
+                              if s in behind), "" if len(behind) > 1 else "s",
+                    self.last_pushed, version)
+        res = await self.transport.catch_up(behind, version, self.ranks, await self.canary())
+        self.caught_up += res.ok
+        if res.failed:
+            log.error("catch-up push v%d failed for %s", version, res.failed)
 
     def _check_push(self, res: PushResult) -> None:
         if res.failed and self.cfg.push.on_failure == "raise":
@@ -263,7 +302,7 @@ class _RankZeroLoop:
                 teacher_version=cfg.algorithm.teacher_version_rule,
                 rescore_stream=self.bus_cfg.stream(STAGES["teacher"].in_stream),
                 max_without_context=cfg.max_groups_without_context,
-                dead_tolerance=cfg.dead_letter_tolerance)
+                dead_tolerance=cfg.dead_letter_tolerance, on_lagging=self.catch_up)
             # A bus that lost or outran the checkpoint's history: its tasks are re-admitted.
             self.resync = self.state and await resync(bus.r, self.bus_cfg.prefix, driver,
                                                       self.start_step, self.state)
@@ -325,32 +364,38 @@ class _RankZeroLoop:
             # an engine drains its running rows before it swaps weights, so prompts published
             # earlier would start on the old weights and then stall the swap half-batched.
             # The wait costs nothing extra: the rows it waits for are this step's groups.
-            settled = await self.settle()
-            collected = await driver.collect(step, self.stop)
+            with span("trainer", "wait"):  # for the last push to load, then for the groups
+                settled = await self.settle()
+                collected = await driver.collect(step, self.stop)
             if collected is None:
                 break
             t0 = time.perf_counter()
             batch = build_batch(collected.groups, step, self.tokenizer.pad_token_id or 0,
                                 self._max_seq_len())
             t_batch = time.perf_counter() - t0
-            m = await self.ranks.train(batch, step)
+            with span("trainer", "update"):
+                m = await self.ranks.train(batch, step)
             version = step + 1
             record = {"step": step, "version": version,
                       **batch_stats(batch, collected.groups, step),
                       **collect_stats(collected), **m, "time_batch_s": t_batch}
             if version % cfg.push.every == 0 or version == cfg.total_steps:
                 t0 = time.perf_counter()
-                res = await self.push(version)
+                with span("trainer", "push"):
+                    res = await self.push(version)
                 record.update(time_push_s=time.perf_counter() - t0, push_write_s=res.write_s)
                 if not self.transport.in_flight:  # completed within this step: report it
                     settled = {"push_notify_s": res.notify_s, "push_ok": len(res.ok),
                                "push_failed": sorted(res.failed),
                                "push_canary_refused": sorted(res.canary_refused)}
             record.update(settled)
+            if self.caught_up:
+                record["push_catch_up"], self.caught_up = sorted(self.caught_up), []
             self.uncommitted += collected.consumed
             self.boundary = DriverState.from_dict(driver.state.to_dict())
             if cfg.checkpoint.every and version % cfg.checkpoint.every == 0:
-                record["time_ckpt_s"] = await self.save(version)
+                with span("trainer", "checkpoint"):
+                    record["time_ckpt_s"] = await self.save(version)
                 last_ckpt = version
             record.update(inflight=len(driver.state.inflight), admitted=driver.state.admitted,
                           inbox_pending=self.inbox.pending(),

@@ -35,7 +35,6 @@ from typing import Any
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-
 from support.fake_controls import Knobs, install_fake_controls, misbehave
 from support.tiny_lm import TinyLM
 

@@ -29,7 +29,6 @@ import anyio
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-
 from support.fake_controls import Knobs, install_fake_controls, json_with_nan, misbehave
 from support.fake_sglang import DTYPES, _load_tokenizer
 from support.tiny_lm import TinyLM

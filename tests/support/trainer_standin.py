@@ -54,10 +54,14 @@ class Controls:
     fail_status: int = 503
     delay_s: float = 0.0  # every call waits this long before answering
     calls: list[int] = field(default_factory=list)  # versions received, in order
+    # A push of this version finds the service just restarted: it answers 503 and serves its
+    # base weights (version 0) from then on, as a killed service that came back would.
+    restart_at: int | None = None
 
 
 def weights_app(on_update: Callable[[WeightUpdate], None], controls: Controls,
-                version: Callable[[], int], token: str | None) -> FastAPI:
+                version: Callable[[], int], token: str | None,
+                on_restart: Callable[[], None] | None = None) -> FastAPI:
     """The test double of POST /v1/weights and GET /v1/version."""
     app = FastAPI()
 
@@ -74,6 +78,10 @@ def weights_app(on_update: Callable[[WeightUpdate], None], controls: Controls,
         if controls.fail_times > 0:
             controls.fail_times -= 1
             raise HTTPException(controls.fail_status, "told to fail")
+        if controls.restart_at == update.version and on_restart is not None:
+            controls.restart_at = None
+            await asyncio.to_thread(on_restart)
+            raise HTTPException(503, "engine not ready: restarting")
         await asyncio.to_thread(on_update, update)
         return {"ok": True, "version": update.version}
 
@@ -101,6 +109,7 @@ class StandinPipeline:
         self.handled = 0
         self.rescored = 0  # groups scored again for a trainer at a newer version
         self.busy = 0
+        self.restarts = 0
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------ weights
@@ -113,6 +122,14 @@ class StandinPipeline:
                 raise ValueError(f"weights do not fit: missing {missing} unexpected {unexpected}")
             self.model.tie_weights()
             self.version = update.version
+
+    def restart(self) -> None:
+        """Back to the base weights, version 0 (Controls.restart_at)."""
+        base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        with self.lock:
+            self.model.load_state_dict(base.state_dict())
+            self.version = 0
+            self.restarts += 1
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -222,7 +239,8 @@ class StandinPipeline:
     @contextlib.contextmanager
     def running(self) -> Iterator[str]:
         """Serve the weights endpoint and consume prompts; yields the base URL."""
-        app = weights_app(self.load, self.controls, lambda: self.version, self.token)
+        app = weights_app(self.load, self.controls, lambda: self.version, self.token,
+                          self.restart)
         with serve(app) as url:
             th = threading.Thread(target=self._consume, daemon=True)
             th.start()

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 from support.groups import scored_group
+
 from trainer.batch import TrainBatch, build_batch
 from trainer.config import TrainerConfig
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support.tiny_model import CONTEXT_LEN, make_weights_dir
 
 from rlrt.engine_servers import VLLMServer
 from services.engines.config import EngineLaunch
-from support.tiny_model import CONTEXT_LEN, make_weights_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"

@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 
 from protocol.canary import Canary
+from trainer.config import ServiceEndpoint
 
 
 @dataclass
@@ -60,6 +61,14 @@ class WeightTransport(ABC):
         process's pushes: 0 is the first, which may go *back* in version (a resumed run whose
         services loaded a killed run's later weights). A push may return before the services
         have loaded it (`in_flight`): `settle()` waits for that."""
+
+    async def catch_up(self, services: list[ServiceEndpoint], version: int, ranks: Collectives,
+                       canary: Canary | None) -> PushResult:
+        """Push `version` -- the weights the trainer holds now -- to `services` only, and wait
+        for them: services found serving older weights than they were pushed (a restart, or
+        a push whose retries gave up while they were down). By disk, whatever the mode: a
+        restarted engine has no NCCL group to receive into."""
+        raise NotImplementedError(f"{type(self).__name__} cannot catch a service up")
 
     @property
     def in_flight(self) -> bool:

@@ -62,6 +62,7 @@ class WeightPusher:
         self.extra_files = extra_files or {}
         # Versions this process wrote, oldest first: only these are worth keeping (see prune).
         self.written: list[int] = []
+        self.last_update: WeightUpdate | None = None  # the newest directory written, named
 
     # ------------------------------------------------------------------ disk
     def dir_for(self, version: int) -> Path:
@@ -158,6 +159,7 @@ class WeightPusher:
         update = WeightUpdate(run_id=self.run_id, version=version, format="safetensors_dir",
                               location=str(path.resolve()), sha256=sha, meta=meta or {},
                               canary=canary)
+        self.last_update = update
         return update, time.perf_counter() - t0
 
     async def push(self, state_dict: dict[str, torch.Tensor], version: int,
@@ -202,6 +204,17 @@ class DiskTransport(WeightTransport):
         """A synchronous push of `version` to `services` only (another transport's fallback)."""
         sd = await ranks.gather_weights()
         return await self.pusher.push(sd, version, services=services, canary=canary)
+
+    async def catch_up(self, services: list[ServiceEndpoint], version: int, ranks: Collectives,
+                       canary: Canary | None) -> PushResult:
+        # The directory of `version` is still on disk when it was the last one written (the
+        # usual case: the services lag the push just made): name it again rather than
+        # rewrite it under a service that may be reading it.
+        last = self.pusher.last_update
+        if last is not None and last.version == version and Path(last.location).is_dir():
+            update = last.model_copy(update={"meta": {"reason": "catch_up"}})
+            return await self.pusher.notify(update, services)
+        return await self.push_to(services, version, ranks, canary)
 
     async def settle(self) -> PushResult | None:
         if self.notifying is None:

@@ -9,7 +9,7 @@ when that fails too.
 from __future__ import annotations
 
 from protocol.canary import Canary
-from trainer.config import NcclPush
+from trainer.config import NcclPush, ServiceEndpoint
 from trainer.transports.base import Collectives, PushResult, WeightTransport
 from trainer.transports.disk import DiskTransport
 from trainer.transports.nccl import NcclTransport
@@ -31,6 +31,10 @@ class NcclWithDiskFallback(WeightTransport):
 
     async def settle(self) -> PushResult | None:
         return await self.disk.settle()
+
+    async def catch_up(self, services: list[ServiceEndpoint], version: int, ranks: Collectives,
+                       canary: Canary | None) -> PushResult:
+        return await self.disk.catch_up(services, version, ranks, canary)
 
     async def push(self, version: int, ranks: Collectives, *, index: int,
                    canary: Canary | None) -> PushResult:
