@@ -6,7 +6,8 @@ NCCL forms a communicator only when every rank runs the same NCCL version (NCCL'
 Each torch build pins its NCCL (`Requires-Dist: nvidia-nccl-cu12|cu13==X`), so an image's NCCL
 follows from its torch:
   trainer  torch==ARG TORCH_VERSION of deploy/docker/trainer.Dockerfile, from its
-           TORCH_INDEX_URL (a local version such as 2.13.0+cu128)
+           TORCH_INDEX_URL (PyPI: the plain version; a PyTorch index such as .../whl/cu128:
+           its local version, 2.13.0+cu128)
   rollout  the torch that sglang==<SGLANG_IMAGE tag> requires (the SGLang image's)
   teacher  the torch that vllm==<VLLM_IMAGE tag> requires (the vLLM image's)
 Only the small METADATA files are fetched, never a wheel: the index's PEP 658 `<wheel>.metadata`
@@ -137,8 +138,9 @@ def images() -> dict[str, tuple[str, str, str]]:
     for the engine images, first the engine's own wheel (which pins torch)."""
     index = _arg("trainer.Dockerfile", "TORCH_INDEX_URL")
     version = _arg("trainer.Dockerfile", "TORCH_VERSION")
-    local = index.rstrip("/").rsplit("/", 1)[1]  # .../whl/cu128 -> +cu128
-    return {"trainer": (index, "torch", f"{version}+{local}"),
+    last = index.rstrip("/").rsplit("/", 1)[1]  # .../whl/cu128 -> +cu128; PyPI's .../simple: none
+    local = "" if last == "simple" else f"+{last}"
+    return {"trainer": (index, "torch", f"{version}{local}"),
             "rollout": (PYPI, "sglang", _arg("rollout.Dockerfile", "SGLANG_IMAGE").split(":v")[1]),
             "teacher": (PYPI, "vllm", _arg("teacher.Dockerfile", "VLLM_IMAGE").split(":v")[1])}
 

@@ -368,6 +368,29 @@ def test_supervisor_runs_worker_after_engine_is_healthy(tmp_path):
     assert "engine healthy" in err and "stopping engine" in err
 
 
+@pytest.mark.parametrize("installed", [True, False], ids=["nccl-wheel", "none"])
+def test_supervisor_tells_the_worker_the_engines_nccl(tmp_path, monkeypatch, installed):
+    """The worker learns the NCCL wheel of the engine's Python environment (here: a real
+    dist-info on the supervisor's path, as torch's nvidia-nccl-cu13 wheel installs one), the
+    name SGLang's client reads (services/engines/nccl_sync.py)."""
+    from services.engines.nccl_sync import ENGINE_NCCL_ENV
+
+    site = tmp_path / "site"
+    if installed:
+        info = site / "nvidia_nccl_cu13-2.30.7.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: nvidia-nccl-cu13\n"
+                                       "Version: 2.30.7\n")
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    monkeypatch.delenv(ENGINE_NCCL_ENV, raising=False)
+    out = tmp_path / "seen"
+    proc = _supervise(tmp_path, "ok", [sys.executable, "-c", "import os; open("
+                      f"{str(out)!r}, 'w').write(os.environ.get({ENGINE_NCCL_ENV!r}, 'unset'))"])
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert out.read_text() == ("2.30.7" if installed else "unset")
+
+
 def test_supervisor_worker_failure_is_the_exit_code(tmp_path):
     proc = _supervise(tmp_path, "ok", [sys.executable, "-c", "raise SystemExit(3)"])
     proc.communicate(timeout=30)

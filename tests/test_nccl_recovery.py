@@ -318,6 +318,27 @@ async def test_the_vllm_service_reports_its_servers_nccl(fake_vllm: Fake, model_
         await eng.close()
 
 
+async def test_the_sglang_service_reports_the_nccl_its_supervisor_read(fake_sglang, model_dir,
+                                                                        monkeypatch) -> None:
+    """SGLang's server does not say which NCCL it runs; rlrt-with-engine reads it from the
+    engine's environment and the service reports it, so the mismatch check below applies to
+    the SGLang group too (deploy/docker/with_engine.py)."""
+    from services.engines.nccl_sync import ENGINE_NCCL_ENV
+
+    monkeypatch.setenv(ENGINE_NCCL_ENV, "2.30.7")
+    eng = await _engine(fake_sglang, model_dir, "sglang")
+    try:
+        assert (await eng.health())["nccl_version"] == "2.30.7"
+    finally:
+        await eng.close()
+    monkeypatch.delenv(ENGINE_NCCL_ENV)
+    eng = await _engine(fake_sglang, model_dir, "sglang")
+    try:
+        assert (await eng.health())["nccl_version"] is None  # unknown: only the contract test
+    finally:
+        await eng.close()
+
+
 def test_an_nccl_version_mismatch_is_one_clear_error_before_the_rendezvous(monkeypatch) -> None:
     from trainer.transports import nccl
 

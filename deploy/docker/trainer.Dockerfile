@@ -3,8 +3,12 @@
 # rollout and teacher services and broadcasts new weights to their engines over NCCL.
 #   docker build -f deploy/docker/trainer.Dockerfile -t rlrt-trainer:0.1.0 .
 # The devel image (nvcc) lets DeepSpeed JIT-build its CUDA ops (fused Adam, ...) on first use.
-# TORCH_INDEX_URL must match the CUDA of CUDA_IMAGE (cu128 wheels for CUDA 12.8).
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
+# One NCCL in the weight-update group with the teacher (docs/deploy.md, "One NCCL per update
+# group"): torch comes from PyPI, the very wheel vLLM 0.32 pins (torch 2.13.0, the CUDA 13.0
+# build, nvidia-nccl-cu13 2.29.7), so both ends of the vLLM group load the same NCCL;
+# tests/test_nccl_parity.py reads both pins. CUDA_IMAGE's CUDA must be torch's (13.0: DeepSpeed
+# JIT-builds its ops with this nvcc and refuses a torch built for another CUDA).
+ARG CUDA_IMAGE=nvidia/cuda:13.0.0-cudnn-devel-ubuntu24.04
 # torch's source, two build arguments: TORCH_INDEX_URL, an extra index holding the build (CPU or
 # CUDA), and TORCH_WHEELS, an image whose root holds torch wheels (scripts/docker-bases.sh makes
 # one from pip's find-links folder on machines that cannot reach the index); `scratch`: none.
@@ -13,14 +17,15 @@ FROM ${TORCH_WHEELS} AS torch-wheels
 FROM ${CUDA_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+ARG TORCH_INDEX_URL=https://pypi.org/simple
 # vLLM's trainer-side weight transfer (vllm.distributed.weight_transfer.nccl_common) for NCCL
 # pushes to the teacher. 0.32.0 is the newest vLLM whose torch pin (torch==2.13.0) is this
 # image's torch (0.33.0 pins 2.14.0); the teacher image runs the same version
 # (docs/deploy.md, "Supported versions"). scripts/fetch-upstream.sh reads this line.
 ARG VLLM_VERSION=0.32.0
-# torch comes from this extra index: its local version (2.13.0+cpu, +cu128) ranks above PyPI's
-# plain 2.13.0, so pip takes that build; everything else comes from PyPI, pinned by constraints.txt.
+# torch comes from this extra index (PyPI by default; an index of another build, e.g. .../whl/cpu,
+# serves a local version such as 2.13.0+cpu, which ranks above PyPI's plain 2.13.0, so pip takes
+# that build); everything else comes from PyPI, pinned by constraints.txt.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \

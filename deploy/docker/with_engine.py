@@ -7,6 +7,10 @@
 1. Start the engine command (through `sh -c`, so `$VARS` expand) in its own process group.
 2. Wait until its health URL answers 200 (or fail: the engine exited, or --start-timeout passed).
 3. Start the worker command (the arguments after `--`).
+   It gets RLRT_ENGINE_NCCL_VERSION: the nvidia-nccl wheel of this Python environment, which
+   is the engine's (this script runs under the image's python3, as the engine does). The
+   worker reports it (GET /v1/version), so the trainer compares NCCL versions before an NCCL
+   group forms, also for SGLang, whose server does not say.
 4. Whichever exits first, the other is stopped: the container lives exactly as long as both do,
    so Docker's restart policy or Kubernetes restarts the pair together. The exit code is the
    first one to exit's (a non-zero code if the engine died under a running worker).
@@ -25,6 +29,21 @@ import sys
 import time
 import urllib.error
 import urllib.request
+
+# services/engines/nccl_sync.py reads it (tests/test_deploy_images.py checks the two agree).
+ENGINE_NCCL_ENV = "RLRT_ENGINE_NCCL_VERSION"
+
+
+def engine_nccl() -> str | None:
+    """The NCCL wheel torch pins in this environment (nvidia-nccl-cu13 or -cu12), or None."""
+    from importlib import metadata
+
+    for dist in ("nvidia-nccl-cu13", "nvidia-nccl-cu12"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def log(msg: str) -> None:
@@ -108,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             time.sleep(ns.poll)
         log(f"engine healthy at {ns.health}; starting worker: {' '.join(ns.worker)}")
-        worker = subprocess.Popen(ns.worker, start_new_session=True)
+        env = dict(os.environ)
+        nccl = engine_nccl()
+        if nccl:
+            env.setdefault(ENGINE_NCCL_ENV, nccl)
+        worker = subprocess.Popen(ns.worker, start_new_session=True, env=env)
         while not stopping:
             if worker.poll() is not None:
                 log(f"worker exited with code {worker.returncode}")

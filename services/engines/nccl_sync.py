@@ -60,6 +60,12 @@ def nccl_spec(update: WeightUpdate) -> tuple[NcclSpec, GroupKey]:
                           group_name=spec.group_name)
 
 
+# The engine's NCCL version, set for the worker by deploy/docker/with_engine.py when it runs
+# the engine server beside it (read from the engine's own Python environment). How an SGLang
+# service knows its server's NCCL: the server does not report it.
+ENGINE_NCCL_ENV = "RLRT_ENGINE_NCCL_VERSION"
+
+
 def nccl_from_packages(pip_list: str) -> str | None:
     """The NCCL version of an environment from its package list (`pip list --format=freeze`
     lines, as vLLM's dev GET /server_info reports them in system_env.pip_packages): the

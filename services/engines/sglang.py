@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,7 +53,7 @@ from services.engines.base import (
     check_score_request,
 )
 from services.engines.http import EngineHTTP, as_logprob, parse_version
-from services.engines.nccl_sync import GroupKey, NcclSpec
+from services.engines.nccl_sync import ENGINE_NCCL_ENV, GroupKey, NcclSpec
 from services.engines.remote import RETRIES, RemoteEngine, UpdateRefused
 
 log = logging.getLogger("rlrt.engines.sglang")
@@ -78,11 +79,15 @@ class SGLangEngine(RemoteEngine):
         self.pp_size = 1
         # "server" once /server_info gave tp_size: then the trainer must agree (docs/engines.md)
         self.world_size_from = "config"
+        self.nccl_version: str | None = None  # the server's, when known (start())
         self.deterministic = True  # learnt from /server_info at start
         self._seed_warned = False
 
     async def start(self) -> None:
         await super().start()
+        # The server's NCCL, for the trainer to compare before a group forms: SGLang does not
+        # report it; rlrt-with-engine reads it from the engine's environment beside us.
+        self.nccl_version = os.environ.get(ENGINE_NCCL_ENV) or None
         try:
             info = await self.http.get("/server_info", timeout_s=30)
         except EngineError as e:  # an older server or a proxy: assume the defaults
@@ -103,7 +108,8 @@ class SGLangEngine(RemoteEngine):
 
     async def health(self) -> dict[str, Any]:
         return {**await super().health(), "dp_size": self.dp_size, "pp_size": self.pp_size,
-                "engine_world_size_from": self.world_size_from}
+                "engine_world_size_from": self.world_size_from,
+                "nccl_version": self.nccl_version}
 
     # ------------------------------------------------------------------ inference
     def _sampling(self, params: SamplingParams, max_new: int, i: int) -> dict[str, Any]:
