@@ -55,12 +55,14 @@ class Child:
     proc: subprocess.Popen | None = None
     restarts: int = 0
     _log: object = field(default=None, repr=False)
+    _log_from: int = 0  # where this start's output begins in the (appended) log
 
     def start(self) -> None:
         out = None
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+            self._log_from = self.log_path.stat().st_size
             out = self._log
         self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=out, stderr=subprocess.STDOUT if out else None,
@@ -91,9 +93,17 @@ class Child:
             time.sleep(0.2)
 
     def log_tail(self, n: int = 2000) -> str:
+        """The end of what this start wrote to its log, from a line's start: a previous run's
+        lines (the log is appended to) would tell another story."""
         if self.log_path is None or not self.log_path.exists():
             return ""
-        return self.log_path.read_bytes()[-n:].decode(errors="replace")
+        data = self.log_path.read_bytes()[self._log_from:]
+        if not data.strip():
+            return f"(nothing in its log {self.log_path} from this start)"
+        if len(data) > n:
+            data = data[-n:]
+            data = data[data.find(b"\n") + 1:]  # from a whole line
+        return data.decode(errors="replace")
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM (graceful: finish in-flight work), then SIGKILL after the timeout."""

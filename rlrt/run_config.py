@@ -16,6 +16,7 @@ from protocol.config import (
     Secret,
     format_validation_error,
 )
+from rlrt.redis_server import AOF_REWRITE_MIN_MB
 from tasks.data import DataConfig
 
 
@@ -43,6 +44,12 @@ class RunSettings(RLRTSettings):
     max_restarts: int = Field(
         2, ge=0, description="a service process that dies is restarted (and given the current "
         "weights) at most this many times; then the run stops with a resumable checkpoint",
+    )
+    redis_aof_rewrite_mb: int = Field(
+        AOF_REWRITE_MIN_MB, ge=0, description="the embedded Redis (bus.redis_url unset) rewrites "
+        "its append-only file down to the live data once the file is past this many MB and has "
+        "doubled since the last rewrite (the bus deletes acked entries, so the live data stays "
+        "small); 0 = Redis's own threshold, 64 MB. Ignored with bus.redis_url",
     )
     stall_warn_s: float = Field(
         300.0, gt=0, description="no trainer step for this long (counted from this run's first "

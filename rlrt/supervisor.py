@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import redis
@@ -26,6 +27,7 @@ from rich.console import Console
 from protocol.messages import WeightUpdate
 from protocol.topology import stage, trainer_input
 from protocol.weights_client import WeightsClient, newest_weights
+from rlrt.disk_space import disk_full_at, disk_full_line, disk_paths
 from rlrt.engine_servers import EngineServerError, EngineServers
 from rlrt.eval_runner import steps_done
 from rlrt.launch import LaunchError
@@ -34,6 +36,9 @@ from rlrt.processes import Child
 from rlrt.redis_server import AofDamaged, EmbeddedRedis, RedisDirBusy
 from rlrt.repush import repush
 from rlrt.trainer_stop import stop_trainer
+
+if TYPE_CHECKING:
+    from rlrt.run_config import RunSettings
 
 # supervise()'s return codes when it stopped the trainer itself (not the trainer's own code)
 STALLED = -1000
@@ -94,10 +99,11 @@ def claim_redis_dir(server: EmbeddedRedis) -> None:
                           "trainer finishing its step?)") from None
 
 
-def own_redis(redis_url: str | None, run_dir: Path) -> EmbeddedRedis | None:
-    """The run's embedded Redis (in its run directory), or None when `redis_url`
-    (bus.redis_url) names the user's own."""
-    return None if redis_url else EmbeddedRedis(run_dir / "redis")
+def own_redis(redis_url: str | None, run_dir: Path, run: RunSettings) -> EmbeddedRedis | None:
+    """The run's embedded Redis (in its run directory, with `run`'s settings for it), or None
+    when `redis_url` (bus.redis_url) names the user's own."""
+    return None if redis_url else EmbeddedRedis(run_dir / "redis",
+                                                aof_rewrite_min_mb=run.redis_aof_rewrite_mb)
 
 
 class Supervisor:
@@ -125,6 +131,8 @@ class Supervisor:
             self.redis_url = self.redis.start()
         except AofDamaged as e:
             raise LaunchError(f"{e}. Then: {self.plan.resume_command}") from None
+        except RuntimeError as e:
+            raise self._start_failed(e) from None
         self.log(f"[dim]redis: {self.redis_url}[/]")
 
     def _child(self, spec: ProcSpec) -> Child:
@@ -144,8 +152,14 @@ class Supervisor:
                 try:
                     self.children[name].wait_ready(self.run.start_timeout_s)
                 except RuntimeError as e:
-                    raise LaunchError(str(e)) from None
+                    raise self._start_failed(e) from None
             self.log(f"[green]{name}[/] ready at {self.plan.url(name)}")
+
+    def _start_failed(self, e: RuntimeError) -> LaunchError:
+        """A part that died while starting: a full disk is the cause to name (the part had no
+        room to say so in its log), else what it said."""
+        full = disk_full_at(disk_paths(self.plan))
+        return LaunchError(disk_full_line(self.plan, full) if full else str(e))
 
     def start_trainer(self) -> Child:
         self.trainer = self._child(self.plan.trainer(self.redis_url))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol.config import redact_url
+from rlrt.disk_space import disk_full_at, disk_full_line, disk_paths
 from rlrt.eval_runner import EvalRunner
 from rlrt.evaluate import EvalError
 from rlrt.launch import LaunchError, LocalRun
@@ -26,7 +27,7 @@ from rlrt.plan import RunPlan
 from rlrt.run_config import EvalSet
 from rlrt.supervisor import STALLED, Supervisor, claim_redis_dir, own_redis
 from tasks.data import DataError
-from trainer.disk import EXIT_DISK_FULL, free_space, kept_checkpoint
+from trainer.disk import EXIT_DISK_FULL, is_disk_full
 from trainer.output_lock import DirBusy, take_lock
 
 RUN_LOCK = "run.lock"  # in the run directory, held by the launcher for the whole run
@@ -50,9 +51,7 @@ def stop_reason(code: int, plan: RunPlan, *, redis_problem: str | None, own_redi
     command that continues it."""
     again = plan.resume_command
     if code == EXIT_DISK_FULL:
-        out = plan.trainer_out
-        return (f"the trainer stopped: disk full at {out} ({free_space(out)} free there); kept: "
-                f"{kept_checkpoint(plan.checkpoint_root)}. Free space on that disk, then: {again}")
+        return f"the trainer stopped: {disk_full_line(plan, plan.trainer_out)}"
     if redis_problem is not None and own_redis:  # ours: the next run restarts it
         return (f"lost Redis ({redis_problem}); the run stopped at its last checkpoint. "
                 f"Continue with: {again}")
@@ -106,7 +105,8 @@ def evaluate_once(run: LocalRun, sets: list[EvalSet]) -> dict[str, dict]:
     plan = run.preflight()
     if not run.model_path.exists():
         raise LaunchError(f"model directory {run.model_path} does not exist")
-    sup = Supervisor(plan, console=run.console, redis=own_redis(plan.cfg["bus"].redis_url, plan.run_dir),
+    redis = own_redis(plan.cfg["bus"].redis_url, plan.run_dir, plan.cfg["run"])
+    sup = Supervisor(plan, console=run.console, redis=redis,
                      engine_servers=run.engine_servers)
     runner = eval_runner(run, sup, sets, out="eval-cli.jsonl")  # not the training run's log
     for es in sets:  # a bad data set fails before anything starts
@@ -148,10 +148,15 @@ def train(run: LocalRun, evals_before: dict | None = None) -> dict:
     try:
         # Liveness before the checks: a run whose Redis is still up is named as such, not as
         # whatever its half-written state makes the preflight say.
-        redis = own_redis(run.cfg["bus"].redis_url, run.run_dir)
+        redis = own_redis(run.cfg["bus"].redis_url, run.run_dir, run.cfg["run"])
         if redis is not None:
             claim_redis_dir(redis)
         try:
+            # A resume on a disk still full: named now, before a part dies of it unheard.
+            before = run.make_plan()
+            full = disk_full_at(disk_paths(before))
+            if full is not None:
+                raise LaunchError(disk_full_line(before, full))
             plan = run.preflight()
             run.bootstrap_if_needed()
         except BaseException:
@@ -160,6 +165,10 @@ def train(run: LocalRun, evals_before: dict | None = None) -> dict:
             raise
         sup = Supervisor(plan, console=run.console, redis=redis, engine_servers=run.engine_servers)
         return _train(run, sup, evals_before)
+    except OSError as e:  # the launcher's own writes (resolved config, logs, report)
+        if not is_disk_full(e):
+            raise
+        raise LaunchError(disk_full_line(run.make_plan(), e.filename or run.run_dir)) from None
     finally:
         os.close(lock)
 

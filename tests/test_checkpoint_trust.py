@@ -1,18 +1,25 @@
 """Checkpoints you can trust (issue 26): a manifest of hashes written last and verified on
 load; a resume falls back past a cut, corrupted or NaN checkpoint to the newest good one and
 says so; `step=` resumes from an older one on purpose; NaN/Inf weights are never committed;
-a full disk is named as such and leaves the previous checkpoint in force."""
+a full disk is named as such and leaves the previous checkpoint in force, and a resume on a
+disk still full ends with that one line (not a previous run's log tail)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from support.update_case import case_config
 
+from rlrt.disk_space import PROBE
+from rlrt.processes import Child
 from trainer import dist
 from trainer.checkpoint import (
     MANIFEST,
@@ -150,3 +157,61 @@ def test_a_full_disk_is_named_and_the_previous_checkpoint_kept(tmp_path, policy)
     assert "step-00000004" in msg and " free there); kept: checkpoint " in msg
     assert "step-00000002 (step 2)" in msg and "--resume" in msg
     assert ckpt.choose() == 2  # the cut save never became latest
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_resume_on_a_disk_still_full_ends_with_one_line_and_the_resume_command(tmp_path):
+    """The disk-full run of the campaign, resumed before space was freed, used to print the
+    previous run's traceback cut mid-line: now the launcher asks the kernel first."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    run = tmp_path / "run"
+    ckpt = run / "trainer" / "checkpoints"
+    ckpt.mkdir(parents=True)  # what the stopped run kept
+    _atomic_write(ckpt / "latest.json", json.dumps({"tag": "step-00000002", "step": 2}))
+    (run / "verifier.log").write_text("Traceback (most recent call last):\n  File \"x\", li")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "run": {"dir": str(run), "bootstrap": False, "eval_prompts": 0},
+        "trainer": {"model_path": str(model)},
+    }))
+    # The kernel's own ENOSPC for the launcher's probe of the run's folder.
+    (run / PROBE).symlink_to("/dev/full")
+    res = subprocess.run([sys.executable, "-m", "rlrt.cli", "train", "--config", str(cfg),
+                          "--resume"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "400"})
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out[-3000:]
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert lines[-1].startswith(f"error: disk full at {run} ("), out[-3000:]
+    assert f" free there); kept: checkpoint {ckpt / 'step-00000002'} (step 2). Free space on " \
+        f"that disk, then: rlrt train --config {cfg} --resume" in lines[-1]
+    assert "Traceback" not in out
+    assert not (run / "redis" / "appendonly.aof").exists()  # nothing was started
+
+
+def test_a_part_that_dies_while_starting_shows_only_this_starts_log(tmp_path):
+    """The log is appended to across runs: a part that died silently (no room to write) must
+    not be shown with the previous run's traceback, and a long tail starts at a line."""
+    log = tmp_path / "verifier.log"
+    log.write_text("Traceback (most recent call last):\n  File \"old run\", li")
+    silent = Child("verifier", [sys.executable, "-c", "raise SystemExit(1)"], dict(os.environ),
+                   log_path=log, ready_url="http://127.0.0.1:9/readyz")
+    silent.start()
+    with pytest.raises(RuntimeError) as e:
+        silent.wait_ready(60)
+    silent.stop()
+    assert str(e.value) == (f"verifier exited with code 1 while starting:\n(nothing in its log "
+                            f"{log} from this start)")
+    talks = Child("verifier", [sys.executable, "-c", "print('line ' * 400); print('the end');"
+                                                     "raise SystemExit(3)"], dict(os.environ),
+                  log_path=log, ready_url="http://127.0.0.1:9/readyz")
+    talks.start()
+    with pytest.raises(RuntimeError) as e:
+        talks.wait_ready(60)
+    talks.stop()
+    tail = str(e.value).split(":\n", 1)[1]
+    assert tail == "the end\n" and "old run" not in str(e.value)

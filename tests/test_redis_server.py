@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 import redis
+from support.polling import wait_until
 
 from rlrt.redis_server import EmbeddedRedis, RedisDirBusy
 
@@ -180,3 +181,65 @@ def test_repairing_an_aof_a_live_server_serves_is_refused(tmp_path: Path) -> Non
             repair_aof(tmp_path / "r", fix=True)
     finally:
         live.stop()
+
+
+def test_the_aof_is_rewritten_down_to_the_live_data_and_a_restart_keeps_it(tmp_path: Path) -> None:
+    """The bus deletes acked entries, but the AOF only appends: without a rewrite it grows by
+    every message ever sent (Redis 6.2 rewrites only past 64 MB). With the embedded server's
+    policy it is rewritten to the live data once past `aof_rewrite_min_mb` and doubled."""
+    from rlrt.run_config import RunSettings
+    from rlrt.supervisor import own_redis
+
+    d = tmp_path / "r"
+    run = RunSettings(redis_aof_rewrite_mb=1)
+    server = own_redis(None, tmp_path, run)  # as `rlrt train` makes it, with the run's knob
+    assert server is not None and server.directory == (tmp_path / "redis").resolve()
+    server = EmbeddedRedis(d, aof_rewrite_min_mb=run.redis_aof_rewrite_mb)
+    url = server.start()
+    try:
+        r = redis.Redis.from_url(url)
+        assert r.config_get("auto-aof-rewrite-min-size")["auto-aof-rewrite-min-size"] == \
+            str(1024 * 1024)
+        r.xgroup_create("s", "g", id="0", mkstream=True)
+        pad = "x" * 1000
+        live = []
+        for batch in range(60):  # ~6 MB appended: 6x the threshold
+            p = r.pipeline(transaction=False)
+            for i in range(100):
+                p.xadd("s", {"n": str(batch * 100 + i), "pad": pad})
+            ids = p.execute()
+            live.append(ids[0])  # one entry per batch stays (unacked work in flight)
+            r.xdel("s", *ids[1:])  # what the bus does with an acked entry
+            # A run writes far slower than a rewrite takes; this loop does not: what it wrote
+            # during a rewrite would be appended to the new file and raise the next threshold
+            # (100% growth over the rewritten size), so wait out a rewrite under way.
+            wait_until(lambda: not r.info("persistence")["aof_rewrite_in_progress"], 60,
+                       "the rewrite under way to finish")
+        written = 60 * 100 * len(pad)
+
+        def rewritten() -> bool:
+            # Redis checks the policy on its timer (10 times a second): the writes above
+            # outran it, so the last rewrite may come after them
+            info = r.info("persistence")
+            return (info["aof_current_size"] < written / 3 and info["aof_base_size"] > 0
+                    and not info["aof_rewrite_in_progress"])
+
+        wait_until(rewritten, 60, "an AOF rewrite down to the live data")
+        assert r.info("persistence")["aof_last_bgrewrite_status"] == "ok"
+        # one more write after the rewrite, to be found after the restart too
+        live.append(r.xadd("s", {"n": "last", "pad": pad}))
+        server.stop()  # SIGTERM: the AOF is flushed
+        size = (d / "appendonly.aof").stat().st_size
+        # far smaller than what went through it: the 61 live entries and what was written
+        # after the last rewrite, not 6 MB
+        assert size < written / 3, (size, written)
+        from rlrt.redis_server import repair_aof
+
+        assert repair_aof(d, fix=False)[0]  # a plain AOF: the --fix-aof repair still applies
+
+        url = server.start()
+        r = redis.Redis.from_url(url)
+        assert [i for i, _ in r.xrange("s")] == live
+        assert r.xinfo_groups("s")[0]["name"] == b"g"
+    finally:
+        server.stop()

@@ -53,12 +53,16 @@ def write_config(path: Path, model: Path, out: Path, bus: BusSettings, url: str)
     return path
 
 
-def start(config: Path, *, resume: bool, log: Path, args: tuple[str, ...] = ()
-          ) -> subprocess.Popen:
+# `rlrt run-trainer`: the same trainer as `rlrt train` starts it, with its one-line refusals
+RUN_TRAINER = ("rlrt.cli", "run-trainer")
+
+
+def start(config: Path, *, resume: bool, log: Path, args: tuple[str, ...] = (),
+          entry: tuple[str, ...] = ("trainer.main",)) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "trainer.main", "--config", str(config), *args]
+    cmd = [sys.executable, "-m", *entry, "--config", str(config), *args]
     return subprocess.Popen(cmd + (["--resume"] if resume else []), cwd=ROOT, env=env,
                             stdout=open(log, "a"), stderr=subprocess.STDOUT)
 

@@ -39,7 +39,7 @@ def test_torchrun_two_ranks_on_the_tiny_config(tmp_path: Path, monkeypatch) -> N
             "trainer.zero_variance=keep"]
     plan = LocalRun(TINY, sets=sets).preflight()
     sup = Supervisor(plan, console=Console(stderr=True),
-                     redis=own_redis(plan.cfg.bus.redis_url, plan.run_dir))
+                     redis=own_redis(plan.cfg.bus.redis_url, plan.run_dir, plan.cfg.run))
     try:
         sup.start_redis()
         sup.start_services()
