@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +49,67 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 NAME = "e2e"
 MODEL = {"hidden": 128, "layers": 4, "heads": 4, "kv_heads": 2}
 PROMPTS_PER_STEP, G, MAX_NEW, LR, TEMP, NUM_PROMPTS, SEED = 8, 8, 32, 1e-4, 1.0, 4000, 0
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The work of one RL step: prompts, completions per prompt, completion cap (tokens)."""
+
+    p: int = PROMPTS_PER_STEP
+    g: int = G
+    max_new: int = MAX_NEW
+
+    def __str__(self) -> str:
+        return f"{self.p},{self.g},{self.max_new}"
+
+    @classmethod
+    def parse(cls, text: str) -> Shape:
+        p, g, n = (int(x) for x in text.split(","))
+        return cls(p, g, n)
+
+
+SHAPE = Shape()
+
+
+class PeakRSS:
+    """The peak over time of the summed resident memory of a process and its descendants,
+    sampled every `every_s` on a thread (psutil) while the block runs."""
+
+    def __init__(self, pid: int, every_s: float = 0.2) -> None:
+        import threading
+
+        self.pid, self.every_s = pid, every_s
+        self.peak = 0
+        self.by_name: dict[str, int] = {}  # the peak of each process (by its command), bytes
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                root = psutil.Process(self.pid)
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                return
+            total = 0
+            for pr in procs:
+                try:
+                    rss = pr.memory_info().rss
+                    name = " ".join(pr.cmdline()[1:4]) or pr.name()
+                except psutil.Error:
+                    continue
+                total += rss
+                self.by_name[name] = max(self.by_name.get(name, 0), rss)
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.every_s)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return self.peak
 
 
 def build_model(out: Path) -> int:
@@ -83,7 +145,7 @@ def prompt_rows(model_dir: Path, n: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------- ours
-def ours_config(tmp: Path, model_dir: Path, steps: int) -> Path:
+def ours_config(tmp: Path, model_dir: Path, steps: int, shape: Shape = SHAPE) -> Path:
     import yaml
 
     cfg = yaml.safe_load((ROOT / "configs" / "countdown-tiny.yaml").read_text())
@@ -95,26 +157,27 @@ def ours_config(tmp: Path, model_dir: Path, steps: int) -> Path:
     for svc in ENGINE_STAGES:
         cfg[svc]["engine"]["model_path"] = str(model_dir)
     t = cfg["trainer"]
-    t.update(run_id="bench-e2e", model_path=str(model_dir), prompts_per_step=PROMPTS_PER_STEP,
-             group_size=G, micro_batch_size=PROMPTS_PER_STEP * G, lr=LR, warmup_steps=0,
+    t.update(run_id="bench-e2e", model_path=str(model_dir), prompts_per_step=shape.p,
+             group_size=shape.g, micro_batch_size=shape.p * shape.g, lr=LR, warmup_steps=0,
              zero_variance="keep", total_steps=steps, seed=SEED, output_dir=str(run / "trainer"),
              checkpoint={"every": 0}, metrics={"progress": False})
     t["algorithm"] = {"preset": "grpo"}
     t["data"] = {"source": "countdown", "num_prompts": NUM_PROMPTS}
-    t["sampling"] = {"temperature": TEMP, "max_new_tokens": MAX_NEW}
+    t["sampling"] = {"temperature": TEMP, "max_new_tokens": shape.max_new}
     path = tmp / "ours.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
-def run_ours(tmp: Path, model_dir: Path, steps: int, skip: int) -> dict:
-    cfg = ours_config(tmp, model_dir, steps)
+def run_ours(tmp: Path, model_dir: Path, steps: int, skip: int, shape: Shape = SHAPE) -> dict:
+    cfg = ours_config(tmp, model_dir, steps, shape)
     metrics = tmp / "ours" / "trainer" / "metrics.jsonl"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
     log = open(tmp / "ours.log", "w")
     t_launch = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "rlrt.cli", "train", "--config", str(cfg)],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    rss = PeakRSS(proc.pid)
     seen: list[float] = []  # wall-clock time each metrics line appeared (polled every 20 ms)
     while True:
         done = proc.poll() is not None
@@ -124,6 +187,7 @@ def run_ours(tmp: Path, model_dir: Path, steps: int, skip: int) -> dict:
             break
         time.sleep(0.02)
     t_exit = time.time()
+    rss.stop()
     log.close()
     if proc.returncode != 0:
         raise SystemExit(f"rlrt train failed ({proc.returncode}):\n"
@@ -139,6 +203,8 @@ def run_ours(tmp: Path, model_dir: Path, steps: int, skip: int) -> dict:
     png = render(tl, tmp / f"ours-timeline-{time.time_ns()}.png")
     steady = rows[skip + 1:]
     wall = seen[-1] - seen[skip]
+    if wall <= 0:  # the steady steps' lines appeared within one 20 ms poll: the trainer's spans
+        wall = tl.seconds
     tokens = sum(r["samples"] * r["response_len_mean"] for r in steady)
     return {
         "steps": steps, "startup_s": seen[0] - t_launch, "steady_steps": len(steady),
@@ -154,11 +220,14 @@ def run_ours(tmp: Path, model_dir: Path, steps: int, skip: int) -> dict:
         "shutdown_s": t_exit - seen[-1],
         "total_s": t_exit - t_launch,
         "timeline": tl.summary(), "timeline_png": str(png),
+        "peak_rss_mb": rss.peak / 2**20,
+        "peak_rss_mb_by_process": {k: v / 2**20 for k, v in sorted(rss.by_name.items())},
     }
 
 
 # ---------------------------------------------------------------------------------- TRL
-def trl_worker(model_dir: Path, steps: int, out: Path, t_launch: float, threads: int) -> None:
+def trl_worker(model_dir: Path, steps: int, out: Path, t_launch: float, threads: int,
+               shape: Shape = SHAPE) -> None:
     """Runs in its own process (`--worker`): TRL's GRPOTrainer on the same model and prompts."""
     import torch
 
@@ -171,7 +240,7 @@ def trl_worker(model_dir: Path, steps: int, out: Path, t_launch: float, threads:
     from tasks import countdown
 
     torch.manual_seed(SEED)
-    rows = prompt_rows(model_dir, steps * PROMPTS_PER_STEP)
+    rows = prompt_rows(model_dir, steps * shape.p)
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
                                "reference": r["reference"]} for r in rows])
 
@@ -189,8 +258,8 @@ def trl_worker(model_dir: Path, steps: int, out: Path, t_launch: float, threads:
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     cfg = GRPOConfig(
-        output_dir=str(out.parent / "trl"), per_device_train_batch_size=PROMPTS_PER_STEP * G,
-        gradient_accumulation_steps=1, num_generations=G, max_completion_length=MAX_NEW,
+        output_dir=str(out.parent / "trl"), per_device_train_batch_size=shape.p * shape.g,
+        gradient_accumulation_steps=1, num_generations=shape.g, max_completion_length=shape.max_new,
         temperature=TEMP, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.01, max_grad_norm=1.0, beta=0.0, num_iterations=1,
         shuffle_dataset=False,  # rows already in rlrt's order
@@ -221,15 +290,21 @@ def trl_worker(model_dir: Path, steps: int, out: Path, t_launch: float, threads:
                                            if "reward" in h]}))
 
 
-def run_trl(tmp: Path, model_dir: Path, steps: int, skip: int, *, threads: int) -> dict:
+def run_trl(tmp: Path, model_dir: Path, steps: int, skip: int, *, threads: int,
+            shape: Shape = SHAPE) -> dict:
     out = tmp / "trl.json"
     t_launch = time.time()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    res = subprocess.run([sys.executable, __file__, "--worker", str(model_dir), "--trl-steps",
-                          str(steps), "--out", str(out), "--t-launch", repr(t_launch),
-                          "--threads", str(threads)],
-                         cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.Popen([sys.executable, __file__, "--worker", str(model_dir), "--trl-steps",
+                             str(steps), "--out", str(out), "--t-launch", repr(t_launch),
+                             "--threads", str(threads), "--shape", str(shape)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    rss = PeakRSS(proc.pid)
+    stdout, stderr = proc.communicate()
+    rss.stop()
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     t_exit = time.time()
     if res.returncode != 0:
         raise SystemExit(f"TRL worker failed ({res.returncode}):\n{res.stderr[-4000:]}")
@@ -238,13 +313,13 @@ def run_trl(tmp: Path, model_dir: Path, steps: int, skip: int, *, threads: int) 
     assert len(ends) == steps and len(lens) == steps, (len(ends), len(lens))
     wall = ends[-1] - ends[skip]
     n = steps - skip - 1
-    tokens = sum(lens[skip + 1:]) * PROMPTS_PER_STEP * G
+    tokens = sum(lens[skip + 1:]) * shape.p * shape.g
     return {
         "steps": steps, "startup_s": ends[0] - t_launch, "steady_steps": n, "steady_s": wall,
         "s_per_step": wall / n, "completion_tokens_per_s": tokens / wall,
         "completion_len_mean": sum(lens[skip + 1:]) / n, "threads": r["threads"],
         "sampling_s_per_step": sum(r["sampling"][skip + 1:]) / n,
-        "total_s": t_exit - t_launch,
+        "total_s": t_exit - t_launch, "peak_rss_mb": rss.peak / 2**20,
     }
 
 
@@ -262,9 +337,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--t-launch", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--shape", default=str(SHAPE), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        trl_worker(Path(args.worker), args.trl_steps, Path(args.out), args.t_launch, args.threads)
+        trl_worker(Path(args.worker), args.trl_steps, Path(args.out), args.t_launch, args.threads,
+                   Shape.parse(args.shape))
         return
 
     import torch
