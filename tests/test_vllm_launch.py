@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import psutil
 import pytest
 from support.reference_logprobs import token_logprobs
 from support.tiny_model import save_bootstrap_model
-from support.vllm_server import NEEDS_VLLM, WeightsDir, vllm_server
+from support.vllm_server import NEEDS_VLLM, WeightsDir, train_command, vllm_server
 
 from protocol.messages import WeightUpdate
 from services.engines.base import UpstreamError
@@ -115,13 +114,8 @@ def test_rlrt_train_countdown_vllm_survives_a_killed_server(tmp_path: Path) -> N
             "trainer.prompts_per_step=4", "trainer.group_size=4", "trainer.micro_batch_size=16",
             "trainer.sampling.max_new_tokens=16", f"trainer.output_dir={run / 'trainer'}",
             "trainer.checkpoint.every=2", "trainer.warmup_steps=0",
-            "trainer.zero_variance=keep",  # a random-init model: every group scores 0
-            f"rollout.engine.launch.python={REPO / '.venv-vllm' / 'bin' / 'python'}"]
-    argv = [sys.executable, "-m", "rlrt.cli", "train", "--config",
-            str(REPO / "configs" / "countdown-vllm.yaml")]
-    for s in sets:
-        argv += ["--set", s]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+            "trainer.zero_variance=keep"]  # a random-init model: every group scores 0
+    argv, env = train_command(sets)
     log = (tmp_path / "train.log").open("w")
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     metrics = run / "trainer" / "metrics.jsonl"

