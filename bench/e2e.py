@@ -71,6 +71,18 @@ class Shape:
 SHAPE = Shape()
 
 
+def _role(cmd: list[str]) -> str:
+    """A process's part in a run, from its command line: `serve rollout`, `run-trainer`, ..."""
+    for i, arg in enumerate(cmd):
+        if arg == "serve" and i + 1 < len(cmd):
+            return f"serve {cmd[i + 1]}"
+        if arg in ("train", "run-trainer", "--worker"):
+            return "TRL" if arg == "--worker" else arg
+        if "forkserver" in arg:
+            return "verifier workers"
+    return ""
+
+
 class PeakRSS:
     """The peak over time of the summed resident memory of a process and its descendants,
     sampled every `every_s` on a thread (psutil) while the block runs."""
@@ -98,7 +110,7 @@ class PeakRSS:
             for pr in procs:
                 try:
                     rss = pr.memory_info().rss
-                    name = " ".join(pr.cmdline()[1:4]) or pr.name()
+                    name = _role(pr.cmdline()) or pr.name()
                 except psutil.Error:
                     continue
                 total += rss

@@ -137,7 +137,8 @@ at the end. Plot: `docs/scaling.png`.
 
 Geometric mean of ours/TRL over the points: **{geo:.2f}x**. The exponent b: s/step grows as
 work^b; b near 1 means the cost is the work itself, b below 1 that a fixed per-step cost is
-being amortised. Peak RSS per process of ours at 8 prompts, G 4 (MB): {per_proc}.
+being amortised. Peak RSS per process of ours at the first point (8 prompts, G 8, 32 tokens;
+the README's main job's processes) (MB): {per_proc}.
 """
     if not args.no_record:
         record(NAME, body)
