@@ -190,10 +190,9 @@ def test_synchronous_run_trains_on_the_sampling_policy(tmp_path, redis_url, pref
     gap on the scored tokens is float noise: the stand-in samples with the same fp32 weights),
     and with one update per step the PPO ratio is exactly 1."""
     from support.tiny_model import save_tiny_policy
-    from support.trainer_standin import StandinPipeline
+    from support.trainer_standin import StandinPipeline, standin_config
 
     from protocol.config import BusSettings
-    from trainer.config import TrainerConfig
     from trainer.main import run_trainer
 
     torch.set_num_threads(1)
@@ -201,14 +200,10 @@ def test_synchronous_run_trains_on_the_sampling_policy(tmp_path, redis_url, pref
     bus = BusSettings(redis_url=redis_url, prefix=prefix)
     standin = StandinPipeline(model, bus, token="tok")
     with standin.running() as url:
-        cfg = TrainerConfig(
-            model_path=str(model), output_dir=str(tmp_path / "out"), zero_stage=0,
-            prompts_per_step=2, group_size=4, sampling={"max_new_tokens": 6, "seed": 7},
-            lr=1e-3, warmup_steps=0, total_steps=3, max_staleness=0, zero_variance="backfill",
+        cfg = standin_config(
+            model, tmp_path / "out", url, warmup_steps=0, max_staleness=0,
             algorithm={"preset": "rlrt", "tis_cap": None, "teacher_scope": "all"},
-            torch_threads=1, micro_batch_size=4, data={"source": "countdown", "num_prompts": 30},
-            push={"services": [{"name": "standin", "url": url}], "control_token": "tok"},
-            checkpoint={"every": 0}, metrics={"prometheus_port": 0})
+            checkpoint={"every": 0})
         summary = run_trainer(cfg, bus)
     assert summary["completed"]
     records = [json.loads(line) for line in

@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 from support.tiny_model import save_tiny_policy
-from support.trainer_standin import StandinPipeline
+from support.trainer_standin import StandinPipeline, standin_config
 
 from protocol.config import BusSettings
 from trainer.config import TrainerConfig
@@ -24,16 +24,9 @@ from trainer.main import run_trainer
 
 
 def config(tmp_path, model, url: str, catch_up: bool) -> TrainerConfig:
-    return TrainerConfig(
-        model_path=str(model), output_dir=str(tmp_path / "out"), zero_stage=0,
-        prompts_per_step=2, group_size=4, sampling={"max_new_tokens": 6, "seed": 7},
-        lr=1e-3, warmup_steps=1, total_steps=4, max_staleness=1, zero_variance="keep",
-        algorithm={"preset": "rlrt"}, torch_threads=1, micro_batch_size=4,
-        data={"source": "countdown", "num_prompts": 30},
-        # one attempt per push: the restarted service's 503 fails the push for good
-        push={"services": [{"name": "standin", "url": url}], "control_token": "tok",
-              "retries": 1, "catch_up": catch_up},
-        metrics={"prometheus_port": 0})
+    # one attempt per push: the restarted service's 503 fails the push for good
+    return standin_config(model, tmp_path / "out", url, total_steps=4, zero_variance="keep",
+                          push={"retries": 1, "catch_up": catch_up})
 
 
 @pytest.mark.parametrize("catch_up", [True, False], ids=["catch-up", "off"])

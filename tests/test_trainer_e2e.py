@@ -11,11 +11,10 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 from support.tiny_model import save_tiny_policy
-from support.trainer_standin import StandinPipeline
+from support.trainer_standin import StandinPipeline, standin_config
 from transformers import AutoModelForCausalLM
 
 from protocol.config import BusSettings
-from trainer.config import TrainerConfig
 from trainer.main import run_trainer
 
 REQUIRED = [
@@ -41,15 +40,8 @@ def run(request, tmp_path, redis_url, prefix):
     bus = BusSettings(redis_url=redis_url, prefix=prefix, streams=streams)
     standin = StandinPipeline(model, bus, token="tok")
     with standin.running() as url:
-        cfg = TrainerConfig(
-            model_path=str(model), output_dir=str(tmp_path / "out"), zero_stage=0,
-            prompts_per_step=2, group_size=4, sampling={"max_new_tokens": 6, "seed": 7},
-            lr=1e-3, warmup_steps=1, total_steps=3, max_staleness=1, zero_variance="backfill",
-            algorithm={"preset": "rlrt"}, torch_threads=1, micro_batch_size=4,
-            data={"source": "countdown", "num_prompts": 30},
-            push={"services": [{"name": "standin", "url": url}], "control_token": "tok",
-                  "overlap": overlap},
-            checkpoint={"every": 2}, metrics={"prometheus_port": 0})
+        cfg = standin_config(model, tmp_path / "out", url, push={"overlap": overlap},
+                             checkpoint={"every": 2})
         summary = run_trainer(cfg, bus)
     return cfg, summary, standin
 

@@ -40,6 +40,7 @@ from protocol.messages import (
 )
 from protocol.weights import load_weights_dir
 from tasks.teacher import teacher_context_for_group, teacher_needed_for_group
+from trainer.config import TrainerConfig
 
 
 def parity_reward(token_ids: list[int]) -> float:
@@ -249,3 +250,20 @@ class StandinPipeline:
             finally:
                 self._stop.set()
                 th.join(timeout=30)
+
+
+def standin_config(model: str | Path, out: str | Path, url: str, *,
+                   push: dict | None = None, **overrides: object) -> TrainerConfig:
+    """The small trainer config the stand-in tests share (2 prompts x G 4, 6 tokens, ZeRO 0,
+    one torch thread), pushing to the stand-in at `url` with its token; `push` adds push
+    knobs, `overrides` replace any other field."""
+    fields: dict = dict(
+        model_path=str(model), output_dir=str(out), zero_stage=0, prompts_per_step=2,
+        group_size=4, sampling={"max_new_tokens": 6, "seed": 7}, lr=1e-3, warmup_steps=1,
+        total_steps=3, max_staleness=1, zero_variance="backfill", algorithm={"preset": "rlrt"},
+        torch_threads=1, micro_batch_size=4, data={"source": "countdown", "num_prompts": 30},
+        metrics={"prometheus_port": 0})
+    fields.update(overrides)
+    fields["push"] = {"services": [{"name": "standin", "url": url}], "control_token": "tok",
+                      **(push or {})}
+    return TrainerConfig(**fields)
