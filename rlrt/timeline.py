@@ -43,6 +43,9 @@ class Timeline:
     steps: int
     spans: dict[str, list[tuple[str, float, float]]] = field(default_factory=dict)
     busy: dict[str, float] = field(default_factory=dict)  # row -> busy share of the window
+    # Cores a row used beyond one, in shares of the window: the trainer's update on
+    # `idle_threads` (spans "threads:N", trainer/threads.py) keeps N cores busy, not one.
+    extra: float = 0.0
     trainer_kinds: dict[str, float] = field(default_factory=dict)  # kind -> share of the window
     cores: int = 1
 
@@ -52,15 +55,15 @@ class Timeline:
 
     @property
     def busy_per_core(self) -> float:
-        """The busy rows' shares summed, per core: 1.0 would mean every core busy all the time
-        (a row busy is at least one core busy; the update and the engines use more)."""
-        return sum(self.busy.values()) / self.cores
+        """The busy rows' shares summed (plus the extra cores of a multi-threaded update), per
+        core: 1.0 would mean every core busy all the time."""
+        return (sum(self.busy.values()) + self.extra) / self.cores
 
     def summary(self) -> dict:
         return {"window_s": round(self.seconds, 2), "steps": self.steps, "cores": self.cores,
                 "busy_share": {k: round(v, 3) for k, v in self.busy.items()},
                 "trainer_share": {k: round(v, 3) for k, v in self.trainer_kinds.items()},
-                "busy_per_core": round(self.busy_per_core, 3)}
+                "extra_cores": round(self.extra, 3), "busy_per_core": round(self.busy_per_core, 3)}
 
 
 def read_spans(trace_dir: str | os.PathLike) -> dict[str, list[tuple[str, float, float]]]:
@@ -117,10 +120,19 @@ def window(trace_dir: str | os.PathLike, steps: int = 10, cores: int | None = No
         tl.spans[row] = inside
         work = [(a, b) for k, a, b in inside if k not in IDLE]
         tl.busy[row] = union_seconds(work, start, end) / tl.seconds
+        for k in {k for k, _, _ in inside if k.startswith("threads:")}:
+            ivs = [(a, b) for kk, a, b in inside if kk == k]
+            tl.extra += (int(k.split(":")[1]) - 1) * union_seconds(ivs, start, end) / tl.seconds
     for kind in ("wait", "update", "push", "checkpoint"):
         ivs = [(a, b) for k, a, b in tl.spans.get("trainer", []) if k == kind]
         tl.trainer_kinds[kind] = union_seconds(ivs, start, end) / tl.seconds
     return tl
+
+
+def _label(rk: tuple[str, str]) -> str:
+    if rk[1].startswith("threads:"):
+        return f"{rk[0]}: update on {rk[1].split(':')[1]} threads (the services idle)"
+    return LABELS.get(rk, f"{rk[0]}: {rk[1]}")
 
 
 def render(tl: Timeline, out: str | os.PathLike, title: str = "") -> Path:
@@ -142,12 +154,12 @@ def render(tl: Timeline, out: str | os.PathLike, title: str = "") -> Path:
             bars = [(a - tl.start, b - a) for k, a, b in tl.spans[row] if k == rk[1]]
             # Overlapping spans (messages handled concurrently) draw darker, not wider.
             ax.broken_barh(bars, (y - 0.35, 0.7), facecolors=colour[rk], alpha=0.55,
-                           label=LABELS.get(rk, f"{rk[0]}: {rk[1]}"))
+                           label=_label(rk))
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"{r} ({tl.busy[r]:.0%} busy)" for r in reversed(rows)])
     ax.set_xlim(0, tl.seconds)
     ax.set_xlabel("seconds (gaps: idle)")
-    ax.set_title(title or f"last {tl.steps} steps: {tl.seconds:.1f} s, busy rows per core "
+    ax.set_title(title or f"last {tl.steps} steps: {tl.seconds:.1f} s, busy cores per core "
                  f"{tl.busy_per_core:.2f} ({tl.cores} cores)", fontsize=10)
     handles, labels = ax.get_legend_handles_labels()
     seen = dict(zip(labels, handles, strict=True))

@@ -101,3 +101,19 @@ def test_the_bus_records_a_span_per_message_handled(trace_dir, redis_url, prefix
     lines = [json.loads(x) for p in trace_dir.glob("rollout-*.jsonl")
              for x in p.read_text().splitlines()]
     assert len(lines) == 3 and all(x["kind"] == "handle" and x["t1"] >= x["t0"] for x in lines)
+
+
+def test_an_update_on_more_threads_counts_its_extra_cores(trace_dir, tmp_path):
+    # 2 steps of 10 s: update 0-8, the last 2 s of it on 2 threads (the services idle).
+    trainer = []
+    for i in range(2):
+        t = 10.0 * i
+        trainer += [("wait", t, t + 1), ("update", t + 1, t + 9), ("threads:2", t + 7, t + 9),
+                    ("push", t + 9, t + 10)]
+    write(trace_dir, "trainer", trainer)
+    tl = window(trace_dir, steps=2, cores=2)
+    assert tl.busy["trainer"] == pytest.approx(0.9)  # the threads span adds no busy time
+    assert tl.extra == pytest.approx(0.2)  # but a second core for 2 s of each 10
+    assert tl.busy_per_core == pytest.approx((0.9 + 0.2) / 2)
+    assert tl.summary()["extra_cores"] == pytest.approx(0.2)
+    render(tl, tmp_path / "timeline.png")

@@ -367,3 +367,36 @@ async def test_data_without_the_teachers_context_stops_at_admission(bus, source)
     ok = make_driver(bus, source, max_without_context=2, teacher=TeacherRequest(
         scope="all", context_mode="reference_solution", estimator="self_distill"))
     assert await ok.top_up(0) == P
+
+
+async def test_admission_waits_for_before_admit_only_when_the_step_must_wait(bus, source):
+    """With groups at hand a step takes them without publishing (the trainer admits after the
+    push has loaded, while it updates); a step that must wait for groups first awaits
+    `before_admit` (the push loading), then publishes."""
+    d = make_driver(bus, source, S=1)
+    calls: list[int] = []
+
+    async def before_admit() -> None:
+        calls.append(await bus.backlog(bus.cfg.stream("prompts")))
+
+    # Step 0: nothing at hand, so before_admit runs before anything is published.
+    task = asyncio.ensure_future(d.collect(0, before_admit=before_admit))
+    tasks = await published(bus, 2 * P)
+    assert calls == [0]
+    for t in tasks[:P]:
+        await d.inbox.receive(answer(t, [1.0, 0.0], 0))
+    coll = await asyncio.wait_for(task, 10)
+    assert coll.admitted and [g.task.meta["task_index"] for g in coll.groups] == [0, 1, 2]
+
+    # Step 1: its groups are here: taken without publishing and without before_admit.
+    assert not d.drained()  # step 1's tasks are still upstream
+    for t in tasks[P:]:
+        await d.inbox.receive(answer(t, [1.0, 0.0], 0))
+    assert d.drained()  # all arrived: the services have nothing left to do
+    coll = await d.collect(1, before_admit=before_admit)
+    assert not coll.admitted and calls == [0]
+    assert [g.task.meta["task_index"] for g in coll.groups] == [3, 4, 5]
+    assert await bus.backlog(bus.cfg.stream("prompts")) == 0 and d.state.admitted == 2 * P
+    assert d.drained()  # nothing in flight: every upstream service is idle
+    assert await d.top_up(1) == P  # what the trainer does once the push has loaded
+    assert not d.drained()

@@ -356,6 +356,15 @@ class TrainerConfig(RLRTSettings):
         "the services, 1-2 avoids OpenMP oversubscription (tiny models run 10-50x slower "
         "oversubscribed)",
     )
+    idle_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU, one trainer process: torch threads of the update once every admitted "
+        "group has arrived (the rollout, verifier and teacher then idle until the next push); "
+        "torch_threads until then. On one machine shared with the services (rlrt train) the "
+        "update takes the cores sampling left idle (trainer/threads.py). None = torch_threads "
+        "throughout; ignored with deterministic or more than one rank",
+    )
     deterministic: bool = Field(
         False, description="torch.use_deterministic_algorithms: bitwise-reproducible CPU runs"
     )

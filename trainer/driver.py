@@ -119,6 +119,7 @@ class Collected:
     consumed: list[str]  # msg_ids of every group taken off the inbox (used or dropped)
     counts: Counter[str]  # stale, future, foreign, zero_var_kept/dropped, backfilled
     wait_s: float
+    admitted: bool = True  # False: the step's admission is left to the caller (before_admit)
 
 
 def task_index(g: ScoredGroup) -> int:
@@ -250,6 +251,11 @@ class Driver:
             n += 1
         return n
 
+    def drained(self) -> bool:
+        """Every task in flight has arrived (in the inbox, or held back): nothing upstream
+        works for this run until more tasks are admitted."""
+        return self.inbox.pending() + len(self.deferred) >= len(self.state.inflight)
+
     # ------------------------------------------------------------------ consumption
     def _count(self, counts: Counter[str], key: str) -> None:
         counts[key] += 1
@@ -375,11 +381,20 @@ class Driver:
         await self.bus.publish(self.rescore_stream, VerifiedGroup.model_validate(fields),
                                timeout_s=self.publish_timeout_s)
 
-    async def collect(self, version: int, stop: Any = None) -> Collected | None:
+    async def collect(self, version: int, stop: Any = None,
+                      before_admit: Callable[[], Awaitable[Any]] | None = None
+                      ) -> Collected | None:
         """The groups step `version` trains on (None if `stop` was set while waiting).
         Raises DriverError when no group arrives within wait_timeout_s, or when too many are
-        unusable (the services are not at the trainer's version)."""
+        unusable (the services are not at the trainer's version).
+
+        before_admit: admission may wait. While groups are at hand the step takes them without
+        publishing prompts; only when it must wait for more does it await `before_admit()` (the
+        services loading the last push) and admit. If it never had to, `admitted` is False and
+        the caller admits later (`top_up(version)`): the step's update then starts at once
+        while the services load the push (trainer/main.py)."""
         t0 = time.perf_counter()
+        deferred_admission = before_admit is not None
         used: list[ScoredGroup] = []
         consumed: list[str] = []
         counts: Counter[str] = Counter()
@@ -394,7 +409,11 @@ class Driver:
                     f"{counts['deferred']} from newer weights (engine versions "
                     f"{sorted(self._seen_versions)}): the services do not serve the trainer's "
                     f"version {version}; check the weight pushes (push_failed in the metrics)")
-            await self.top_up(version)
+            if deferred_admission and not self._at_hand(version):
+                await before_admit()  # type: ignore[misc]  # set with deferred_admission
+                deferred_admission = False
+            if not deferred_admission:
+                await self.top_up(version)
             g = await self._next(version, stop, len(used))
             if g is None:
                 return None
@@ -450,4 +469,9 @@ class Driver:
         self._seen_versions.clear()
         used.sort(key=task_index)  # arrival order varies; the batch must not
         return Collected(groups=used, consumed=consumed, counts=counts,
-                         wait_s=time.perf_counter() - t0)
+                         wait_s=time.perf_counter() - t0, admitted=not deferred_admission)
+
+    def _at_hand(self, version: int) -> bool:
+        """A group can be taken without waiting (arrived, or held back and now due)."""
+        return self.inbox.pending() > 0 or any(newest_version(g) <= version
+                                               for g in self.deferred)

@@ -56,6 +56,7 @@ from trainer.model import build_policy
 from trainer.output_lock import OutputLock
 from trainer.reference import build_reference
 from trainer.stats import batch_stats, collect_stats, trained_record
+from trainer.threads import ThreadSwitch
 from trainer.transports import PushResult, make_transport
 
 log = logging.getLogger("rlrt.trainer")
@@ -127,11 +128,26 @@ def _run_trainer(cfg: TrainerConfig, bus: BusSettings, *, resume: bool,
         log.warning("--resume: no checkpoint in %s; starting a fresh run", ckpt.root)
     changed = check_resume(cfg, state, allow_change=allow_config_change)
     reference = build_reference(cfg, rank=rank, world_size=world, device=device)
-    ops = CollectiveOps(cfg, policy, ckpt, tokenizer, reference)
+    ops = CollectiveOps(cfg, policy, ckpt, tokenizer, reference,
+                        threads=_thread_switch(cfg, policy, world, device))
     if rank != 0:
         ops.follow()
         return {}
     return asyncio.run(_RankZeroLoop(cfg, bus, RankZero(ops), tokenizer, state, changed).run())
+
+
+def _thread_switch(cfg: TrainerConfig, policy: Any, world: int, device: str
+                   ) -> ThreadSwitch | None:
+    """trainer.idle_threads (trainer/threads.py): one CPU process, not bitwise-deterministic."""
+    if cfg.idle_threads is None or cfg.idle_threads == torch.get_num_threads():
+        return None
+    if world > 1 or device != "cpu" or cfg.deterministic:
+        log.warning("trainer.idle_threads ignored: it applies to one CPU trainer process "
+                    "without trainer.deterministic")
+        return None
+    switch = ThreadSwitch(busy=torch.get_num_threads(), idle=cfg.idle_threads)
+    switch.attach(policy.hf_model)
+    return switch
 
 
 class _RankZeroLoop:
@@ -169,6 +185,9 @@ class _RankZeroLoop:
         # Built by run(), inside its clean-up: reading the data may fail, and the other ranks
         # must then be released.
         self.source: PromptSource | None = None
+        self.driver: Driver | None = None
+        self.admission: asyncio.Task | None = None  # the step's admission, after the push loads
+        self.settled: dict[str, Any] = {}  # the figures of the last push loaded (metrics)
 
     # ------------------------------------------------------------------ helpers
     def _on_signal(self, signum: int) -> None:
@@ -184,9 +203,22 @@ class _RankZeroLoop:
             except (NotImplementedError, RuntimeError, ValueError):
                 pass  # not the main thread (e.g. embedded in a test): no signal handling
 
+    async def _receive(self, group: ScoredGroup) -> None:
+        """Bus handler: into the inbox; the update may take the idle cores once the pipeline
+        has drained (trainer.idle_threads)."""
+        await self.inbox.receive(group)
+        self._drained()
+
     async def _receive_unscored(self, group: VerifiedGroup) -> None:
         """Bus handler of a run without a teacher service (trainer.teacher_service false)."""
-        await self.inbox.receive(ScoredGroup.unscored(group))
+        await self._receive(ScoredGroup.unscored(group))
+
+    def _drained(self) -> None:
+        threads = self.ranks.ops.threads
+        if threads is not None and self.driver is not None:
+            # An admission still to come (`_admit`) is work about to start upstream.
+            admitting = self.admission is not None and not self.admission.done()
+            threads.set_drained(not admitting and self.driver.drained())
 
     def _max_seq_len(self) -> int:
         return int(self.cfg.max_seq_len or self.policy.hf_model.config.max_position_embeddings)
@@ -256,6 +288,23 @@ class _RankZeroLoop:
                 "push_ok": len(res.ok), "push_failed": sorted(res.failed),
                 "push_canary_refused": sorted(res.canary_refused)}
 
+    async def _settle(self) -> None:
+        """Wait for the last push to load (the driver's before_admit); keep its figures."""
+        self.settled = await self.settle()
+
+    async def _admit(self, driver: Driver, step: int) -> None:
+        """In the background of step `step`'s update: the services load the last push, then
+        the prompts the driver did not admit go out."""
+        await self._settle()
+        await driver.top_up(step)
+        self._drained()  # the rollout has work again: the update gives its core back
+
+    async def _admitted(self) -> None:
+        """The background admission has finished (its error, if any, is raised here)."""
+        if self.admission is not None:
+            task, self.admission = self.admission, None
+            await task
+
     async def save(self, version: int) -> float:
         t0 = time.perf_counter()
         assert self.source is not None, "run() builds the prompt source before any step"
@@ -303,6 +352,7 @@ class _RankZeroLoop:
                 rescore_stream=self.bus_cfg.stream(STAGES["teacher"].in_stream),
                 max_without_context=cfg.max_groups_without_context,
                 dead_tolerance=cfg.dead_letter_tolerance, on_lagging=self.catch_up)
+            self.driver = driver
             # A bus that lost or outran the checkpoint's history: its tasks are re-admitted.
             self.resync = self.state and await resync(bus.r, self.bus_cfg.prefix, driver,
                                                       self.start_step, self.state)
@@ -313,7 +363,7 @@ class _RankZeroLoop:
             in_stream, in_type = trainer_input(cfg.teacher_service)
             consumer = asyncio.create_task(bus.consume(
                 self.bus_cfg.stream(in_stream), STAGES["trainer"].group, "trainer-0",
-                self.inbox.receive if cfg.teacher_service else self._receive_unscored,
+                self._receive if cfg.teacher_service else self._receive_unscored,
                 in_type, consume_stop, concurrency=16))
             self._install_signals()
             log.info("trainer: start at step %d of %d (restored %d uncommitted groups)",
@@ -322,6 +372,8 @@ class _RankZeroLoop:
             finished = True
             return result
         finally:
+            if self.admission is not None:
+                self.admission.cancel()
             consume_stop.set()
             if consumer is not None:
                 try:
@@ -334,6 +386,7 @@ class _RankZeroLoop:
                 log.error("could not stop the other ranks: %r", e)
             if sink is not None:
                 sink.close()
+            await self.transport.close()
             await bus.close()
 
     async def _loop(self, driver: Driver, sink: MetricsSink, consumer: asyncio.Task
@@ -363,19 +416,26 @@ class _RankZeroLoop:
             # Let the services finish loading the last push before this step's prompts go out:
             # an engine drains its running rows before it swaps weights, so prompts published
             # earlier would start on the old weights and then stall the swap half-batched.
-            # The wait costs nothing extra: the rows it waits for are this step's groups.
-            with span("trainer", "wait"):  # for the last push to load, then for the groups
-                settled = await self.settle()
-                collected = await driver.collect(step, self.stop)
+            # When this step's groups are already here (max_staleness >= 1) the update need not
+            # wait for that: the driver takes them without admitting, and the admission waits
+            # for the load in the background while the update runs (`_admission`).
+            with span("trainer", "wait"):  # for the groups (and the last push to load)
+                self.settled = {}
+                collected = await driver.collect(step, self.stop, before_admit=self._settle)
             if collected is None:
                 break
+            if not collected.admitted:
+                self.admission = asyncio.create_task(self._admit(driver, step))
             t0 = time.perf_counter()
             batch = build_batch(collected.groups, step, self.tokenizer.pad_token_id or 0,
                                 self._max_seq_len())
             t_batch = time.perf_counter() - t0
+            self._drained()  # with max_staleness 0 nothing is in flight: all cores at once
             with span("trainer", "update"):
                 m = await self.ranks.train(batch, step)
             version = step + 1
+            await self._admitted()  # long done: loading a push takes less than an update
+            settled = self.settled
             record = {"step": step, "version": version,
                       **batch_stats(batch, collected.groups, step),
                       **collect_stats(collected), **m, "time_batch_s": t_batch}

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -108,8 +109,8 @@ LOSS_KEYS = ["pg_loss", "clipfrac_low", "clipfrac_high", "dual_clip_frac", "appr
 def update_step(policy: Policy, batch: TrainBatch, alg: AlgorithmConfig, *, step: int,
                 micro_batch_size: int, old_logprobs_mode: str = "recompute",
                 ppo_mini_batch_size: int | None = None, ppo_epochs: int = 1,
-                norm_len: int | None = None, reference: Reference | None = None
-                ) -> dict[str, float]:
+                norm_len: int | None = None, reference: Reference | None = None,
+                between: Callable[[], None] | None = None) -> dict[str, float]:
     """Run steps 1-4 on `batch` (the whole batch, identical on every rank). Returns metrics
     (identical on every rank) including seconds per phase and tokens/s.
 
@@ -119,7 +120,9 @@ def update_step(policy: Policy, batch: TrainBatch, alg: AlgorithmConfig, *, step
     old_logprobs_mode "recompute": step 1 is a separate no-grad pass. "reuse": only when the
     step is a single update (otherwise the weights move between updates and s_t must come
     from the weights that begin the step): s_t is taken from the update's own forward
-    (detached) micro-batch by micro-batch, exactly the same numbers, one forward fewer."""
+    (detached) micro-batch by micro-batch, exactly the same numbers, one forward fewer.
+    between: called before each micro-batch and each optimizer step (trainer/threads.py adapts
+    the thread count there)."""
     if alg.kl_coef > 0 and reference is None:
         raise ValueError("kl_coef > 0 needs the reference policy (trainer.reference)")
     rank, world = policy.rank, policy.world_size
@@ -164,6 +167,8 @@ def update_step(policy: Policy, batch: TrainBatch, alg: AlgorithmConfig, *, step
                                                         micro_batch_size)
             n_mb += len(plan)
             for rows in plan:
+                if between is not None:
+                    between()
                 mb = batch.select(rows) if rows else _dummy(batch)
                 idx = torch.as_tensor(rows or [0])
                 T = mb.input_ids.shape[1]
@@ -189,6 +194,8 @@ def update_step(policy: Policy, batch: TrainBatch, alg: AlgorithmConfig, *, step
                 policy.engine.backward(out.loss * world, scale_wrt_gas=False)
                 loss_total += float(out.loss.detach()) / n_updates
                 sums.add(out.metrics, float(mb.response_mask.sum()))
+            if between is not None:
+                between()
             ts = time.perf_counter()
             last = epoch == ppo_epochs - 1 and j == len(minis) - 1
             policy.engine.step(lr_kwargs={"advance": last})  # one lr step per RL step
@@ -243,10 +250,12 @@ def _plan(batch: TrainBatch, rows: list[int], rank: int, world: int,
 
 
 def train_step(cfg: TrainerConfig, policy: Policy, batch: TrainBatch, step: int,
-               reference: Reference | None = None) -> dict[str, float]:
+               reference: Reference | None = None,
+               between: Callable[[], None] | None = None) -> dict[str, float]:
     """`update_step` with the trainer config's knobs (what the trainer process calls)."""
     return update_step(policy, batch, cfg.algorithm, step=step,
                        micro_batch_size=cfg.micro_batch_size,
                        old_logprobs_mode=cfg.old_logprobs,
                        ppo_mini_batch_size=cfg.ppo_mini_batch_size, ppo_epochs=cfg.ppo_epochs,
-                       norm_len=cfg.sampling.max_new_tokens, reference=reference)
+                       norm_len=cfg.sampling.max_new_tokens, reference=reference,
+                       between=between)

@@ -78,3 +78,7 @@ class WeightTransport(ABC):
     async def settle(self) -> PushResult | None:
         """Wait for the push loading in the background, if any, and return its result."""
         return None
+
+    async def close(self) -> None:
+        """Release what the transport holds open between pushes (HTTP connections)."""
+        return None

@@ -32,6 +32,9 @@ class NcclWithDiskFallback(WeightTransport):
     async def settle(self) -> PushResult | None:
         return await self.disk.settle()
 
+    async def close(self) -> None:
+        await self.disk.close()
+
     async def catch_up(self, services: list[ServiceEndpoint], version: int, ranks: Collectives,
                        canary: Canary | None) -> PushResult:
         return await self.disk.catch_up(services, version, ranks, canary)
