@@ -11,7 +11,9 @@ the measured steps.
   ours: `python -m rlrt.cli train` on configs/countdown-tiny.yaml with those overrides, preset
         grpo, `zero_variance: keep` (every group trained, as TRL does), held-out eval off. The
         launcher's processes as in real use: embedded Redis, verifier, rollout (CPU engine, 1
-        thread) and the DeepSpeed trainer (1 thread; grpo runs no teacher service).
+        thread) and the DeepSpeed trainer (1 thread, 2 once sampling has drained:
+        `idle_threads`; grpo runs no teacher service). Once more with the update fixed at 1
+        thread: its busy time per step is the work the machine's limit is computed from.
   TRL:  `GRPOTrainer` (transformers `generate` for sampling, `use_vllm=False`, `use_cpu=True`)
         in its own process, a reward function calling `tasks.countdown.verify`; run
         twice, with 1 torch thread and with torch's default thread count. The reference is the
@@ -157,7 +159,8 @@ def prompt_rows(model_dir: Path, n: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------- ours
-def ours_config(tmp: Path, model_dir: Path, steps: int, shape: Shape = SHAPE) -> Path:
+def ours_config(tmp: Path, model_dir: Path, steps: int, shape: Shape = SHAPE,
+                trainer: dict | None = None) -> Path:
     import yaml
 
     cfg = yaml.safe_load((ROOT / "configs" / "countdown-tiny.yaml").read_text())
@@ -173,6 +176,7 @@ def ours_config(tmp: Path, model_dir: Path, steps: int, shape: Shape = SHAPE) ->
              group_size=shape.g, micro_batch_size=shape.p * shape.g, lr=LR, warmup_steps=0,
              zero_variance="keep", total_steps=steps, seed=SEED, output_dir=str(run / "trainer"),
              checkpoint={"every": 0}, metrics={"progress": False})
+    t.update(trainer or {})
     t["algorithm"] = {"preset": "grpo"}
     t["data"] = {"source": "countdown", "num_prompts": NUM_PROMPTS}
     t["sampling"] = {"temperature": TEMP, "max_new_tokens": shape.max_new}
@@ -181,8 +185,10 @@ def ours_config(tmp: Path, model_dir: Path, steps: int, shape: Shape = SHAPE) ->
     return path
 
 
-def run_ours(tmp: Path, model_dir: Path, steps: int, skip: int, shape: Shape = SHAPE) -> dict:
-    cfg = ours_config(tmp, model_dir, steps, shape)
+def run_ours(tmp: Path, model_dir: Path, steps: int, skip: int, shape: Shape = SHAPE,
+             trainer: dict | None = None) -> dict:
+    """One `rlrt train` run; `trainer`: overrides of the tiny config's trainer section."""
+    cfg = ours_config(tmp, model_dir, steps, shape, trainer)
     metrics = tmp / "ours" / "trainer" / "metrics.jsonl"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
     log = open(tmp / "ours.log", "w")
@@ -218,6 +224,10 @@ def run_ours(tmp: Path, model_dir: Path, steps: int, skip: int, shape: Shape = S
     if wall <= 0:  # the steady steps' lines appeared within one 20 ms poll: the trainer's spans
         wall = tl.seconds
     tokens = sum(r["samples"] * r["response_len_mean"] for r in steady)
+    summary = tl.summary()
+    # The work of a step in core-seconds: each process's busy time (plus the extra cores of a
+    # multi-threaded update) over the window, per step.
+    work = (sum(tl.busy.values()) + tl.extra) * tl.seconds / tl.steps
     return {
         "steps": steps, "startup_s": seen[0] - t_launch, "steady_steps": len(steady),
         "steady_s": wall, "s_per_step": wall / len(steady),
@@ -231,7 +241,9 @@ def run_ours(tmp: Path, model_dir: Path, steps: int, skip: int, shape: Shape = S
         "staleness_mean": sum(r.get("staleness", r.get("staleness_mean", 0.0)) for r in steady) / len(steady),
         "shutdown_s": t_exit - seen[-1],
         "total_s": t_exit - t_launch,
-        "timeline": tl.summary(), "timeline_png": str(png),
+        "timeline": summary, "timeline_png": str(png), "work_core_s_per_step": work,
+        "s_idle_threads_per_step": sum(r.get("time_idle_threads_s", 0.0) for r in steady)
+        / len(steady),
         "peak_rss_mb": rss.peak / 2**20,
         "peak_rss_mb_by_process": {k: v / 2**20 for k, v in sorted(rss.by_name.items())},
     }
@@ -368,13 +380,19 @@ def main() -> None:
         params = build_model(model_dir)
         plen = [r["prompt_tokens"] for r in prompt_rows(model_dir, 64)]
         loads["start"] = os.getloadavg()[0]
-        trl_runs, ours_runs = [], []
+        trl_runs, ours_runs, fixed_runs = [], [], []
         for i in range(args.rounds):  # interleaved: the machine is shared, its load drifts
             trl_runs.append(run_trl(tmp, model_dir, args.trl_steps, args.skip, threads=1))
             loads[f"after TRL {i + 1}"] = os.getloadavg()[0]
             shutil.rmtree(tmp / "ours", ignore_errors=True)
             ours_runs.append(run_ours(tmp, model_dir, args.ours_steps, args.skip))
             loads[f"after ours {i + 1}"] = os.getloadavg()[0]
+            shutil.rmtree(tmp / "ours", ignore_errors=True)
+            # The same run with the update fixed at 1 thread: its busy time is the work of a
+            # step, each part on one core, from which the machine's limit is computed.
+            fixed_runs.append(run_ours(tmp, model_dir, args.ours_steps, args.skip,
+                                       trainer={"idle_threads": None}))
+            loads[f"after ours (1 thread) {i + 1}"] = os.getloadavg()[0]
         best = min(ours_runs, key=lambda r: r["s_per_step"])
         if not args.no_record:  # the timeline of the round the table reports
             shutil.copy(best["timeline_png"], ROOT / "docs" / "e2e-timeline.png")
@@ -385,33 +403,39 @@ def main() -> None:
     # best of the rounds on each side: load from other jobs only ever slows a run down
     trl1 = min(trl_runs, key=lambda r: r["s_per_step"])
     ours = min(ours_runs, key=lambda r: r["s_per_step"])
-    print(json.dumps({"ours": ours_runs, "trl_1_thread": trl_runs, "trl_default_threads": trl0,
-                      "params": params, "load": loads}, indent=1), file=sys.stderr)
+    fixed = min(fixed_runs, key=lambda r: r["s_per_step"])
+    print(json.dumps({"ours": ours_runs, "ours_1_thread": fixed_runs, "trl_1_thread": trl_runs,
+                      "trl_default_threads": trl0, "params": params, "load": loads}, indent=1),
+          file=sys.stderr)
 
     spm = lambda r: 60 / r["s_per_step"]  # noqa: E731
     # the reference is TRL at its better thread count on this machine
     trl = max([trl1] + ([trl0] if trl0 else []), key=spm)
     ours_spm, trl_spm = spm(ours), spm(trl)
     ratio = ours_spm / trl_spm
+    cores = ours["timeline"]["cores"]
+    # The machine's limit: a step's work (core-seconds, every part on one core: the fixed
+    # run's busy time) spread perfectly over every core, nothing idle, nothing waiting.
+    limit_s = fixed["work_core_s_per_step"] / cores
+    of_limit = limit_s / ours["s_per_step"]
 
     def row(label: str, r: dict, bold: bool = False) -> str:
         v = f"**{spm(r):.1f}**" if bold else f"{spm(r):.1f}"
-        return (f"| {label} | {v} | {r['s_per_step']:.2f} | {r['completion_tokens_per_s']:.0f} | "
+        return (f"| {label} | {v} | {r['s_per_step']:.3f} | {r['completion_tokens_per_s']:.0f} | "
                 f"{r['completion_len_mean']:.1f} | {r['startup_s']:.1f} | {r['steps']} |")
 
     rows = [row("TRL `GRPOTrainer`, 1 torch thread", trl1)]
     if trl0:
         rows.append(row(f"TRL `GRPOTrainer`, torch default ({trl0['threads']} threads)", trl0))
+    rows.append(row("`rlrt train`, the update fixed at 1 thread (`idle_threads: null`)", fixed))
     rows.append(row("**`rlrt train`** (tiny config, preset grpo)", ours, bold=True))
     table = "\n".join(rows)
-    rounds_trl = ", ".join(f"{r['s_per_step']:.2f}" for r in trl_runs)
-    rounds_ours = ", ".join(f"{r['s_per_step']:.2f}" for r in ours_runs)
+    rounds_trl = ", ".join(f"{r['s_per_step']:.3f}" for r in trl_runs)
+    rounds_ours = ", ".join(f"{r['s_per_step']:.3f}" for r in ours_runs)
+    rounds_fixed = ", ".join(f"{r['s_per_step']:.3f}" for r in fixed_runs)
     plen_text = f"{min(plen)}" if min(plen) == max(plen) else f"{min(plen)}-{max(plen)}"
     load_text = ", ".join(f"{v:.1f} {k}" for k, v in loads.items())
     trl_update = trl1["s_per_step"] - trl1["sampling_s_per_step"]
-    trl_best_update = trl["s_per_step"] - trl["sampling_s_per_step"]
-    ceiling = trl["s_per_step"] / ours["s_update_per_step"]
-    need = 3 / ceiling
     trl0_split = ""
     if trl0:
         trl0_split = (f"; with {trl0['threads']} threads {trl0['sampling_s_per_step']:.2f} + "
@@ -420,11 +444,15 @@ def main() -> None:
     if trl0:
         x = ours_spm / spm(trl0)
         default_line = (f" Against TRL with torch's default {trl0['threads']} threads "
-                        f"({trl0['s_per_step']:.2f} s/step) ours is {x:.2f}x.")
+                        f"({trl0['s_per_step']:.3f} s/step) ours is {x:.2f}x.")
+
+    def shares(r: dict) -> str:
+        tl = r["timeline"]
+        return ", ".join(f"{k} {v:.0%}" for k, v in tl["busy_share"].items()) + (
+            " of the time (the trainer's: " + ", ".join(
+                f"{k} {v:.0%}" for k, v in tl["trainer_share"].items() if v) + ")")
+
     tl = ours["timeline"]
-    limit_text = ", ".join(f"{k} {v:.0%}" for k, v in tl["busy_share"].items()) + (
-        " of the time (the trainer's: " + ", ".join(
-            f"{k} {v:.0%}" for k, v in tl["trainer_share"].items() if v) + ")")
     body = f"""
 One RL step = 8 Countdown prompts x G = 8 completions of at most 32 tokens (temperature 1.0),
 rewards from `tasks.countdown.verify`, one AdamW step (lr 1e-4 constant, weight
@@ -435,63 +463,58 @@ every reward is 0: ours keeps the zero-variance groups, `zero_variance: keep`, s
 train on all 64 samples), the same prompts in the same order ({plen_text} tokens
 after the chat template). Ours = `python -m rlrt.cli train` on configs/countdown-tiny.yaml with
 only those knobs changed (+ held-out eval off, no mid-run checkpoints): embedded Redis,
-verifier, rollout (CPU engine, 1 thread) and the DeepSpeed trainer (1 thread; grpo runs no
-teacher service), `max_staleness: 1`. TRL {trl_pkg.__version__} = `GRPOTrainer` with
-`use_vllm=False, use_cpu=True` in one process (transformers {transformers.__version__}, torch
-{torch.__version__}). Steady state = end of step {args.skip} to end of the last step; start-up =
-launch to the end of the first step; each side's best of {args.rounds} interleaved rounds.
-{os.cpu_count()} CPU cores (load average: {load_text}; 1-2 means the machine was otherwise
-idle, as the benchmark itself keeps one or two cores busy): the figures move by about +-10%
-from run to run on an idle machine, several-fold under other jobs' load.
+verifier, rollout (CPU engine, 1 thread) and the DeepSpeed trainer (1 thread, 2 once sampling
+has drained: `idle_threads: 2`; grpo runs no teacher service), `max_staleness: 1`. TRL
+{trl_pkg.__version__} = `GRPOTrainer` with `use_vllm=False, use_cpu=True` in one process
+(transformers {transformers.__version__}, torch {torch.__version__}). Steady state = end of step
+{args.skip} to end of the last step; start-up = launch to the end of the first step; each side's
+best of {args.rounds} interleaved rounds. {os.cpu_count()} CPU cores (load average: {load_text};
+1-2 means the machine was otherwise idle, as the benchmark itself keeps one or two cores busy):
+the figures move by about +-10% from run to run on an idle machine, several-fold under other
+jobs' load.
 
 | | RL steps/min | s/step | completion tokens/s | mean completion length | start-up (s) | steps run |
 |---|---|---|---|---|---|---|
 {table}
 
-All rounds, s/step: TRL (1 thread) {rounds_trl}; ours {rounds_ours}.
+All rounds, s/step: TRL (1 thread) {rounds_trl}; ours {rounds_ours}; ours with the update at 1
+thread {rounds_fixed}.
 
-Ratio ours / TRL at its better thread count: **{ratio:.2f}x** RL steps/min (goal >= 1.2: **{"met" if ratio >= 1.2 else "not met"}**);
-completion tokens/s {ours["completion_tokens_per_s"] / trl["completion_tokens_per_s"]:.2f}x.{default_line}
+Ratio ours / TRL at its better thread count: **{ratio:.2f}x** RL steps/min (goal >= 1.2:
+**{"met" if ratio >= 1.2 else "not met"}**); completion tokens/s
+{ours["completion_tokens_per_s"] / trl["completion_tokens_per_s"]:.2f}x.{default_line}
 
-Ours against this machine's limit: over the steady steps of that round its processes were busy
-{limit_text} -- **{tl["busy_per_core"]:.0%} of the {tl["cores"]}-core limit** (goal >= 90%:
-**{"met" if tl["busy_per_core"] >= 0.9 else "not met"}**): the busy processes per core of the step
-timeline, i.e. the work of a step (sampling, verification, update, push) over what {tl["cores"]}
-cores could do in its time. The timeline of those steps (`rlrt timeline`, one row per process,
-gaps idle): `docs/e2e-timeline.png`.
+Ours against this machine's limit: **{of_limit:.0%}** (goal >= 90%: **{"met" if of_limit >= 0.9
+else "not met"}**). The limit is a step's work spread over the {cores} cores with nothing idle:
+the run with the update fixed at 1 thread was busy {fixed["work_core_s_per_step"]:.3f}
+core-seconds per step (its step timeline: {shares(fixed)}), so no schedule can beat
+{limit_s:.3f} s/step here; ours took {ours["s_per_step"]:.3f}. Its own timeline ({shares(ours)};
+the update ran on 2 threads for {ours["s_idle_threads_per_step"]:.3f} s of each step, which the
+timeline counts as {tl["extra_cores"]:.0%} of a core more: {tl["busy_per_core"]:.0%} of the
+cores busy): `docs/e2e-timeline.png` (`rlrt timeline`, one row per process, gaps idle).
 
 Where the time goes. TRL runs everything in sequence: with 1 thread, sampling + rewards
 {trl1["sampling_s_per_step"]:.2f} s/step (`model.generate`, 64 rows x 32 tokens), then the
-forward/backward and optimizer step {trl_update:.2f} s/step{trl0_split}. Ours splits the two
+forward/backward and optimizer step {trl_update:.2f} s/step{trl0_split}. Ours splits the work
 over the two cores: the rollout service samples step t+1's groups while the trainer updates on
-step t's, so a step costs max(sampling, update) instead of their sum. Here the update is the
-longer one: trainer {ours["s_per_step_trainer"]:.2f} s/step, of which {ours["s_update_per_step"]:.2f} s
-the update (forward/backward and AdamW on one core: the same work as TRL's, at about
-plain-PyTorch speed, see the trainer section) and only {ours["s_wait_per_step"]:.2f} s waiting
-for scored groups: sampling, verification, the Redis hops and the weight push (written in
-~0.01 s, loaded by the services in the background) are hidden. Mean staleness of the
-trained samples {ours["staleness_mean"]:.2f} version, within `max_staleness: 1` (one version
-old is the price of the overlap).
-
-Why 3x is out of reach on this machine. Ours can be no faster than its own update
-({ours["s_update_per_step"]:.2f} s/step here), and that update is the same forward/backward
-and AdamW step as TRL's ({trl_best_update:.2f} s/step at TRL's better thread count), run by the
-same PyTorch kernels on one core. Even with sampling entirely hidden the ceiling is TRL's step
-over our update, about {ceiling:.1f}x; 3x would need the forward/backward itself to run about
-{need:.1f}x faster than PyTorch runs it on this CPU, or more cores (a GPU).
-The issue's 5.5 s/step for TRL was measured on a
-busier machine: TRL at torch's default thread count swings several-fold with the load of other
-jobs (5-24 s/step while this benchmark was first written, under load 7-9).
-Start-up is longer for ours (Redis, three services, the
-DeepSpeed engine, the first weight push: {ours["startup_s"]:.0f} s vs {trl1["startup_s"]:.0f}
-s), paid once per run.
+step t's, so a step costs about max(sampling, update) instead of their sum; the update starts as
+soon as its groups are there (the next step's prompts go out once the services have loaded the
+new weights, in the background of the update), and once the last group of step t+1 has
+arrived -- the rollout, the verifier and the teacher then have nothing to do until the next
+push -- the update takes the second core (`trainer.idle_threads`, trainer/threads.py). Here:
+trainer {ours["s_per_step_trainer"]:.3f} s/step, of which {ours["s_update_per_step"]:.3f} s the
+update and {ours["s_wait_per_step"]:.3f} s waiting for scored groups; the weight push is written
+in ~0.01 s and loaded by the services in the background. Mean staleness of the trained samples
+{ours["staleness_mean"]:.2f} version, within `max_staleness: 1` (one version old is the price of
+the overlap). Start-up is longer for ours (Redis, three services, the DeepSpeed engine, the
+first weight push: {ours["startup_s"]:.0f} s vs {trl1["startup_s"]:.0f} s), paid once per run.
 """
     if not args.no_record:
         record(NAME, body)
     else:
         print(body, file=sys.stderr)
-    print(f"ours / TRL: {ratio:.2f}x RL steps/min; ours at {tl['busy_per_core']:.0%} of the "
-          f"{tl['cores']}-core limit (step timeline)", flush=True)
+    print(f"ours / TRL: {ratio:.2f}x RL steps/min; ours at {of_limit:.0%} of the "
+          f"{cores}-core limit ({limit_s:.3f} s/step)", flush=True)
     emit(NAME, ours_spm, trl_spm, "RL steps/min")
 
 

@@ -25,4 +25,5 @@ def test_e2e_runs_both_sides_and_reports_the_limit():
     result = json.loads(lines[-1])
     assert result["bench"] == "e2e" and result["ours"] > 0 and result["reference"] > 0
     assert "core limit" in lines[-2]
-    assert "-core limit** (goal >= 90%" in out.stderr  # the report body (not recorded)
+    assert "Ours against this machine's limit: **" in out.stderr  # the report body (not recorded)
+    assert "the update fixed at 1 thread" in out.stderr
