@@ -187,9 +187,12 @@ def bench_push(args: argparse.Namespace, policy, tmp: Path) -> dict:  # noqa: AN
         nbytes = sum(t.numel() * t.element_size() for t in sd_plain.values())
         parts: dict[str, list[float]] = {"write": [], "notify": []}
 
+        loop = asyncio.new_event_loop()  # the trainer's: one loop, one HTTP client, every push
+
         def ours() -> None:  # exactly what the trainer does after a step
             version[0] += 1
-            res = asyncio.run(pusher.push(full_state_dict(policy, copy=False), version[0]))
+            res = loop.run_until_complete(pusher.push(full_state_dict(policy, copy=False),
+                                                      version[0]))
             assert sorted(res.ok) == ["rollout", "teacher"], res.failed
             parts["write"].append(res.write_s)
             parts["notify"].append(res.notify_s)
@@ -210,6 +213,8 @@ def bench_push(args: argparse.Namespace, policy, tmp: Path) -> dict:  # noqa: AN
         for _ in range(args.reps):
             for k, fn in runs.items():
                 times[k].append(_timed(fn))
+        loop.run_until_complete(pusher.close())
+        loop.close()
     finally:
         for p, _ in procs:
             p.kill()
