@@ -326,6 +326,15 @@ class TrainerConfig(RLRTSettings):
         "sampling.temperature (1.0 when greedy). Must match how the engine reports log-probs",
     )
     gradient_checkpointing: bool = Field(False, description="HF activation checkpointing")
+    share_prompts: bool = Field(
+        True,
+        description="rows of a micro-batch that share a prompt (a GRPO group) run it once: the "
+        "decoder keeps the prompt's keys/values and runs only the response tokens per row "
+        "(trainer/algorithm/shared_prompt.py); the same log-probs and gradients up to float "
+        "rounding, (G-1)/G of the prompt tokens' work saved. Checked against the plain forward "
+        "on the first shared micro-batch (off, with a warning, if they differ). Not under "
+        "ZeRO-3 (ranks must run the same module calls) or activation checkpointing",
+    )
 
     # ---- optimizer ---------------------------------------------------------------------------
     lr: float = Field(1e-6, gt=0, description="AdamW peak learning rate (paper: 1e-6)")

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from trainer.algorithm import token_logprobs
+from trainer.algorithm.shared_prompt import prompt_groups
 from trainer.config import TrainerConfig
 
 log = logging.getLogger("rlrt.trainer.model")
@@ -59,20 +60,51 @@ class PolicyModel(nn.Module):
     empty partition. Returning plain tensors (not a dataclass) lets ZeRO-3 hook the outputs.
     """
 
-    def __init__(self, model: nn.Module, *, chunk_size: int, temperature: float) -> None:
+    def __init__(self, model: nn.Module, *, chunk_size: int, temperature: float,
+                 share_prompts: bool = False) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.temperature = temperature
+        self.share_prompts = share_prompts  # trainer.share_prompts
+        self._share_checked = False
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 logprob_mask: torch.Tensor, with_entropy: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.share_prompts and not self._share_checked:
+            self._check_shared(input_ids, attention_mask, logprob_mask)
         out = token_logprobs(self.model, input_ids, attention_mask, logprob_mask=logprob_mask,
                              temperature=self.temperature, chunk_size=self.chunk_size,
-                             with_entropy=with_entropy)
+                             with_entropy=with_entropy, share_prompts=self.share_prompts)
         ent = out.entropy if out.entropy is not None else out.logprobs.new_zeros(0)
         return out.logprobs, ent
+
+    @torch.no_grad()
+    def _check_shared(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      logprob_mask: torch.Tensor) -> None:
+        """On the first micro-batch that shares a prompt: the shared forward must give the
+        plain one's log-probs (a model whose attention or cache it does not fit would not)."""
+        want = logprob_mask.bool()
+        if prompt_groups(input_ids, attention_mask, want) is None:
+            return  # nothing shared here: check on a later micro-batch
+        self._share_checked = True
+        kw = dict(logprob_mask=logprob_mask, temperature=self.temperature,
+                  chunk_size=self.chunk_size)
+        plain = token_logprobs(self.model, input_ids, attention_mask, **kw).logprobs[want]
+        shared = token_logprobs(self.model, input_ids, attention_mask, share_prompts=True,
+                                **kw).logprobs[want]
+        diff = (plain - shared).abs()
+        fp32 = next(self.model.parameters()).dtype == torch.float32
+        ok = bool(diff.max() <= 1e-3) if fp32 else bool(diff.mean() <= 0.05)
+        if not ok:
+            self.share_prompts = False
+            log.warning("trainer.share_prompts: the shared-prompt forward differs from the "
+                        "plain one on this model (max |delta log-prob| %.3g, mean %.3g); the "
+                        "plain forward is used", float(diff.max()), float(diff.mean()))
+        else:
+            log.info("trainer.share_prompts: checked against the plain forward (max |delta "
+                     "log-prob| %.2g)", float(diff.max()))
 
 
 def ds_config(cfg: TrainerConfig, world_size: int, dtype: torch.dtype) -> dict[str, Any]:
@@ -236,6 +268,12 @@ class Policy:
                            logprob_mask=logprob_mask.to(dev), with_entropy=with_entropy)
 
 
+def shares_prompts(cfg: TrainerConfig) -> bool:
+    """trainer.share_prompts where it applies: not under ZeRO-3 (every rank must call the same
+    modules the same number of times) nor activation checkpointing (no cache in training)."""
+    return cfg.share_prompts and cfg.zero_stage != 3 and not cfg.gradient_checkpointing
+
+
 def build_policy(cfg: TrainerConfig, *, rank: int, world_size: int, device: str) -> Policy:
     import deepspeed
 
@@ -246,7 +284,8 @@ def build_policy(cfg: TrainerConfig, *, rank: int, world_size: int, device: str)
     if cfg.gradient_checkpointing:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hf.config.use_cache = False
-    wrapper = PolicyModel(hf, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature)
+    wrapper = PolicyModel(hf, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature,
+                          share_prompts=shares_prompts(cfg))
     opt = torch.optim.AdamW(param_groups(hf, cfg.weight_decay), lr=cfg.lr,
                             betas=cfg.adam_betas, eps=cfg.adam_eps)
     sched = RLStepLR(opt, lr_lambda(cfg))

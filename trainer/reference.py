@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from trainer.config import TrainerConfig
-from trainer.model import PolicyModel, ds_config, load_hf_model, resolve_dtype
+from trainer.model import PolicyModel, ds_config, load_hf_model, resolve_dtype, shares_prompts
 
 
 @dataclass
@@ -47,7 +47,9 @@ def build_reference(cfg: TrainerConfig, *, rank: int, world_size: int,
     hf = load_hf_model(path, dtype, zero3_ds_config=ds if zero3 else None, rank=rank)
     hf.config.use_cache = False
     hf.requires_grad_(False)
-    wrapper = PolicyModel(hf, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature)
+    # The same forward as the policy's: at the reference weights the KL is then exactly 0.
+    wrapper = PolicyModel(hf, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature,
+                          share_prompts=shares_prompts(cfg))
     if zero3:
         import deepspeed
 

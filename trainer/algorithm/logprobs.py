@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from trainer.algorithm.shared_prompt import shared_prompt_hidden
+
 # Rows per chunk. 256 rows x V = 151,936 is 156 MB of float32 logits; a chunk's backward holds
 # a few such buffers at once (logits, softmax, their gradient), so the transient stays under
 # ~1 GB whatever T is, while each chunk is still a large matmul for the GPU.
@@ -113,6 +115,7 @@ def token_logprobs(
     chunk_size: int = DEFAULT_CHUNK,
     with_entropy: bool = False,
     use_checkpoint: bool = True,
+    share_prompts: bool = False,
 ) -> TokenLogProbs:
     """Log-probs of the tokens of `input_ids` [B,T] under an HF causal LM, aligned with the
     input: out[:, t] = log p(input_ids[:, t] | input_ids[:, :t]); out[:, 0] = 0.
@@ -121,29 +124,37 @@ def token_logprobs(
     pass the response mask to skip the lm_head over prompt tokens. temperature divides the
     logits (match the rollout's sampling temperature). Gradients flow to the model when
     enabled. Models that scale logits in their forward (Cohere's logit_scale, ...) are not
-    covered; Gemma's final_logit_softcapping is."""
+    covered; Gemma's final_logit_softcapping is. share_prompts: rows that share a prompt run
+    it once (trainer/algorithm/shared_prompt.py; the plain forward when the batch does not
+    have that shape)."""
     decoder, head = _decoder_and_head(model)
     B, T = input_ids.shape
-    out = decoder(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-    )
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
     want = logprob_mask if logprob_mask is not None else attention_mask
     want = torch.ones_like(input_ids, dtype=torch.bool) if want is None else want.bool()
     want = want.clone()
     want[:, 0] = False  # token 0 has no prediction
-    # Hidden state t predicts token t + 1: select the predicting rows of the wanted tokens.
-    pred = torch.zeros_like(want)
-    pred[:, :-1] = want[:, 1:]
+    shared = None
+    if share_prompts and attention_mask is not None and position_ids is None:
+        shared = shared_prompt_hidden(decoder, input_ids, attention_mask, want)
+    if shared is not None:
+        hidden_sel, labels = shared
+    else:
+        out = decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        # Hidden state t predicts token t + 1: select the predicting rows of the wanted tokens.
+        pred = torch.zeros_like(want)
+        pred[:, :-1] = want[:, 1:]
+        hidden_sel, labels = hidden[pred], input_ids[want]
     softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     lp, ent = logprobs_from_hidden(
-        hidden[pred],
+        hidden_sel,
         head.weight,
-        input_ids[want],
+        labels,
         bias=getattr(head, "bias", None),
         temperature=temperature,
         softcap=softcap,
