@@ -11,13 +11,12 @@ format is simple enough to stream instead (https://github.com/huggingface/safete
     rest      every tensor's raw little-endian bytes, back to back, at its data_offsets
 
 so each tensor is written from a zero-copy view of its storage, while a helper thread feeds the
-same views, in the same order, to sha256 (hashlib and file writes both release the GIL on large
-buffers). Reading is left to the safetensors library, which validates all of the above.
+same views, in the same order, to BLAKE3 (it and file writes both release the GIL on large
+buffers; protocol/weights.py says why BLAKE3). Reading is left to the safetensors library, which validates all of the above.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -25,6 +24,7 @@ import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import blake3
 import torch
 
 # torch dtype -> safetensors dtype tag (the library's own names).
@@ -44,7 +44,7 @@ def background(fn, *args) -> Future:  # noqa: ANN001 - a thin wrapper over submi
     """Run `fn(*args)` on this process's helper thread (tasks run one at a time, in order)."""
     global _pool
     if _pool is None or _pool[0] != os.getpid():
-        _pool = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlrt-sha256"))
+        _pool = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlrt-hash"))
     return _pool[1].submit(fn, *args)
 
 
@@ -54,7 +54,7 @@ def _raw_bytes(t: torch.Tensor) -> memoryview:
 
 
 def _hash_all(parts: list[memoryview | bytes]) -> str:
-    h = hashlib.sha256()
+    h = blake3.blake3()
     for p in parts:
         h.update(p)
     return h.hexdigest()
@@ -64,7 +64,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                       metadata: dict[str, str] | None = None, *, durable: bool = True
                       ) -> tuple[str, int]:
     """Write `tensors` (contiguous, CPU, no shared storage) as a safetensors file at `path`.
-    Returns (sha256 hex of the file, its size in bytes). fsync'd when `durable`."""
+    Returns (BLAKE3 hex digest of the file, its size in bytes). fsync'd when `durable`."""
     if sys.byteorder != "little":  # safetensors stores little-endian; so do x86 and ARM hosts
         raise RuntimeError("write_safetensors needs a little-endian host")
     header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
@@ -93,5 +93,5 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                 f.flush()
                 os.fsync(f.fileno())
     finally:
-        sha = digest.result()  # never leave the helper reading tensors the caller may free
-    return sha, 8 + len(head) + offset
+        hexdigest = digest.result()  # never leave the helper reading tensors the caller may free
+    return hexdigest, 8 + len(head) + offset

@@ -2,9 +2,15 @@
 
 A weight directory holds `model*.safetensors` (sharded when large), optional extra files
 (config.json, tokenizer files, ...) and `manifest.json`, which lists every other file with its
-sha256 and every tensor with its shape and dtype. The digest of a directory is the sha256 of
-its manifest.json bytes: it pins every file's hash, so checking the manifest digest plus each
-file against the manifest checks everything.
+BLAKE3 digest and every tensor with its shape and dtype. The digest of a directory is the
+sha256 of its manifest.json bytes: it pins every file's hash, so checking the manifest digest
+plus each file against the manifest checks everything.
+
+Why BLAKE3 for the files: every service hashes every pushed file before it may use it, so the
+file hash is on the path of each weight push. BLAKE3 (a cryptographic hash, like sha256) runs
+at about 4x sha256's speed on one core here (0.009 s against 0.040 s for 43 MiB) and spreads
+over the cores of a large file (a 7B model's 15 GB). Format 1 directories (sha256 per file,
+written by earlier versions: checkpoints, exports) still verify and load.
 
 Writes are atomic: the directory is built under a temporary name beside the target and renamed
 into place, so a reader sees the complete old directory, the complete new one, or (for an
@@ -25,6 +31,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 
+import blake3
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors import safe_open
@@ -32,9 +39,11 @@ from safetensors import safe_open
 from protocol.safetensors_stream import background, write_safetensors
 
 MANIFEST_NAME = "manifest.json"
-FORMAT = "rlrt-weights/1"
+FORMAT = "rlrt-weights/2"  # what save_weights_dir writes: a BLAKE3 digest per file
+FORMATS = ("rlrt-weights/1", FORMAT)  # what is read: /1 lists a sha256 per file
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 _CHUNK = 1 << 20
+_PARALLEL_BYTES = 256 << 20  # files from this size are hashed on all cores
 
 
 class WeightsError(Exception):
@@ -54,8 +63,15 @@ class WeightsCorrupt(WeightsError):
 
 
 class FileEntry(BaseModel):
-    sha256: str
+    blake3: str | None = None  # rlrt-weights/2
+    sha256: str | None = None  # rlrt-weights/1
     bytes: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _a_digest(self) -> FileEntry:
+        if not (self.blake3 or self.sha256):
+            raise ValueError("a file entry needs its digest (blake3; sha256 in format 1)")
+        return self
 
 
 class TensorEntry(BaseModel):
@@ -82,6 +98,17 @@ def sha256_file(path: str | os.PathLike) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def blake3_file(path: str | os.PathLike) -> str:
+    """The BLAKE3 digest of a file, memory-mapped; a large file is hashed on every core."""
+    threads = blake3.blake3.AUTO if os.path.getsize(path) >= _PARALLEL_BYTES else 1
+    return blake3.blake3(max_threads=threads).update_mmap(path).hexdigest()
+
+
+def file_digest(path: str | os.PathLike, entry: FileEntry) -> str:
+    """The digest of `path` in the algorithm its manifest entry uses."""
+    return blake3_file(path) if entry.blake3 else sha256_file(path)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -121,13 +148,13 @@ def _detach_for_save(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def _write_bytes(path: Path, data: bytes, durable: bool) -> str:
-    """Write a small file (manifest, config) to `path`, fsync'd when `durable`; its sha256."""
+    """Write a small file (manifest, config) to `path`, fsync'd when `durable`; its BLAKE3."""
     with open(path, "wb") as f:
         f.write(data)
         if durable:
             f.flush()
             os.fsync(f.fileno())
-    return hashlib.sha256(data).hexdigest()
+    return blake3.blake3(data).hexdigest()
 
 
 def save_weights_dir(
@@ -170,13 +197,14 @@ def save_weights_dir(
                 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             )
             # Streamed from the tensors' memory and hashed on the way: no copy, no re-read.
-            sha, size = write_safetensors(tmp / fname, shard, {"format": "pt"}, durable=durable)
-            files[fname] = FileEntry(sha256=sha, bytes=size)
+            digest, size = write_safetensors(tmp / fname, shard, {"format": "pt"},
+                                             durable=durable)
+            files[fname] = FileEntry(blake3=digest, bytes=size)
             for name, t in shard.items():
                 entries[name] = TensorEntry(file=fname, shape=list(t.shape), dtype=_dtype_name(t.dtype))
         for name, content in extra_files.items():
             data = content.encode() if isinstance(content, str) else content
-            files[name] = FileEntry(sha256=_write_bytes(tmp / name, data, durable), bytes=len(data))
+            files[name] = FileEntry(blake3=_write_bytes(tmp / name, data, durable), bytes=len(data))
         files = dict(sorted(files.items()))
         manifest = Manifest(version=version, created_at=time.time(), files=files, tensors=entries)
         raw = json.dumps(manifest.model_dump(), indent=1, sort_keys=True).encode()
@@ -238,8 +266,9 @@ def _check_structure(d: Path, sha256: str | None) -> Manifest:
     """Everything but the file hashes: manifest digest and format, every listed file present
     with its listed size, every tensor in a listed file."""
     manifest = read_manifest(d, sha256)
-    if manifest.format != FORMAT:
-        raise WeightsCorrupt(f"{d}: unknown format {manifest.format!r} (expected {FORMAT!r})")
+    if manifest.format not in FORMATS:
+        raise WeightsCorrupt(f"{d}: unknown format {manifest.format!r} (expected one of "
+                             f"{', '.join(FORMATS)})")
     links = [n for n in manifest.files if (d / n).is_symlink()]
     if links:  # save_weights_dir writes regular files only; a link may point anywhere
         raise WeightsCorrupt(f"{d}: {len(links)} listed file(s) are symbolic links")
@@ -257,17 +286,18 @@ def _check_structure(d: Path, sha256: str | None) -> Manifest:
 
 
 def _check_digest(path: Path, got: str, entry: FileEntry) -> None:
-    if got != entry.sha256:
-        raise WeightsHashMismatch(f"{path}: sha256 {got} != manifest {entry.sha256}")
+    algo, want = ("blake3", entry.blake3) if entry.blake3 else ("sha256", entry.sha256)
+    if got != want:
+        raise WeightsHashMismatch(f"{path}: {algo} {got} != manifest {want}")
 
 
 def verify_weights_dir(weights_dir: str | os.PathLike, sha256: str | None) -> Manifest:
-    """Check the manifest digest (when given) and every listed file's size and sha256.
+    """Check the manifest digest (when given) and every listed file's size and digest.
     Raises WeightsMissing / WeightsHashMismatch / WeightsCorrupt; returns the manifest."""
     d = Path(weights_dir)
     manifest = _check_structure(d, sha256)
     for name, entry in manifest.files.items():
-        _check_digest(d / name, sha256_file(d / name), entry)
+        _check_digest(d / name, file_digest(d / name, entry), entry)
     return manifest
 
 
@@ -283,7 +313,8 @@ def load_weights_dir(
         # read the same page-cache pages). Nothing is returned -- and no parse error
         # reported -- before every digest has been checked. Written files are never modified
         # in place (a new version is a new directory), so both reads see the same bytes.
-        digests = {fname: background(sha256_file, d / fname) for fname in manifest.files}
+        digests = {fname: background(file_digest, d / fname, entry)
+                   for fname, entry in manifest.files.items()}
     else:
         manifest = read_manifest(d, sha256)
 

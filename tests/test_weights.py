@@ -125,3 +125,32 @@ def test_bad_inputs(tmp_path):
         W.save_weights_dir(_state(), tmp_path / "w", version=0, extra_files={"manifest.json": "{}"})
     with pytest.raises(TypeError):
         W.save_weights_dir({"a": [1, 2]}, tmp_path / "w", version=0)  # type: ignore[dict-item]
+
+
+def test_files_carry_blake3_and_format_1_sha256_directories_still_load(tmp_path):
+    sd = _state()
+    W.save_weights_dir(sd, tmp_path / "w", version=3, extra_files={"config.json": "{}"})
+    d = tmp_path / "w"
+    m = json.loads((d / W.MANIFEST_NAME).read_text())
+    assert m["format"] == "rlrt-weights/2"
+    assert all(e["blake3"] and e["sha256"] is None for e in m["files"].values())
+    assert W.blake3_file(d / "model.safetensors") == m["files"]["model.safetensors"]["blake3"]
+    # What an earlier version wrote (checkpoints, exports): sha256 per file, format 1.
+    m["format"] = "rlrt-weights/1"
+    m["files"] = {n: {"sha256": W.sha256_file(d / n), "bytes": e["bytes"]}
+                  for n, e in m["files"].items()}
+    raw = json.dumps(m).encode()
+    (d / W.MANIFEST_NAME).write_bytes(raw)
+    digest = hashlib.sha256(raw).hexdigest()
+    loaded = W.load_weights_dir(d, digest)
+    assert all(torch.equal(loaded[k], v) for k, v in sd.items())
+    p = d / "model.safetensors"
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(W.WeightsHashMismatch, match="sha256"):
+        W.verify_weights_dir(d, digest)
+    m["files"]["config.json"] = {"bytes": 2}  # an entry without any digest
+    with pytest.raises(W.WeightsCorrupt, match="digest"):
+        (d / W.MANIFEST_NAME).write_text(json.dumps(m))
+        W.verify_weights_dir(d, None)
