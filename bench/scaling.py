@@ -7,7 +7,7 @@ step's shape moves and the others stay at bench/e2e.py's (8 prompts, G = 8, 32 t
     completion cap     32 -> 256 tokens
 
 Same model, prompts, sampling and update on both sides as bench/e2e.py (whose runners this
-reuses; TRL with 1 torch thread, its faster setting here). For each knob, the fitted exponent
+reuses; TRL with torch's default thread count, its faster setting in bench/e2e.py). For each knob, the fitted exponent
 b of seconds per step ~ work^b (least squares in log-log; b = 1: cost grows as the work,
 b < 1: fixed costs amortise). Writes a table and docs/scaling.png; the headline JSON is the
 geometric mean over all points of ours' steps/min over TRL's.
@@ -94,7 +94,7 @@ def main() -> None:
             for x in values:
                 shape = Shape(**{**SHAPE.__dict__, field: x})
                 ours = run_ours(tmp, model_dir, args.steps, args.skip, shape)
-                trl = run_trl(tmp, model_dir, args.trl_steps, args.skip, threads=1, shape=shape)
+                trl = run_trl(tmp, model_dir, args.trl_steps, args.skip, threads=0, shape=shape)
                 points.setdefault(axis, []).append({"x": x, "shape": str(shape), "ours": ours,
                                                     "trl": trl})
                 print(f"{axis} {x}: ours {ours['s_per_step']:.2f} s/step "
@@ -124,7 +124,8 @@ def main() -> None:
     body = f"""
 Seconds per RL step and peak memory against the work of a step, one knob at a time (the others
 at 8 prompts, G 8, 32-token cap), `rlrt train` (tiny config, preset grpo, as bench/e2e.py) and
-TRL `GRPOTrainer` (1 torch thread); {args.steps} steps per point for ours, {args.trl_steps} for
+TRL `GRPOTrainer` (torch's default threads, {os.cpu_count()} here: its faster setting in
+bench/e2e.py); {args.steps} steps per point for ours, {args.trl_steps} for
 TRL, the first {args.skip + 1} counted as start-up. Peak RSS = the largest sum over time of
 the resident memory of every process of the run (ours: launcher, Redis, services, trainer;
 TRL: its one process), sampled every 0.2 s. Busy per core: the step timeline's share of the

@@ -96,7 +96,11 @@ class PolicyModel(nn.Module):
                                 **kw).logprobs[want]
         diff = (plain - shared).abs()
         fp32 = next(self.model.parameters()).dtype == torch.float32
-        ok = bool(diff.max() <= 1e-3) if fp32 else bool(diff.mean() <= 0.05)
+        # fp32: float rounding only. bf16/fp16 forwards of different shapes differ by a few
+        # hundredths of a nat on average; a structural mismatch (a wrong position, mask or
+        # prompt state) moves the tokens it touches by nats.
+        ok = bool(diff.max() <= 1e-3) if fp32 else bool(
+            diff.mean() <= 0.1 and (diff > 1.0).float().mean() <= 1e-3)
         if not ok:
             self.share_prompts = False
             log.warning("trainer.share_prompts: the shared-prompt forward differs from the "
