@@ -22,6 +22,8 @@ LABELS = {
     ("rollout", "handle"): "sampling (rollout)",
     ("verifier", "handle"): "verification",
     ("teacher", "handle"): "teacher scoring",
+    ("rollout", "load"): "rollout: loading pushed weights",
+    ("teacher", "load"): "teacher: loading pushed weights",
     ("trainer", "wait"): "trainer: waiting for groups / the push to load",
     ("trainer", "update"): "trainer: update (fwd/bwd/optimizer)",
     ("trainer", "push"): "trainer: weight push",

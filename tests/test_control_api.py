@@ -158,3 +158,24 @@ async def test_explicit_rollback_is_accepted_for_a_resumed_trainer(tmp_path) -> 
         assert r.status_code == 200, r.text
         assert (await c.get("/v1/version")).json()["version"] == 3
     await engine.close()
+
+
+async def test_a_weight_load_is_a_span_of_the_services_timeline_row(service, weights_v1,
+                                                                    tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """Loading pushed weights is work of the step: the step timeline shows it on the service's
+    row ("load"), not as idle (rlrt/timeline.py)."""
+    import json
+
+    from protocol import trace
+
+    monkeypatch.setenv(trace.ENV, str(tmp_path / "trace"))
+    trace._tracers.clear()
+    try:
+        url, _ = service
+        async with httpx.AsyncClient(base_url=url, headers=AUTH) as c:
+            assert (await c.post("/v1/weights", json=body(weights_v1))).status_code == 200
+        spans = [json.loads(x) for p in (tmp_path / "trace").glob("rollout-*.jsonl")
+                 for x in p.read_text().splitlines()]
+        assert [s["kind"] for s in spans] == ["load"] and spans[0]["t1"] >= spans[0]["t0"]
+    finally:
+        trace._tracers.clear()

@@ -23,6 +23,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from protocol.messages import WeightUpdateRequest
+from protocol.trace import span
 from services.common import ControlAuth
 from services.common.app import clip
 from services.engines.base import (
@@ -65,7 +66,9 @@ def _unavailable(slot: EngineSlot) -> JSONResponse:
     return JSONResponse({"detail": f"engine not ready: {slot.error or 'starting'}"}, 503)
 
 
-def control_router(slot: EngineSlot) -> APIRouter:
+def control_router(slot: EngineSlot, name: str = "engine") -> APIRouter:
+    """`name`: the service's row of the step timeline (protocol/trace.py), where each weight
+    load is a "load" span: work of the step, not idle."""
     router = APIRouter(prefix="/v1", dependencies=[ControlAuth], tags=["control"])
     lock = asyncio.Lock()  # one weight update at a time; later ones queue behind it
 
@@ -83,7 +86,8 @@ def control_router(slot: EngineSlot) -> APIRouter:
                                      f"{previous}", "version": previous}, 409)
             start = time.perf_counter()
             try:
-                version = await engine.update_weights(req)
+                with span(name, "load"):
+                    version = await engine.update_weights(req)
             except EngineClosed as e:
                 return JSONResponse({"detail": clip(e, 1000)}, 503)
             except (WeightUpdateError, InvalidRequest) as e:

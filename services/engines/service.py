@@ -61,7 +61,7 @@ def build_service_app(name: str, slot: EngineSlot, bus: Bus | None, *,
 
     app = create_app(name, token=token, max_body_bytes=max_body_bytes,
                      body_timeout_s=body_timeout_s, ready=ready)
-    app.include_router(control_router(slot))
+    app.include_router(control_router(slot, name))
     app.state.engine_slot = slot
     return app
 
