@@ -1,12 +1,12 @@
 """The streaming safetensors writer: files the safetensors library (and transformers) read back
-exactly, with the sha256 and size of the bytes on disk."""
+exactly, with the BLAKE3 digest and size of the bytes on disk."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 
+import blake3
 import pytest
 import torch
 from safetensors import safe_open
@@ -33,10 +33,10 @@ def _tensors() -> dict[str, torch.Tensor]:
 def test_roundtrip_through_the_safetensors_library(tmp_path):
     src = _tensors()
     path = tmp_path / "m.safetensors"
-    sha, size = write_safetensors(path, src, {"format": "pt"})
+    digest, size = write_safetensors(path, src, {"format": "pt"})
     raw = path.read_bytes()
     assert size == len(raw)
-    assert sha == hashlib.sha256(raw).hexdigest()
+    assert digest == blake3.blake3(raw).hexdigest()
     back = st_load(raw)
     assert set(back) == set(src)
     for k, t in src.items():
