@@ -418,7 +418,7 @@ class _RankZeroLoop:
             # earlier would start on the old weights and then stall the swap half-batched.
             # When this step's groups are already here (max_staleness >= 1) the update need not
             # wait for that: the driver takes them without admitting, and the admission waits
-            # for the load in the background while the update runs (`_admission`).
+            # for the load in the background while the update runs (`_admit`).
             with span("trainer", "wait"):  # for the groups (and the last push to load)
                 self.settled = {}
                 collected = await driver.collect(step, self.stop, before_admit=self._settle)
