@@ -130,3 +130,16 @@ def test_a_shared_forward_that_disagrees_is_turned_off(monkeypatch, caplog):
         lp, _ = good(ids, att, resp)
     assert good.share_prompts
     torch.testing.assert_close(lp, plain, rtol=0, atol=1e-5)
+
+
+def test_only_one_trainer_process_shares_prompts(tmp_path):
+    """Ranks decide per micro-batch; one rank on the shared forward and one on the plain one
+    would ready gradients in different orders and pair different ZeRO buckets (a hang)."""
+    from trainer.config import TrainerConfig
+    from trainer.model import shares_prompts
+
+    cfg = TrainerConfig(model_path=str(tmp_path))
+    assert cfg.share_prompts and shares_prompts(cfg, 1)
+    assert not shares_prompts(cfg, 2)
+    assert not shares_prompts(cfg.model_copy(update={"gradient_checkpointing": True}), 1)
+    assert not shares_prompts(cfg.model_copy(update={"share_prompts": False}), 1)

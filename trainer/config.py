@@ -332,8 +332,9 @@ class TrainerConfig(RLRTSettings):
         "decoder keeps the prompt's keys/values and runs only the response tokens per row "
         "(trainer/algorithm/shared_prompt.py); the same log-probs and gradients up to float "
         "rounding, (G-1)/G of the prompt tokens' work saved. Checked against the plain forward "
-        "on the first shared micro-batch (off, with a warning, if they differ). Not under "
-        "ZeRO-3 (ranks must run the same module calls) or activation checkpointing",
+        "on the first shared micro-batch (off, with a warning, if they differ). One trainer "
+        "process only (ranks deciding apart would ready gradients in different orders for "
+        "ZeRO's reductions) and not with activation checkpointing",
     )
 
     # ---- optimizer ---------------------------------------------------------------------------

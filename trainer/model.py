@@ -272,10 +272,12 @@ class Policy:
                            logprob_mask=logprob_mask.to(dev), with_entropy=with_entropy)
 
 
-def shares_prompts(cfg: TrainerConfig) -> bool:
-    """trainer.share_prompts where it applies: not under ZeRO-3 (every rank must call the same
-    modules the same number of times) nor activation checkpointing (no cache in training)."""
-    return cfg.share_prompts and cfg.zero_stage != 3 and not cfg.gradient_checkpointing
+def shares_prompts(cfg: TrainerConfig, world_size: int) -> bool:
+    """trainer.share_prompts where it applies: one trainer process (each rank decides per
+    micro-batch, and a shared forward readies the gradients in another order than the plain
+    one: ZeRO's bucketed reductions then pair different buckets across ranks and hang; ZeRO-3
+    also gathers per module call), without activation checkpointing (no cache in training)."""
+    return cfg.share_prompts and world_size == 1 and not cfg.gradient_checkpointing
 
 
 def build_policy(cfg: TrainerConfig, *, rank: int, world_size: int, device: str) -> Policy:
@@ -289,7 +291,7 @@ def build_policy(cfg: TrainerConfig, *, rank: int, world_size: int, device: str)
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hf.config.use_cache = False
     wrapper = PolicyModel(hf, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature,
-                          share_prompts=shares_prompts(cfg))
+                          share_prompts=shares_prompts(cfg, world_size))
     opt = torch.optim.AdamW(param_groups(hf, cfg.weight_decay), lr=cfg.lr,
                             betas=cfg.adam_betas, eps=cfg.adam_eps)
     sched = RLStepLR(opt, lr_lambda(cfg))

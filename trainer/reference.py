@@ -49,7 +49,7 @@ def build_reference(cfg: TrainerConfig, *, rank: int, world_size: int,
     hf.requires_grad_(False)
     # The same forward as the policy's: at the reference weights the KL is then exactly 0.
     wrapper = PolicyModel(hf, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature,
-                          share_prompts=shares_prompts(cfg))
+                          share_prompts=shares_prompts(cfg, world_size))
     if zero3:
         import deepspeed
 
