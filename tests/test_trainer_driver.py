@@ -400,3 +400,15 @@ async def test_admission_waits_for_before_admit_only_when_the_step_must_wait(bus
     assert d.drained()  # nothing in flight: every upstream service is idle
     assert await d.top_up(1) == P  # what the trainer does once the push has loaded
     assert not d.drained()
+
+    # Step 2 with only part of its groups here: it admits first (after before_admit), so the
+    # rollout keeps sampling while the step waits.
+    tasks = await published(bus, P)
+    await d.inbox.receive(answer(tasks[0], [1.0, 0.0], 1))
+    task = asyncio.ensure_future(d.collect(2, before_admit=before_admit))
+    nxt = await published(bus, P)  # step 3's prompts go out before step 2 has all its groups
+    assert calls == [0, 0] and [t.meta["task_index"] for t in nxt] == [9, 10, 11]
+    for t in tasks[1:]:
+        await d.inbox.receive(answer(t, [1.0, 0.0], 1))
+    coll = await asyncio.wait_for(task, 10)
+    assert coll.admitted and [g.task.meta["task_index"] for g in coll.groups] == [6, 7, 8]

@@ -392,13 +392,17 @@ class Driver:
         Raises DriverError when no group arrives within wait_timeout_s, or when too many are
         unusable (the services are not at the trainer's version).
 
-        before_admit: admission may wait. While groups are at hand the step takes them without
-        publishing prompts; only when it must wait for more does it await `before_admit()` (the
-        services loading the last push) and admit. If it never had to, `admitted` is False and
-        the caller admits later (`top_up(version)`): the step's update then starts at once
-        while the services load the push (trainer/main.py)."""
+        before_admit: admission may wait. A step whose groups are all at hand takes them
+        without publishing prompts (unless some turn out unusable: then it awaits
+        `before_admit()` -- the services loading the last push -- and admits); `admitted` is
+        then False and the caller admits later (`top_up(version)`): the update starts at once
+        while the services load the push (trainer/main.py). A step that has to wait for groups
+        awaits `before_admit()` and admits first, as the rollout then still samples (its batch
+        stays full)."""
         t0 = time.perf_counter()
-        deferred_admission = before_admit is not None
+        deferred_admission = before_admit is not None and self._at_hand(version) >= self.P
+        if before_admit is not None and not deferred_admission:
+            await before_admit()
         used: list[ScoredGroup] = []
         consumed: list[str] = []
         counts: Counter[str] = Counter()
@@ -475,7 +479,6 @@ class Driver:
         return Collected(groups=used, consumed=consumed, counts=counts,
                          wait_s=time.perf_counter() - t0, admitted=not deferred_admission)
 
-    def _at_hand(self, version: int) -> bool:
-        """A group can be taken without waiting (arrived, or held back and now due)."""
-        return self.inbox.pending() > 0 or any(newest_version(g) <= version
-                                               for g in self.deferred)
+    def _at_hand(self, version: int) -> int:
+        """The groups that can be taken without waiting (arrived, or held back and now due)."""
+        return self.inbox.pending() + sum(newest_version(g) <= version for g in self.deferred)
