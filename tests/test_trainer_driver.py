@@ -412,3 +412,33 @@ async def test_admission_waits_for_before_admit_only_when_the_step_must_wait(bus
         await d.inbox.receive(answer(t, [1.0, 0.0], 1))
     coll = await asyncio.wait_for(task, 10)
     assert coll.admitted and [g.task.meta["task_index"] for g in coll.groups] == [6, 7, 8]
+
+
+async def test_a_resumed_step_admits_before_it_takes_a_previous_processs_groups(bus, source):
+    """A previous process admitted tasks past the checkpoint and left their groups (sampled by
+    newer weights) in the inbox. The resumed step must re-admit each such task before its group
+    comes up, even when the trainer could defer admission (before_admit): taken first, the group
+    would be dropped as foreign and its re-admission dropped by the bus as a duplicate -- a task
+    in flight forever (the compose test hung on it)."""
+    d = make_driver(bus, source, S=1)
+    await d.top_up(0)  # tasks 0-5
+    saved = DriverState.from_dict(d.state.to_dict())  # the checkpoint: 6 admitted
+    await d.top_up(1)  # tasks 6-8, admitted after the checkpoint
+    tasks = await published(bus, 3 * P)
+    # the killed process's inbox: 3-8 sampled by v1 (newer than the resumed v0), then 0-2
+    for t in tasks[P:] + tasks[:P]:
+        await d.inbox.receive(answer(t, [1.0, 0.0], 1 if t.meta["task_index"] >= P else 0))
+
+    again = make_driver(bus, source, S=1, state=saved)
+    assert await again.inbox.restore() == 3 * P and again.inbox.restored == 3 * P
+    calls: list[int] = []
+
+    async def before_admit() -> None:
+        calls.append(1)
+
+    coll = await asyncio.wait_for(again.collect(0, before_admit=before_admit), 10)
+    assert coll.admitted and calls == [1]
+    assert [g.task.meta["task_index"] for g in coll.groups] == [0, 1, 2]
+    assert coll.counts["deferred"] == 2 * P and coll.counts["foreign"] == 0
+    assert sorted(g.task.meta["task_index"] for g in again.deferred) == list(range(P, 3 * P))
+    assert again.inbox.restored == 0

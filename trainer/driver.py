@@ -400,7 +400,11 @@ class Driver:
         awaits `before_admit()` and admits first, as the rollout then still samples (its batch
         stays full)."""
         t0 = time.perf_counter()
-        deferred_admission = before_admit is not None and self._at_hand(version) >= self.P
+        # Not while a previous process's groups are queued: a task it admitted after this
+        # process's checkpoint is not in flight here until admitted again, and its group, taken
+        # first, would be dropped as foreign while the re-admission is dropped as a duplicate.
+        deferred_admission = (before_admit is not None and self.inbox.restored == 0
+                              and self._at_hand(version) >= self.P)
         if before_admit is not None and not deferred_admission:
             await before_admit()
         used: list[ScoredGroup] = []

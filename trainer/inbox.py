@@ -41,6 +41,9 @@ class Inbox:
         self.hkey = f"{key}:groups"
         self.lkey = f"{key}:order"
         self.queue: asyncio.Queue[ScoredGroup] = asyncio.Queue()
+        # Groups of a previous process still queued (restore() puts them first): their tasks
+        # may be ones this process has not admitted yet (see Driver.collect).
+        self.restored = 0
         self._store = self.r.register_script(_STORE_LUA)
 
     async def receive(self, msg: ScoredGroup) -> None:
@@ -57,7 +60,12 @@ class Inbox:
             if raw:
                 self.queue.put_nowait(decode(raw, ScoredGroup))
                 n += 1
+        self.restored += n
         return n
+
+    def _taken(self, g: ScoredGroup) -> ScoredGroup:
+        self.restored = max(0, self.restored - 1)
+        return g
 
     async def commit(self, msg_ids: Iterable[str]) -> None:
         """The groups `msg_ids` are covered by a checkpoint: tombstone them."""
@@ -73,7 +81,7 @@ class Inbox:
     async def get(self, timeout_s: float, stop: asyncio.Event | None = None) -> ScoredGroup | None:
         """The next group; None if `stop` was set first; InboxTimeout after `timeout_s`."""
         if not self.queue.empty():
-            return self.queue.get_nowait()
+            return self._taken(self.queue.get_nowait())
         getter = asyncio.ensure_future(self.queue.get())
         waits: set[asyncio.Future] = {getter}
         stopper = asyncio.ensure_future(stop.wait()) if stop is not None else None
@@ -87,7 +95,7 @@ class Inbox:
                 if not f.done():
                     f.cancel()
         if getter in done:
-            return getter.result()
+            return self._taken(getter.result())
         if stopper is not None and stopper in done:
             return None
         raise InboxTimeout(f"no ScoredGroup within {timeout_s:.0f} s")
