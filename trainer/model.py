@@ -275,7 +275,7 @@ class Policy:
 def shares_prompts(cfg: TrainerConfig, world_size: int) -> bool:
     """trainer.share_prompts where it applies: one trainer process (each rank decides per
     micro-batch, and a shared forward readies the gradients in another order than the plain
-    one: ZeRO's bucketed reductions then pair different buckets across ranks and hang; ZeRO-3
+    one: ZeRO's bucketed reductions would pair different buckets across ranks; ZeRO-3
     also gathers per module call), without activation checkpointing (no cache in training)."""
     return cfg.share_prompts and world_size == 1 and not cfg.gradient_checkpointing
 
