@@ -161,7 +161,7 @@ def render(tl: Timeline, out: str | os.PathLike, title: str = "") -> Path:
     ax.set_yticklabels([f"{r} ({tl.busy[r]:.0%} busy)" for r in reversed(rows)])
     ax.set_xlim(0, tl.seconds)
     ax.set_xlabel("seconds (gaps: idle)")
-    ax.set_title(title or f"last {tl.steps} steps: {tl.seconds:.1f} s, busy cores per core "
+    ax.set_title(title or f"last {tl.steps} steps: {tl.seconds:.1f} s, busy per core "
                  f"{tl.busy_per_core:.2f} ({tl.cores} cores)", fontsize=10)
     handles, labels = ax.get_legend_handles_labels()
     seen = dict(zip(labels, handles, strict=True))

@@ -12,10 +12,11 @@ Admission control. Task k (the k-th admitted prompt) is meant for step k // P (P
 step); at version t the driver admits tasks up to step t + S, i.e. keeps the number admitted
 at (t + S + 1) * P plus one replacement per dropped group that must be replaced. So never
 more is in flight than can still be used fresh, and with S = 0 the run is synchronous. The
-caller may defer a step's admission (`collect(before_admit=...)`): a step whose groups are at
-hand takes them without publishing, so its update starts while the services still load the
-last push, and the caller admits (`top_up`) once they have; a step that must wait for groups
-awaits `before_admit` and admits itself.
+caller may defer a step's admission (`collect(before_admit=...)`): a step whose groups are all
+at hand takes them without publishing, so its update starts while the services still load the
+last push, and the caller admits (`top_up`) once they have; a step that must wait for groups,
+or a resumed one with a previous process's groups still queued, awaits `before_admit` and
+admits first.
 
 Zero-variance groups (every advantage 0 by the estimator's own test, protocol/estimators.py:
 equal rewards for GRPO; never for opsd, which ignores rewards): `keep` trains on them (verl's

@@ -23,6 +23,8 @@ plain per-layer key/value one): the caller then runs the plain forward.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -88,7 +90,7 @@ def shared_prompt_hidden(decoder: nn.Module, input_ids: Tensor, attention_mask: 
     mask = torch.cat([prefix_mask.index_select(0, inverse), in_resp.long()], dim=1)
     suffix_pos = start[:, None] + cols[None]
     hidden_s = decoder(input_ids=suffix_ids, attention_mask=mask, position_ids=suffix_pos,
-                       use_cache=False, **{_cache_arg(decoder): expanded})
+                       use_cache=False, **{_cache_arg(type(decoder)): expanded})
     hidden_s = hidden_s.last_hidden_state if hasattr(hidden_s, "last_hidden_state") \
         else hidden_s[0]
     hidden_p = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
@@ -111,9 +113,11 @@ def _plain_key_values(cache: object) -> list[tuple[Tensor, Tensor]] | None:
     return [(layer.keys, layer.values) for layer in layers]
 
 
-def _cache_arg(decoder: nn.Module) -> str:
-    """The keyword the decoder takes a cache by (transformers 5.25 renamed past_key_values)."""
+@functools.cache
+def _cache_arg(decoder_class: type) -> str:
+    """The keyword a decoder class takes a cache by (transformers 5.25 renamed
+    past_key_values); looked up once per class, not per micro-batch."""
     import inspect
 
-    params = inspect.signature(decoder.forward).parameters
+    params = inspect.signature(decoder_class.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
